@@ -82,8 +82,11 @@ def _check_float(name, x):
         raise TypeError(f"{name} must be a floating-point array, got {getattr(x, 'dtype', type(x))}")
 
 
-def _check_inputs(q, k, v, mask, bias):
-    """Raise ValueError/TypeError naming the argument, the shape it got and the shape it needs."""
+def check_attention_inputs(q, k, v, mask=None, bias=None):
+    """Raise ValueError/TypeError naming the argument, the shape it got and the shape it needs.
+
+    Shared by every attention implementation in the project (flash.py uses it too).
+    """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_float(name, x)
         if x.ndim < 2:
@@ -136,7 +139,7 @@ def attention_forward(q, k, v, mask=None, causal=False, bias=None, scale=None):
     The attention weights (..., T, S), for plots, are cache['weights']: non-negative, each row with an
     allowed key sums to 1, rows with none are all zero.
     """
-    _check_inputs(q, k, v, mask, bias)
+    check_attention_inputs(q, k, v, mask, bias)
     xp = get_xp(q, k, v)
     T, S = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
