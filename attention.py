@@ -114,7 +114,7 @@ def check_attention_inputs(q, k, v, mask=None, bias=None):
             raise ValueError(f"{name} must broadcast to (..., T, S) = {lead + (T, S)}, got {x.shape}") from None
 
 
-def _sum_to_shape(g, shape):
+def sum_to_shape(g, shape):
     """Sum a gradient over the axes that broadcasting added or stretched, back to `shape`."""
     while g.ndim > len(shape):
         g = g.sum(axis=0)
@@ -173,7 +173,7 @@ def attention_backward(dout, cache):
     dq = (dscores @ k) * scale                                 # (..., T, Dk) scores = q k^T * scale
     dk = (xp.swapaxes(dscores, -1, -2) @ q) * scale            # (..., S, Dk)
     # Leading axes that were broadcast in the forward (say one k shared by all heads) sum back.
-    return _sum_to_shape(dq, q.shape), _sum_to_shape(dk, k.shape), _sum_to_shape(dv, v.shape)
+    return sum_to_shape(dq, q.shape), sum_to_shape(dk, k.shape), sum_to_shape(dv, v.shape)
 
 
 # ----------------------------------------------------------------------------------------------------
