@@ -1,0 +1,254 @@
+"""Multi-head attention, forward and backward by hand.
+
+One attention compares queries and keys in one way. Multi-head attention projects the inputs into H
+smaller query/key/value spaces ("heads"), runs attention in every head side by side, and mixes the
+heads back together with an output projection, so that different heads can look for different things
+(Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762, section 3.2.2):
+
+    MultiHead(Q, K, V) = Concat(head_1, ..., head_H) W_O + b_O
+    head_h             = Attention(Q W_Q^h + b_Q^h,  K W_K^h + b_K^h,  V W_V^h + b_V^h)
+    Attention(q, k, v) = softmax(q k^T / sqrt(Dh) + bias, masked) v               (attention.py)
+
+Q is x_q (the sequence asking), K = V = x_kv (the sequence attended to). Self-attention passes the same
+array twice; cross-attention (a decoder reading an encoder's output) passes two different ones.
+W_Q^h is the h-th block of Dh columns of W_Q (D, D), so all H projections are one (D, D) matmul and the
+split into heads is a reshape, (B, T, D) -> (B, T, H, Dh) -> (B, H, T, Dh). The head axis is then just
+another leading axis: all heads go through ONE batched call of attention_forward, no loop over heads.
+
+Backward walks the same steps in reverse:
+
+    dW_O = Concat^T dout,   db_O = sum(dout),   dConcat = dout W_O^T
+    split dConcat into heads -> attention_backward -> dq, dk, dv per head -> merge to (B, ., D)
+    dW_Q = x_q^T dq,   db_Q = sum(dq),   dx_q = dq W_Q^T          (the same for K and V, from x_kv)
+    dx_kv = dk W_K^T + dv W_V^T       x_kv feeds both k and v, so its two gradients add
+
+Self-attention feeds one tensor x into both x_q and x_kv; its gradient is dx_q + dx_kv, and the caller
+adds them (one tensor feeding two places sums its gradients).
+
+Positions (multi-head attention alone cannot tell token order; these options add it):
+- rope=True rotates every head's q and k with RoPE (positional.rope_forward, RoFormer arXiv:2104.09864).
+  Positions are aligned at the bottom-right like the causal mask: key j sits at position
+  rope_offset + j and query t at rope_offset + (S - T) + t, so the last query and the last key share
+  a position. rope_offset is the position of x_kv's first token (default 0): when x_q holds the last
+  T tokens of x_kv (cached decoding, x_kv from the start of the sequence) the default gives every
+  token its true position 0..S-1. A RoPE score depends only on the difference of the two positions,
+  (t + S - T) - j here, so rope_offset shifts q and k alike and cancels from the output (up to
+  rounding). Positions may not be negative, so with T > S it must be at least T - S.
+- bias adds to every head's scores, e.g. positional.alibi_bias(H, T, S, dtype=x.dtype) (H, T, S)
+  (ALiBi, Press et al., arXiv:2108.12409), which uses the same bottom-right alignment.
+
+Shapes: B batch, T query length, S key/value length, D model width, H = n_heads heads, Dh = D / H.
+Imports attention.py (attention_forward, attention_backward) and positional.py (rope_forward,
+rope_backward; alibi_bias in the demo). Runs on NumPy or CuPy arrays unchanged.
+"""
+import math
+
+import numpy as np
+
+from attention import attention_backward, attention_forward
+from positional import rope_backward, rope_forward
+
+PARAM_NAMES = ("W_q", "b_q", "W_k", "b_k", "W_v", "b_v", "W_o", "b_o")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameters
+
+
+def init_multihead(D, rng, dtype=np.float32):
+    """Parameters of one multi-head attention layer, drawn as torch.nn.MultiheadAttention draws them.
+
+    W_q, W_k, W_v ~ U(-a, a), a = sqrt(6 / (D + 3D)): Xavier/Glorot uniform over the stacked (3D, D)
+                    in-projection (fan_in D, fan_out 3D), which torch initialises as one matrix.
+    b_q, b_k, b_v = 0.
+    W_o ~ U(-1/sqrt(D), 1/sqrt(D)): nn.Linear's default (kaiming_uniform with a = sqrt(5)).
+    b_o = 0 (MultiheadAttention zeroes the output bias).
+    Every W is (D, D) in row-vector layout (y = x @ W + b), every b is (D,).
+    Returns NumPy arrays of `dtype`; for the GPU, move them with cupy.asarray.
+    """
+    if not isinstance(D, (int, np.integer)) or D < 1:
+        raise ValueError(f"D must be a positive integer, got {D!r}")
+    in_bound = math.sqrt(6.0 / (D + 3 * D))
+    out_bound = 1.0 / math.sqrt(D)
+    params = {}
+    for name in ("q", "k", "v"):
+        params[f"W_{name}"] = rng.uniform(-in_bound, in_bound, (D, D)).astype(dtype)   # (D, D)
+        params[f"b_{name}"] = np.zeros(D, dtype)                                       # (D,)
+    params["W_o"] = rng.uniform(-out_bound, out_bound, (D, D)).astype(dtype)           # (D, D)
+    params["b_o"] = np.zeros(D, dtype)                                                 # (D,)
+    return params
+
+
+# ----------------------------------------------------------------------------------------------------
+# Heads
+
+
+def split_heads(x, n_heads):
+    """(B, L, D) -> (B, H, L, Dh): head h holds columns h*Dh .. (h+1)*Dh - 1 of the last axis."""
+    B, L, D = x.shape
+    return x.reshape(B, L, n_heads, D // n_heads).swapaxes(1, 2)
+
+
+def merge_heads(x):
+    """(B, H, L, Dh) -> (B, L, D), the inverse of split_heads (Concat(head_1, ..., head_H))."""
+    B, H, L, Dh = x.shape
+    return x.swapaxes(1, 2).reshape(B, L, H * Dh)
+
+
+def _linear_backward(dy, x, W):
+    """Forward was y = x @ W + b with x (B, L, Din): dx = dy W^T, dW = x^T dy, db = sum(dy)."""
+    x_rows = x.reshape(-1, x.shape[-1])                        # (B*L, Din) every token is one row
+    dy_rows = dy.reshape(-1, dy.shape[-1])                     # (B*L, Dout)
+    return dy @ W.T, x_rows.T @ dy_rows, dy_rows.sum(axis=0)   # (B, L, Din), (Din, Dout), (Dout,)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _check_inputs(x_q, x_kv, params, n_heads, rope, rope_offset, bias):
+    """Raise ValueError/TypeError naming the argument, what it got and what it needs."""
+    for name, x in (("x_q", x_q), ("x_kv", x_kv)):
+        if not hasattr(x, "dtype") or x.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating-point array, got {getattr(x, 'dtype', type(x))}")
+        if x.ndim != 3:
+            raise ValueError(f"{name} must have shape (B, length, D), got {x.shape}")
+    B, T, D = x_q.shape
+    if x_kv.shape[0] != B or x_kv.shape[2] != D:
+        raise ValueError(f"x_kv must have shape ({B}, S, {D}) to match x_q {x_q.shape}, got {x_kv.shape}")
+    if x_kv.dtype != x_q.dtype:
+        raise TypeError(f"x_kv must have dtype {x_q.dtype} like x_q, got {x_kv.dtype}")
+    if not isinstance(n_heads, (int, np.integer)) or isinstance(n_heads, bool) or n_heads < 1:
+        raise ValueError(f"n_heads must be a positive integer, got {n_heads!r}")
+    if D % n_heads:
+        raise ValueError(f"D = {D} (x_q {x_q.shape}) must be divisible by n_heads = {n_heads}")
+    if rope and (D // n_heads) % 2:
+        raise ValueError(f"rope=True needs an even head width Dh = D / n_heads, "
+                         f"got {D} / {n_heads} = {D // n_heads}")
+    S = x_kv.shape[1]
+    if rope and (not isinstance(rope_offset, (int, np.integer)) or rope_offset < max(0, T - S)):
+        raise ValueError(f"rope_offset must be an integer >= max(0, T - S) = {max(0, T - S)} "
+                         f"(query 0 sits at rope_offset + S - T and positions are >= 0), "
+                         f"got {rope_offset!r} with T = {T}, S = {S}")
+    missing = [name for name in PARAM_NAMES if name not in params]
+    if missing:
+        raise ValueError(f"params is missing {missing}; it needs {list(PARAM_NAMES)} (see init_multihead)")
+    for name in PARAM_NAMES:
+        need = (D, D) if name.startswith("W") else (D,)
+        if params[name].shape != need:
+            raise ValueError(f"params['{name}'] must have shape {need} for D = {D}, got {params[name].shape}")
+        if params[name].dtype != x_q.dtype:
+            raise TypeError(f"params['{name}'] must have dtype {x_q.dtype} like x_q, "
+                            f"got {params[name].dtype}")
+    if bias is not None and bias.dtype != x_q.dtype:
+        raise TypeError(f"bias must have dtype {x_q.dtype} like x_q (no silent upcast), got {bias.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multi-head attention
+
+
+def multihead_forward(x_q, x_kv, params, n_heads, mask=None, causal=False, rope=False, rope_offset=0,
+                      bias=None):
+    """out = Concat(head_1, ..., head_H) W_O + b_O, head_h = Attention(x_q W_Q^h, x_kv W_K^h, x_kv W_V^h).
+
+    x_q (B, T, D) the queries' sequence; x_kv (B, S, D) the sequence attended to (x_q again for
+    self-attention). params: init_multihead's dict. n_heads: H, which must divide D.
+    mask: bool, broadcastable to (B, H, T, S), True = may attend: a (B, 1, 1, S) padding mask, a (T, S)
+      mask shared by every sequence and head, or a full (B, H, T, S) one.
+    causal: query t may attend key j iff j <= t + (S - T) (attention.py's bottom-right alignment);
+      AND-ed with mask.
+    rope: rotate each head's q and k with RoPE; key j at position rope_offset + j, query t at
+      rope_offset + (S - T) + t (bottom-right, see the module docstring; the default rope_offset = 0
+      is right when x_q is the last T tokens of x_kv). Needs an even Dh, and rope_offset >= T - S.
+    bias: float of x_q's dtype, broadcastable to (B, H, T, S), added to every head's scores
+      (ALiBi: positional.alibi_bias(H, T, S, dtype=x_q.dtype)).
+    Returns out (B, T, D) and cache = {'x_q', 'x_kv', 'params', 'n_heads', 'concat', 'rope', 'attn'}.
+    The per-head attention weights (B, H, T, S), for plots, are cache['attn']['weights'].
+    """
+    _check_inputs(x_q, x_kv, params, n_heads, rope, rope_offset, bias)
+    T, S = x_q.shape[1], x_kv.shape[1]
+    q = split_heads(x_q @ params["W_q"] + params["b_q"], n_heads)     # (B, H, T, Dh)
+    k = split_heads(x_kv @ params["W_k"] + params["b_k"], n_heads)    # (B, H, S, Dh)
+    v = split_heads(x_kv @ params["W_v"] + params["b_v"], n_heads)    # (B, H, S, Dh)
+    rope_caches = None
+    if rope:
+        q, rope_q = rope_forward(q, offset=rope_offset + (S - T))      # (B, H, T, Dh) query t at offset+S-T+t
+        k, rope_k = rope_forward(k, offset=rope_offset)                # (B, H, S, Dh) key j at offset+j
+        rope_caches = (rope_q, rope_k)
+    heads, attn_cache = attention_forward(q, k, v, mask=mask, causal=causal, bias=bias)  # (B, H, T, Dh)
+    concat = merge_heads(heads)                                        # (B, T, D)
+    out = concat @ params["W_o"] + params["b_o"]                       # (B, T, D)
+    cache = {"x_q": x_q, "x_kv": x_kv, "params": params, "n_heads": n_heads, "concat": concat,
+             "rope": rope_caches, "attn": attn_cache}
+    return out, cache
+
+
+def multihead_backward(dout, cache):
+    """dx_q (B, T, D), dx_kv (B, S, D), grads (params' keys) of multihead_forward, given dout (B, T, D).
+
+    For self-attention (the same x passed as x_q and x_kv) the gradient of x is dx_q + dx_kv: one tensor
+    feeding two places sums its gradients, and the caller adds them.
+    """
+    x_q, x_kv, params, n_heads = cache["x_q"], cache["x_kv"], cache["params"], cache["n_heads"]
+    if dout.shape != x_q.shape:
+        raise ValueError(f"dout must have the output's shape {x_q.shape}, got {dout.shape}")
+    grads = {}
+    # out = concat W_o + b_o
+    dconcat, grads["W_o"], grads["b_o"] = _linear_backward(dout, cache["concat"], params["W_o"])  # (B, T, D)
+    # concat = merge_heads(heads), heads = attention(q, k, v): one batched backward for all heads
+    dq, dk, dv = attention_backward(split_heads(dconcat, n_heads), cache["attn"])  # (B, H, T|S|S, Dh)
+    if cache["rope"] is not None:
+        rope_q, rope_k = cache["rope"]
+        dq = rope_backward(dq, rope_q)                                 # (B, H, T, Dh) rotate back
+        dk = rope_backward(dk, rope_k)                                 # (B, H, S, Dh)
+    # q = x_q W_q + b_q, k = x_kv W_k + b_k, v = x_kv W_v + b_v (then split into heads)
+    dx_q, grads["W_q"], grads["b_q"] = _linear_backward(merge_heads(dq), x_q, params["W_q"])   # (B, T, D)
+    dx_k, grads["W_k"], grads["b_k"] = _linear_backward(merge_heads(dk), x_kv, params["W_k"])  # (B, S, D)
+    dx_v, grads["W_v"], grads["b_v"] = _linear_backward(merge_heads(dv), x_kv, params["W_v"])  # (B, S, D)
+    # x_kv feeds both k and v: its gradient is the sum of the two paths.
+    dx_kv = dx_k + dx_v                                                # (B, S, D)
+    return dx_q, dx_kv, {name: grads[name] for name in PARAM_NAMES}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demo
+
+
+if __name__ == "__main__":
+    from positional import alibi_bias
+
+    rng = np.random.default_rng(0)
+    B, T, S, D, H = 2, 5, 7, 16, 4
+    params = init_multihead(D, rng, dtype=np.float64)
+    x = rng.standard_normal((B, T, D))                                 # (B, T, D) a decoder's tokens
+    memory = rng.standard_normal((B, S, D))                            # (B, S, D) an encoder's output
+
+    out, cache = multihead_forward(x, x, params, H, causal=True)
+    print(f"causal self-attention: x {x.shape} -> out {out.shape}, "
+          f"per-head weights {cache['attn']['weights'].shape} (B, H, T, S)")
+    out, cache = multihead_forward(x, memory, params, H, rope=True)
+    print(f"cross-attention with RoPE: x {x.shape} reads memory {memory.shape} -> out {out.shape}, "
+          f"per-head weights {cache['attn']['weights'].shape}")
+    out, cache = multihead_forward(x, x, params, H, causal=True, bias=alibi_bias(H, T, T, dtype=x.dtype))
+    print("causal self-attention with ALiBi, head 0's weights (row = query, column = key):")
+    print(np.array2string(cache["attn"]["weights"][0, 0], precision=2, suppress_small=True))
+
+    # Self-attention: x is both x_q and x_kv, so its gradient is the sum of the two.
+    dout = rng.standard_normal(out.shape)                              # (B, T, D) a random upstream gradient
+    dx_q, dx_kv, grads = multihead_backward(dout, cache)
+    # x is both x_q and x_kv: one tensor feeding two places sums its gradients.
+    dx = dx_q + dx_kv                                                  # (B, T, D)
+    direction = rng.standard_normal(x.shape)                           # (B, T, D)
+    eps = 1e-6
+
+    def loss(x_):
+        bias = alibi_bias(H, T, T, dtype=x_.dtype)
+        return float((multihead_forward(x_, x_, params, H, causal=True, bias=bias)[0] * dout).sum())
+
+    slope = (loss(x + eps * direction) - loss(x - eps * direction)) / (2 * eps)
+    print(f"slope of the loss along a random direction: finite differences {slope:.8f}, "
+          f"<dx_q + dx_kv, u> {(dx * direction).sum():.8f}, <dx_q, u> alone {(dx_q * direction).sum():.8f}")
+    assert abs(slope - (dx * direction).sum()) < 1e-6 * max(1.0, abs(slope))  # central differences: O(eps^2)
+    assert abs(slope - (dx_q * direction).sum()) > 1e-3                       # dx_q alone is not the gradient
+    print("dx_q + dx_kv is the gradient of self-attention; dx_q alone is not.")
