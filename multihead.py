@@ -234,7 +234,6 @@ if __name__ == "__main__":
     print("causal self-attention with ALiBi, head 0's weights (row = query, column = key):")
     print(np.array2string(cache["attn"]["weights"][0, 0], precision=2, suppress_small=True))
 
-    # Self-attention: x is both x_q and x_kv, so its gradient is the sum of the two.
     dout = rng.standard_normal(out.shape)                              # (B, T, D) a random upstream gradient
     dx_q, dx_kv, grads = multihead_backward(dout, cache)
     # x is both x_q and x_kv: one tensor feeding two places sums its gradients.
