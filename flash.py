@@ -36,6 +36,7 @@ tile of scores, never O(T * S).
 Shapes: q (..., T, Dh), k (..., S, Dh), v (..., S, Dh). NumPy arrays take the tiled NumPy path below.
 Imports attention.py (input checks and the array-module helper).
 """
+import collections
 import math
 
 import numpy as np
@@ -128,6 +129,690 @@ def _flash_backward_numpy(dout, q, k, v, out, lse, causal, scale, block_q, block
             dq[..., r0:r1, :] += (dS @ K_j) * scale            # (..., bq, Dh)
             dk[..., c0:c1, :] += (xp.swapaxes(dS, -1, -2) @ Q_i) * scale  # (..., bk, Dh)
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# The GPU path: the same algorithm as CUDA kernels, for CuPy float32 arrays.
+#
+# FLASH_KERNEL_SOURCE holds every kernel; _forward_launches and _backward_launches say how to run them
+# (which kernel, grid, block, arguments, shared memory) without running anything, so that the same plan
+# runs on a GPU through CuPy (_run_on_gpu) and on a CPU through the C++ shim in tests/cuda, which checks
+# the kernels where there is no GPU. The kernels take (BH, T, Dh) C-contiguous float32 arrays: the
+# public functions flatten the leading axes into BH = batch * heads.
+
+FLASH_KERNEL_SOURCE = r"""
+// flash.py's CUDA kernels: the algorithm of the module docstring, float32, one symbol for one symbol.
+// Compiled by NVRTC (cupy.RawModule) with no headers; tests/cuda compiles the same text as C++ for a CPU.
+//
+// Forward, one thread block per (batch*head, 64-row query tile Q_i):
+//     m = -inf, l = 0, O = 0
+//     for each 64-row key/value tile K_j, V_j (causal: only up to the last tile with an allowed key):
+//         S = Q_i K_j^T * scale (-inf where not allowed);  m_new = max(m, rowmax(S));  P = exp(S - m_new)
+//         alpha = exp(m - m_new);  l = alpha * l + rowsum(P);  O = alpha * O + P V_j;  m = m_new
+//     O_i = O / l,  lse_i = m + log(l)                 (no allowed key: O_i = 0, lse_i = -inf)
+// Backward by recomputation, in three kernels:
+//     flash_backward_delta:  delta = rowsum(dO * O)
+//     flash_backward_dq:     one block per query tile Q_i, over key tiles K_j:
+//                            P = exp(S - lse), dP = dO V^T, dS = P * (dP - delta), dQ_i += dS K_j * scale
+//     flash_backward_dkdv:   one block per key tile K_j, over query tiles Q_i:
+//                            P = exp(S - lse), dV_j += P^T dO, dP = dO V^T, dS = P * (dP - delta),
+//                            dK_j += dS^T Q_i * scale
+//     Each block owns every number it writes (the FlashAttention-2 split): no atomics, deterministic.
+//
+// How a block divides the work (all kernels alike). THREADS = 256 threads own a 64-row tile; they form
+// 16 groups of GROUP = 16 lanes (half a warp), and group g owns rows 4g .. 4g + 3 (ROWS = 4).
+//   - A 64 x 64 score-like tile (S, P, dP, dS) is register-tiled: a thread holds its 4 rows x 4 columns,
+//     column = lane + 16 c. The 16 lanes of a group read 16 different rows of the other operand, whose
+//     shared-memory rows are padded by 4 floats so those reads fall in different banks.
+//   - A 64 x Dh output-like tile (O, dQ, dK, dV) is register-tiled the same way: 4 rows x HEAD / 16
+//     columns, in chunks of VEC adjacent columns (chunk c starts at column (lane + 16 c) * VEC) so they
+//     move as float4 (or float2).
+//   - A row's max and sum are combined across the 16 lanes of its group with warp shuffles.
+// Scores are kept in base 2 (exp(x) = exp2(x * log2 e), one hardware instruction), so m is in base-2
+// units; lse is written in natural-log units, as the NumPy path's.
+//
+// Sizes: kernels are compiled for HEAD in {32, 64, 96, 128}; a head width Dh <= 128 runs on the smallest
+// HEAD >= Dh with the extra columns zero in shared memory (they add 0 to Q K^T and are never written
+// out). Any T, S: a partial tile is zero-filled on load and masked. Causal is bottom-right aligned: query
+// i may attend key j iff j <= i + (S - T).
+
+#ifndef SHARED_MEMORY
+#define SHARED_MEMORY(name) extern __shared__ __align__(16) float name[]
+#endif
+
+constexpr int BLOCK_Q = 64;             // query rows per tile
+constexpr int BLOCK_K = 64;             // key rows per tile
+constexpr int THREADS = 256;            // threads per block (8 warps)
+constexpr int GROUP = 16;               // lanes sharing the same rows
+constexpr int ROWS = 4;                 // rows per thread: (THREADS / GROUP) * ROWS = 64
+constexpr int COLS_S = 4;               // score columns per thread: GROUP * COLS_S = 64
+constexpr int P_STRIDE = BLOCK_K + 4;   // padded row of the shared P (or dS) tile
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+static_assert((THREADS / GROUP) * ROWS == BLOCK_Q && BLOCK_Q == BLOCK_K, "a group's rows tile the block");
+static_assert(GROUP * COLS_S == BLOCK_K, "a group's lanes cover the score columns");
+
+// Sizes that follow from the compiled head width HEAD.
+template <int HEAD>
+struct Width {
+  static constexpr int STRIDE = HEAD + 4;                      // padded shared row (16-byte aligned)
+  static constexpr int COLS = HEAD / GROUP;                    // output columns per thread
+  static constexpr int VEC = COLS % 4 == 0 ? 4 : (COLS % 2 == 0 ? 2 : 1);  // columns per chunk
+  static constexpr int CHUNKS = COLS / VEC;
+  static constexpr int TILE = BLOCK_Q * STRIDE;                // floats of one shared 64 x HEAD tile
+  static constexpr int SLOTS = BLOCK_Q * HEAD / 4 / THREADS;   // float4s per thread in a tile copy
+};
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ float4 load4(const float* p) { return reinterpret_cast<const float4*>(p)[0]; }
+
+// Component i of a float4; after unrolling i is a constant, so this is just a register.
+__device__ __forceinline__ float component(const float4& a, int i) {
+  return i == 0 ? a.x : i == 1 ? a.y : i == 2 ? a.z : a.w;
+}
+
+__device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
+  return fmaf(a.x, b.x, fmaf(a.y, b.y, fmaf(a.z, b.z, fmaf(a.w, b.w, acc))));
+}
+
+// VEC adjacent floats of shared memory in one load.
+template <int VEC>
+__device__ __forceinline__ void load_vec(const float* p, float* x) {
+  if constexpr (VEC == 4) {
+    const float4 t = reinterpret_cast<const float4*>(p)[0];
+    x[0] = t.x; x[1] = t.y; x[2] = t.z; x[3] = t.w;
+  } else if constexpr (VEC == 2) {
+    const float2 t = reinterpret_cast<const float2*>(p)[0];
+    x[0] = t.x; x[1] = t.y;
+  } else {
+    x[0] = p[0];
+  }
+}
+
+// Max and sum over the 16 lanes of a group (lanes that differ only in their low 4 bits).
+__device__ __forceinline__ float group_max(float x) {
+#pragma unroll
+  for (int offset = GROUP / 2; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, offset));
+  return x;
+}
+
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int offset = GROUP / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffff, x, offset);
+  return x;
+}
+
+// May query i attend key j? Causal: j <= i + (S - T). Rows i >= T and keys j >= S are the zero padding
+// of a partial tile: never.
+__device__ __forceinline__ bool allowed(int i, int j, int T, int S, int causal) {
+  return i < T && j < S && (!causal || j <= i + (S - T));
+}
+
+// Key tiles a query tile starting at q0 visits: all, or (causal) up to the last key its last row may see;
+// the tiles after it are entirely in the causal future and are skipped.
+__device__ __forceinline__ int key_tiles(int q0, int T, int S, int causal) {
+  const int keys = causal ? min(S, min(q0 + BLOCK_Q, T) + (S - T)) : S;
+  return keys > 0 ? (keys + BLOCK_K - 1) / BLOCK_K : 0;
+}
+
+// The first query tile a key tile starting at k0 visits: (causal) the one holding the first query that
+// may see key k0, i >= k0 - (S - T); earlier query tiles see none of these keys.
+__device__ __forceinline__ int first_query_tile(int k0, int T, int S, int causal) {
+  return (causal ? max(0, k0 - (S - T)) : 0) / BLOCK_Q;
+}
+
+// ---- Copying a 64 x Dh tile (rows of Dh floats, contiguous in global memory) into shared memory ----
+// Rows >= n_rows and columns >= Dh become 0. The copy has two halves, fetch (global -> registers) and
+// store (registers -> shared), so the forward fetches its next tile before computing on the current one
+// and stores it after: the global-memory latency hides behind arithmetic (software pipelining).
+template <int HEAD>
+struct TileRegs {
+  float4 x[Width<HEAD>::SLOTS];
+};
+
+template <int HEAD>
+__device__ __forceinline__ void fetch_tile(TileRegs<HEAD>& regs, const float* src, int n_rows, int Dh) {
+  constexpr int ROW_SLOTS = HEAD / 4;
+  // float4 loads need Dh % 4 == 0 and a 16-byte aligned base; otherwise four guarded scalar loads.
+  const bool vector_ok = Dh % 4 == 0 && reinterpret_cast<unsigned long long>(src) % 16 == 0;
+#pragma unroll
+  for (int s = 0; s < Width<HEAD>::SLOTS; ++s) {
+    const int slot = threadIdx.x + s * THREADS;              // consecutive threads, consecutive columns
+    const int r = slot / ROW_SLOTS, c = (slot % ROW_SLOTS) * 4;
+    const float* p = src + (long long)r * Dh + c;
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < n_rows && vector_ok) {
+      if (c < Dh) x = load4(p);
+    } else if (r < n_rows) {
+      x = make_float4(c < Dh ? p[0] : 0.f, c + 1 < Dh ? p[1] : 0.f, c + 2 < Dh ? p[2] : 0.f,
+                      c + 3 < Dh ? p[3] : 0.f);
+    }
+    regs.x[s] = x;
+  }
+}
+
+template <int HEAD>
+__device__ __forceinline__ void store_tile(float* tile, const TileRegs<HEAD>& regs) {
+  constexpr int ROW_SLOTS = HEAD / 4;
+#pragma unroll
+  for (int s = 0; s < Width<HEAD>::SLOTS; ++s) {
+    const int slot = threadIdx.x + s * THREADS;
+    const int r = slot / ROW_SLOTS, c = (slot % ROW_SLOTS) * 4;
+    reinterpret_cast<float4*>(tile + r * Width<HEAD>::STRIDE + c)[0] = regs.x[s];
+  }
+}
+
+template <int HEAD>
+__device__ __forceinline__ void load_tile(float* tile, const float* src, int n_rows, int Dh) {
+  TileRegs<HEAD> regs;
+  fetch_tile<HEAD>(regs, src, n_rows, Dh);
+  store_tile<HEAD>(tile, regs);
+}
+
+// ---- The two register-tiled products every kernel is made of ----
+
+// acc[r][c] += A[row0 + r, :] . B[lane + 16 c, :]: this thread's 4 x 4 block of A B^T (A, B 64 x HEAD
+// tiles in shared memory). Each step is 8 float4 loads feeding 64 independent FMAs; the loop stays
+// rolled so that HEAD <= 64 fits in 128 registers (two blocks per SM) and compiles quickly.
+template <int HEAD>
+__device__ __forceinline__ void rows_dot_rows(float (&acc)[ROWS][COLS_S], const float* A, const float* B,
+                                              int row0, int lane) {
+  constexpr int STRIDE = Width<HEAD>::STRIDE;
+#pragma unroll 1
+  for (int d = 0; d < HEAD; d += 4) {
+    float4 a[ROWS], b[COLS_S];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) a[r] = load4(A + (row0 + r) * STRIDE + d);   // one address per group
+#pragma unroll
+    for (int c = 0; c < COLS_S; ++c) b[c] = load4(B + (lane + GROUP * c) * STRIDE + d);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+      for (int c = 0; c < COLS_S; ++c) acc[r][c] = dot4(a[r], b[c], acc[r][c]);
+  }
+}
+
+// acc[r][:] += W[row0 + r, :] X: W a 64 x 64 tile (P or dS, rows of P_STRIDE), X a 64 x HEAD tile; this
+// thread's 4 rows x HEAD / 16 columns. Each step takes 4 rows of X: 4 + 4 * CHUNKS loads, 16 * COLS FMAs.
+template <int HEAD>
+__device__ __forceinline__ void rows_times_tile(float (&acc)[ROWS][Width<HEAD>::COLS], const float* W,
+                                                const float* X, int row0, int lane) {
+  using Wd = Width<HEAD>;
+#pragma unroll 1
+  for (int j = 0; j < BLOCK_K; j += 4) {
+    float4 w[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) w[r] = load4(W + (row0 + r) * P_STRIDE + j);   // W[row, j .. j + 3]
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+      for (int ch = 0; ch < Wd::CHUNKS; ++ch) {
+        float x[Wd::VEC];
+        load_vec<Wd::VEC>(X + (j + jj) * Wd::STRIDE + (lane + GROUP * ch) * Wd::VEC, x);
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+          for (int e = 0; e < Wd::VEC; ++e) {
+            float& out = acc[r][ch * Wd::VEC + e];
+            out = fmaf(component(w[r], jj), x[e], out);
+          }
+      }
+  }
+}
+
+// Write factor * acc, this thread's rows x columns, into a tile of a (rows, Dh) array; rows >= n_rows and
+// columns >= Dh are padding and are skipped.
+template <int HEAD>
+__device__ __forceinline__ void write_rows(float* dst, const float (&acc)[ROWS][Width<HEAD>::COLS], int row0,
+                                           int lane, int n_rows, int Dh, float factor) {
+  using Wd = Width<HEAD>;
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+    for (int ch = 0; ch < Wd::CHUNKS; ++ch)
+#pragma unroll
+      for (int e = 0; e < Wd::VEC; ++e) {
+        const int col = (lane + GROUP * ch) * Wd::VEC + e;
+        if (row0 + r < n_rows && col < Dh) dst[(long long)(row0 + r) * Dh + col] = acc[r][ch * Wd::VEC + e] * factor;
+      }
+}
+
+// ============================================ forward ============================================
+// Block (bh = blockIdx.x, query tile). Shared memory: Q_i, K_j, V_j (64 x STRIDE each), P (64 x P_STRIDE).
+
+template <int HEAD>
+__device__ __forceinline__ void flash_forward(float* smem, const float* __restrict__ q,
+                                              const float* __restrict__ k, const float* __restrict__ v,
+                                              float* __restrict__ out, float* __restrict__ lse, int T, int S,
+                                              int Dh, int causal, float scale) {
+  using Wd = Width<HEAD>;
+  float* Qs = smem;
+  float* Ks = Qs + Wd::TILE;
+  float* Vs = Ks + Wd::TILE;
+  float* Ps = Vs + Wd::TILE;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;      // last tiles first: causal's longest rows
+  const int lane = threadIdx.x % GROUP;
+  const int row0 = threadIdx.x / GROUP * ROWS;                // this thread's rows: q0 + row0 .. + 3
+  const long long bh = blockIdx.x;
+  q += (bh * T + q0) * Dh;
+  out += (bh * T + q0) * Dh;
+  lse += bh * T + q0;
+  k += bh * S * Dh;
+  v += bh * S * Dh;
+  const float scale2 = scale * LOG2E;                         // scores in base-2 units
+  const int n_tiles = key_tiles(q0, T, S, causal);
+
+  load_tile<HEAD>(Qs, q, T - q0, Dh);
+  if (n_tiles > 0) load_tile<HEAD>(Ks, k, S, Dh);
+  __syncthreads();
+
+  // m = -inf, l = 0, O = 0. Each lane keeps its own share of l (the sum over its columns): the lanes of
+  // a group rescale by the same alpha, so the shares stay consistent and are added up once, at the end.
+  float m[ROWS], l[ROWS], O[ROWS][Wd::COLS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    m[r] = neg_inf();
+    l[r] = 0.f;
+#pragma unroll
+    for (int c = 0; c < Wd::COLS; ++c) O[r][c] = 0.f;
+  }
+
+  TileRegs<HEAD> next;                                        // the tile in flight during the arithmetic
+  for (int t = 0; t < n_tiles; ++t) {
+    const int k0 = t * BLOCK_K;
+    fetch_tile<HEAD>(next, v + (long long)k0 * Dh, S - k0, Dh);  // V_j arrives while S is computed
+
+    // S = Q_i K_j^T * scale, -inf where not allowed
+    float s[ROWS][COLS_S] = {};
+    rows_dot_rows<HEAD>(s, Qs, Ks, row0, lane);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+      for (int c = 0; c < COLS_S; ++c)
+        s[r][c] = allowed(q0 + row0 + r, k0 + lane + GROUP * c, T, S, causal) ? s[r][c] * scale2 : neg_inf();
+
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      // m_new = max(m, rowmax(S))
+      float row_max = fmaxf(fmaxf(s[r][0], s[r][1]), fmaxf(s[r][2], s[r][3]));
+      const float m_new = fmaxf(m[r], group_max(row_max));
+      // A row that has seen no allowed key has m_new = -inf: shift by 0 instead, so that
+      // exp(-inf - 0) = 0 where exp(-inf - (-inf)) would be NaN.
+      const float m_safe = m_new == neg_inf() ? 0.f : m_new;
+      // alpha = exp(m - m_new)
+      const float alpha = exp2f(m[r] - m_safe);
+      // P = exp(S - m_new);  l = alpha * l + rowsum(P)
+      l[r] *= alpha;
+#pragma unroll
+      for (int c = 0; c < COLS_S; ++c) {
+        const float p = exp2f(s[r][c] - m_safe);
+        l[r] += p;
+        Ps[(row0 + r) * P_STRIDE + lane + GROUP * c] = p;
+      }
+      // O = alpha * O   (+ P V_j below)
+#pragma unroll
+      for (int c = 0; c < Wd::COLS; ++c) O[r][c] *= alpha;
+      m[r] = m_new;
+    }
+    store_tile<HEAD>(Vs, next);
+    __syncthreads();                                          // P and V_j visible to the whole block
+
+    if (t + 1 < n_tiles) fetch_tile<HEAD>(next, k + (long long)(k0 + BLOCK_K) * Dh, S - k0 - BLOCK_K, Dh);
+    // O += P V_j
+    rows_times_tile<HEAD>(O, Ps, Vs, row0, lane);
+    if (t + 1 < n_tiles) store_tile<HEAD>(Ks, next);          // K_j was last read before the barrier above
+    __syncthreads();                                          // K_{j+1} visible; P, V_j free to overwrite
+  }
+
+  // O_i = O / l,  lse_i = m + log(l) in natural-log units; a row with no allowed key has l = 0: O_i = 0,
+  // lse_i = -inf.
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const float l_row = group_sum(l[r]);
+    const float inv_l = l_row > 0.f ? 1.f / l_row : 0.f;
+#pragma unroll
+    for (int c = 0; c < Wd::COLS; ++c) O[r][c] *= inv_l;
+    if (lane == 0 && q0 + row0 + r < T) lse[row0 + r] = l_row > 0.f ? (m[r] + log2f(l_row)) * LN2 : neg_inf();
+  }
+  write_rows<HEAD>(out, O, row0, lane, T - q0, Dh, 1.f);
+}
+
+// ============================================ backward ============================================
+
+// delta = rowsum(dO * O), one warp per row of the (BH * T, Dh) arrays.
+extern "C" __global__ void __launch_bounds__(THREADS)
+    flash_backward_delta(const float* __restrict__ out, const float* __restrict__ dout,
+                         float* __restrict__ delta, int n_rows, int Dh) {
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * (THREADS / 32) + threadIdx.x / 32;
+  float acc = 0.f;
+  if (row < n_rows)
+    for (int d = lane; d < Dh; d += 32) acc = fmaf(dout[(long long)row * Dh + d], out[(long long)row * Dh + d], acc);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffff, acc, offset);
+  if (row < n_rows && lane == 0) delta[row] = acc;
+}
+
+// P = exp(S * scale - lse), recomputed from the forward's lse (both in base-2 units here); 0 where the
+// key is not allowed, which also covers a row with no allowed key (its lse is -inf).
+__device__ __forceinline__ float recomputed_p(float s, float scale2, float lse2, bool is_allowed) {
+  return is_allowed ? exp2f(s * scale2 - lse2) : 0.f;
+}
+
+// dQ. Block (bh = blockIdx.x, query tile). Shared memory: Q_i, dO_i (kept), K_j, V_j, dS.
+template <int HEAD>
+__device__ __forceinline__ void flash_backward_dq(float* smem, const float* __restrict__ q,
+                                                  const float* __restrict__ k, const float* __restrict__ v,
+                                                  const float* __restrict__ lse, const float* __restrict__ delta,
+                                                  const float* __restrict__ dout, float* __restrict__ dq, int T,
+                                                  int S, int Dh, int causal, float scale) {
+  using Wd = Width<HEAD>;
+  float* Qs = smem;
+  float* dOs = Qs + Wd::TILE;
+  float* Ks = dOs + Wd::TILE;
+  float* Vs = Ks + Wd::TILE;
+  float* dSs = Vs + Wd::TILE;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;
+  const int lane = threadIdx.x % GROUP;
+  const int row0 = threadIdx.x / GROUP * ROWS;                // this thread's query rows
+  const long long bh = blockIdx.x;
+  q += (bh * T + q0) * Dh;
+  dout += (bh * T + q0) * Dh;
+  dq += (bh * T + q0) * Dh;
+  lse += bh * T + q0;
+  delta += bh * T + q0;
+  k += bh * S * Dh;
+  v += bh * S * Dh;
+  const float scale2 = scale * LOG2E;
+  const int n_tiles = key_tiles(q0, T, S, causal);
+
+  load_tile<HEAD>(Qs, q, T - q0, Dh);
+  load_tile<HEAD>(dOs, dout, T - q0, Dh);
+  float lse2[ROWS], delta_r[ROWS], dQ[ROWS][Wd::COLS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const bool real = q0 + row0 + r < T;                      // padding rows are masked, never read
+    lse2[r] = real ? lse[row0 + r] * LOG2E : 0.f;
+    delta_r[r] = real ? delta[row0 + r] : 0.f;
+#pragma unroll
+    for (int c = 0; c < Wd::COLS; ++c) dQ[r][c] = 0.f;
+  }
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int k0 = t * BLOCK_K;
+    __syncthreads();                                          // the previous K_j and dS are no longer read
+    load_tile<HEAD>(Ks, k + (long long)k0 * Dh, S - k0, Dh);
+    load_tile<HEAD>(Vs, v + (long long)k0 * Dh, S - k0, Dh);
+    __syncthreads();
+
+    // S = Q_i K_j^T,  dP = dO_i V_j^T
+    float s[ROWS][COLS_S] = {}, dP[ROWS][COLS_S] = {};
+    rows_dot_rows<HEAD>(s, Qs, Ks, row0, lane);
+    rows_dot_rows<HEAD>(dP, dOs, Vs, row0, lane);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+      for (int c = 0; c < COLS_S; ++c) {
+        // P = exp(S * scale - lse);  dS = P * (dP - delta)
+        const bool ok = allowed(q0 + row0 + r, k0 + lane + GROUP * c, T, S, causal);
+        const float P = recomputed_p(s[r][c], scale2, lse2[r], ok);
+        dSs[(row0 + r) * P_STRIDE + lane + GROUP * c] = P * (dP[r][c] - delta_r[r]);
+      }
+    __syncthreads();                                          // dS visible to the whole block
+    // dQ_i += dS K_j   (times scale once, at the end)
+    rows_times_tile<HEAD>(dQ, dSs, Ks, row0, lane);
+  }
+  write_rows<HEAD>(dq, dQ, row0, lane, T - q0, Dh, scale);
+}
+
+// dK, dV. Block (bh = blockIdx.x, key tile). A thread's rows are keys and its score columns are queries:
+// it works on the transposed tiles S^T = K_j Q_i^T, P^T, dP^T, dS^T. Shared memory: K_j, V_j (kept),
+// Q_i, dO_i, one 64 x P_STRIDE tile holding P^T and then dS^T, and lse, delta of the query tile.
+template <int HEAD>
+__device__ __forceinline__ void flash_backward_dkdv(float* smem, const float* __restrict__ q,
+                                                    const float* __restrict__ k, const float* __restrict__ v,
+                                                    const float* __restrict__ lse,
+                                                    const float* __restrict__ delta,
+                                                    const float* __restrict__ dout, float* __restrict__ dk,
+                                                    float* __restrict__ dv, int T, int S, int Dh, int causal,
+                                                    float scale) {
+  using Wd = Width<HEAD>;
+  float* Ks = smem;
+  float* Vs = Ks + Wd::TILE;
+  float* Qs = Vs + Wd::TILE;
+  float* dOs = Qs + Wd::TILE;
+  float* Ws = dOs + Wd::TILE;                                 // P^T, then dS^T
+  float* lse2s = Ws + BLOCK_K * P_STRIDE;                     // (64,) lse * log2(e) of the query tile
+  float* deltas = lse2s + BLOCK_Q;                            // (64,) delta of the query tile
+  const int k0 = blockIdx.y * BLOCK_K;                        // first tiles first: causal's longest
+  const int lane = threadIdx.x % GROUP;
+  const int row0 = threadIdx.x / GROUP * ROWS;                // this thread's key rows
+  const long long bh = blockIdx.x;
+  k += (bh * S + k0) * Dh;
+  v += (bh * S + k0) * Dh;
+  dk += (bh * S + k0) * Dh;
+  dv += (bh * S + k0) * Dh;
+  q += bh * T * Dh;
+  dout += bh * T * Dh;
+  lse += bh * T;
+  delta += bh * T;
+  const float scale2 = scale * LOG2E;
+  const int n_query_tiles = (T + BLOCK_Q - 1) / BLOCK_Q;
+
+  load_tile<HEAD>(Ks, k, S - k0, Dh);
+  load_tile<HEAD>(Vs, v, S - k0, Dh);
+  float dK[ROWS][Wd::COLS], dV[ROWS][Wd::COLS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+    for (int c = 0; c < Wd::COLS; ++c) dK[r][c] = dV[r][c] = 0.f;
+
+  for (int i = first_query_tile(k0, T, S, causal); i < n_query_tiles; ++i) {
+    const int q0 = i * BLOCK_Q;
+    __syncthreads();                                          // the previous Q_i, dO_i, dS^T no longer read
+    load_tile<HEAD>(Qs, q + (long long)q0 * Dh, T - q0, Dh);
+    load_tile<HEAD>(dOs, dout + (long long)q0 * Dh, T - q0, Dh);
+    for (int r = threadIdx.x; r < BLOCK_Q; r += THREADS) {
+      lse2s[r] = q0 + r < T ? lse[q0 + r] * LOG2E : 0.f;      // padding rows are masked, never read
+      deltas[r] = q0 + r < T ? delta[q0 + r] : 0.f;
+    }
+    __syncthreads();
+
+    // S^T = K_j Q_i^T;  P^T = exp(S^T * scale - lse)
+    float P[ROWS][COLS_S] = {};
+    rows_dot_rows<HEAD>(P, Ks, Qs, row0, lane);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+      for (int c = 0; c < COLS_S; ++c) {
+        const int query = lane + GROUP * c;
+        const bool ok = allowed(q0 + query, k0 + row0 + r, T, S, causal);
+        P[r][c] = recomputed_p(P[r][c], scale2, lse2s[query], ok);
+        Ws[(row0 + r) * P_STRIDE + query] = P[r][c];
+      }
+    // dP^T = V_j dO_i^T
+    float dP[ROWS][COLS_S] = {};
+    rows_dot_rows<HEAD>(dP, Vs, dOs, row0, lane);
+    __syncthreads();                                          // P^T visible to the whole block
+    // dV_j += P^T dO_i
+    rows_times_tile<HEAD>(dV, Ws, dOs, row0, lane);
+    __syncthreads();                                          // P^T no longer read
+    // dS^T = P^T * (dP^T - delta)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+      for (int c = 0; c < COLS_S; ++c) {
+        const int query = lane + GROUP * c;
+        Ws[(row0 + r) * P_STRIDE + query] = P[r][c] * (dP[r][c] - deltas[query]);
+      }
+    __syncthreads();                                          // dS^T visible to the whole block
+    // dK_j += dS^T Q_i   (times scale once, at the end)
+    rows_times_tile<HEAD>(dK, Ws, Qs, row0, lane);
+  }
+  write_rows<HEAD>(dk, dK, row0, lane, S - k0, Dh, scale);
+  write_rows<HEAD>(dv, dV, row0, lane, S - k0, Dh, 1.f);
+}
+
+// ---- The kernels CuPy launches: one set per compiled head width ----
+// Up to HEAD = 64 a thread needs at most 128 registers, so two blocks share an SM.
+#define FLASH_KERNELS(HEAD)                                                                              \
+  extern "C" __global__ void __launch_bounds__(THREADS, HEAD <= 64 ? 2 : 1)                              \
+      flash_forward_##HEAD(const float* q, const float* k, const float* v, float* out, float* lse,       \
+                           int T, int S, int Dh, int causal, float scale) {                              \
+    SHARED_MEMORY(smem);                                                                                 \
+    flash_forward<HEAD>(smem, q, k, v, out, lse, T, S, Dh, causal, scale);                              \
+  }                                                                                                      \
+  extern "C" __global__ void __launch_bounds__(THREADS, HEAD <= 64 ? 2 : 1)                              \
+      flash_backward_dq_##HEAD(const float* q, const float* k, const float* v, const float* lse,         \
+                               const float* delta, const float* dout, float* dq, int T, int S, int Dh,   \
+                               int causal, float scale) {                                                \
+    SHARED_MEMORY(smem);                                                                                 \
+    flash_backward_dq<HEAD>(smem, q, k, v, lse, delta, dout, dq, T, S, Dh, causal, scale);              \
+  }                                                                                                      \
+  extern "C" __global__ void __launch_bounds__(THREADS, HEAD <= 64 ? 2 : 1)                              \
+      flash_backward_dkdv_##HEAD(const float* q, const float* k, const float* v, const float* lse,       \
+                                 const float* delta, const float* dout, float* dk, float* dv, int T,     \
+                                 int S, int Dh, int causal, float scale) {                               \
+    SHARED_MEMORY(smem);                                                                                 \
+    flash_backward_dkdv<HEAD>(smem, q, k, v, lse, delta, dout, dk, dv, T, S, Dh, causal, scale);       \
+  }
+
+FLASH_KERNELS(32)
+FLASH_KERNELS(64)
+FLASH_KERNELS(96)
+FLASH_KERNELS(128)
+"""
+
+KERNEL_HEAD_WIDTHS = (32, 64, 96, 128)  # compiled widths; Dh runs on the smallest one >= Dh
+_TILE = 64                               # BLOCK_Q = BLOCK_K in the source: rows of every tile
+_THREADS = 256                           # THREADS in the source
+_P_TILE = _TILE * (_TILE + 4)            # floats of the shared P / dS tile (rows padded by 4)
+
+Launch = collections.namedtuple("Launch", "kernel grid block args shared_mem")
+
+
+def _kernel_width(Dh):
+    """The compiled head width a head of width Dh runs on (its extra columns are zero padding)."""
+    for width in KERNEL_HEAD_WIDTHS:
+        if Dh <= width:
+            return width
+    raise ValueError(f"the CUDA kernels support head widths up to {KERNEL_HEAD_WIDTHS[-1]}, got "
+                     f"Dh = {Dh} (q.shape[-1]); use the NumPy path or split the head")
+
+
+def _tiles(n):
+    return -(-n // _TILE)                                      # ceil(n / 64)
+
+
+def _shared_tile(width):
+    return _TILE * (width + 4)                                 # floats of one 64 x width tile, rows padded
+
+
+def _forward_launches(q, k, v, out, lse, causal, scale):
+    """The forward as launches: q (BH, T, Dh), k, v (BH, S, Dh) in; out (BH, T, Dh), lse (BH, T) out."""
+    BH, T, Dh = q.shape
+    S = k.shape[1]
+    width = _kernel_width(Dh)
+    shared = 4 * (3 * _shared_tile(width) + _P_TILE)           # Q_i, K_j, V_j, P
+    launches = [Launch(f"flash_forward_{width}", (BH, _tiles(T), 1), (_THREADS, 1, 1),
+                       (q, k, v, out, lse, np.int32(T), np.int32(S), np.int32(Dh), np.int32(causal),
+                        np.float32(scale)), shared)]
+    return [launch for launch in launches if min(launch.grid) > 0]   # no rows: nothing to launch
+
+
+def _backward_launches(q, k, v, out, lse, dout, dq, dk, dv, causal, scale):
+    """The backward as launches: delta = rowsum(dO * O), then dQ per query tile, dK and dV per key tile.
+
+    delta (BH, T) is allocated here, with the arrays' own module. Every entry of dq, dk, dv is written.
+    """
+    BH, T, Dh = q.shape
+    S = k.shape[1]
+    width = _kernel_width(Dh)
+    delta = get_xp(q).empty((BH, T), dtype=np.float32)         # (BH, T)
+    sizes = (np.int32(T), np.int32(S), np.int32(Dh), np.int32(causal), np.float32(scale))
+    rows_per_block = _THREADS // 32                            # one warp per row
+    launches = [
+        Launch("flash_backward_delta", (-(-BH * T // rows_per_block), 1, 1), (_THREADS, 1, 1),
+               (out, dout, delta, np.int32(BH * T), np.int32(Dh)), 0),
+        Launch(f"flash_backward_dq_{width}", (BH, _tiles(T), 1), (_THREADS, 1, 1),
+               (q, k, v, lse, delta, dout, dq) + sizes,
+               4 * (4 * _shared_tile(width) + _P_TILE)),       # Q_i, dO_i, K_j, V_j, dS
+        Launch(f"flash_backward_dkdv_{width}", (BH, _tiles(S), 1), (_THREADS, 1, 1),
+               (q, k, v, lse, delta, dout, dk, dv) + sizes,
+               4 * (4 * _shared_tile(width) + _P_TILE + 2 * _TILE)),  # K_j, V_j, Q_i, dO_i, P/dS, lse, delta
+    ]
+    return [launch for launch in launches if min(launch.grid) > 0]
+
+
+def _cuda_module(options=("--std=c++17",), _compiled={}):
+    """FLASH_KERNEL_SOURCE as a cupy.RawModule, compiled on first use and kept, one per option set.
+
+    (The dict is a default argument so that it lives as long as the function, and importing flash.py
+    compiles nothing. CuPy also keeps the binary on disk, so the ~1 minute compile happens once.)
+    """
+    if options not in _compiled:
+        import cupy
+        _compiled[options] = cupy.RawModule(code=FLASH_KERNEL_SOURCE, options=options)
+    return _compiled[options]
+
+
+def _run_on_gpu(launches):
+    module = _cuda_module()
+    for launch in launches:
+        kernel = module.get_function(launch.kernel)
+        if launch.shared_mem > 48 * 1024:                      # beyond 48 KiB a kernel must opt in
+            kernel.max_dynamic_shared_size_bytes = launch.shared_mem
+        kernel(launch.grid, launch.block, launch.args, shared_mem=launch.shared_mem)
+
+
+def _uses_kernels(x):
+    """True for CuPy float32 arrays (the kernels' input); CuPy float64 runs the tiled loops on the GPU.
+
+    Raises TypeError for other CuPy dtypes (float16), which neither path takes.
+    """
+    if get_xp(x) is np:
+        return False
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"CuPy inputs must be float32 (the CUDA kernels) or float64 (the tiled loops), "
+                        f"got {x.dtype}")
+    return x.dtype == np.float32
+
+
+def _as_heads(x, lead):
+    """x (..., n, Dh) broadcast to lead + (n, Dh) and flattened to a C-contiguous (BH, n, Dh)."""
+    xp = get_xp(x)
+    shape = lead + x.shape[-2:]
+    return xp.ascontiguousarray(xp.broadcast_to(x, shape)).reshape((math.prod(lead),) + x.shape[-2:])
+
+
+def _flash_forward_cuda(q, k, v, causal, scale):
+    xp = get_xp(q)
+    _kernel_width(q.shape[-1])                                 # Dh > 128 raises before any work
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"the CUDA kernels need v's width to equal q's, Dh = {q.shape[-1]}; got v {v.shape}")
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    (T, Dh), BH = q.shape[-2:], math.prod(lead)
+    out = xp.empty((BH, T, Dh), dtype=np.float32)              # (BH, T, Dh) every entry written
+    lse = xp.empty((BH, T), dtype=np.float32)                  # (BH, T)
+    q3, k3, v3 = (_as_heads(x, lead) for x in (q, k, v))
+    _run_on_gpu(_forward_launches(q3, k3, v3, out, lse, causal, scale))
+    return out.reshape(lead + (T, Dh)), lse.reshape(lead + (T,))
+
+
+def _flash_backward_cuda(dout, q, k, v, out, lse, causal, scale):
+    """dq, dk, dv with the leading axes of the (broadcast) output; the caller sums them back."""
+    if get_xp(dout) is np or dout.dtype != np.float32:
+        raise TypeError(f"dout must be a CuPy float32 array like the forward's output, got "
+                        f"{type(dout).__name__} {dout.dtype}")
+    xp = get_xp(q)
+    lead, (T, Dh), S = out.shape[:-2], q.shape[-2:], k.shape[-2]
+    q3, k3, v3 = (_as_heads(x, lead) for x in (q, k, v))
+    out3, dout3 = (_as_heads(x, lead) for x in (out, dout))
+    dq, dk, dv = (xp.empty_like(x) for x in (q3, k3, v3))      # (BH, T, Dh), (BH, S, Dh) x 2
+    lse2 = lse.reshape(math.prod(lead), T)                     # (BH, T)
+    _run_on_gpu(_backward_launches(q3, k3, v3, out3, lse2, dout3, dq, dk, dv, causal, scale))
+    return dq.reshape(lead + (T, Dh)), dk.reshape(lead + (S, Dh)), dv.reshape(lead + (S, Dh))
 
 
 # ----------------------------------------------------------------------------------------------------
