@@ -33,7 +33,8 @@ Semantics are attention.py's: causal means query i may attend key j iff j <= i +
 gradient. Extra memory beyond inputs and outputs is O(T) for m, l, lse and O(block_q * block_k) for one
 tile of scores, never O(T * S).
 
-Shapes: q (..., T, Dh), k (..., S, Dh), v (..., S, Dh). NumPy arrays take the tiled NumPy path below.
+Shapes: q (..., T, Dh), k (..., S, Dh), v (..., S, Dh). NumPy arrays (and CuPy float64 ones) take the
+tiled NumPy path below; CuPy float32 arrays run the CUDA kernels of the GPU section (Dh up to 128).
 Imports attention.py (input checks and the array-module helper).
 """
 import collections
@@ -824,7 +825,9 @@ def flash_attention_forward(q, k, v, causal=False, scale=None, block_q=128, bloc
 
     q (..., T, Dh), k (..., S, Dh), v (..., S, Dh); leading axes broadcast.
     block_q, block_k: tile sizes of the NumPy path (any positive integers; T and S need not be
-    multiples of them).
+    multiples of them). CuPy float32 inputs run the CUDA kernels instead, with their own 64 x 64
+    tiles; they need v's width equal to q's and Dh <= 128 (ValueError otherwise). CuPy float64
+    inputs run the tiled path on the GPU; other CuPy dtypes raise TypeError.
     Returns out (..., T, Dh) and cache = {'q', 'k', 'v', 'out', 'lse', 'causal', 'scale',
     'block_q', 'block_k'}: cache['lse'] (..., T) is the per-row log-sum-exp, the only statistic the
     backward needs (T numbers, not the T x S weights). Rows with no allowed key have lse = -inf.
@@ -832,7 +835,10 @@ def flash_attention_forward(q, k, v, causal=False, scale=None, block_q=128, bloc
     check_attention_inputs(q, k, v)
     _check_blocks(block_q, block_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = _flash_forward_numpy(q, k, v, causal, scale, block_q, block_k)
+    if _uses_kernels(q):
+        out, lse = _flash_forward_cuda(q, k, v, causal, scale)
+    else:
+        out, lse = _flash_forward_numpy(q, k, v, causal, scale, block_q, block_k)
     cache = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "causal": causal, "scale": scale,
              "block_q": block_q, "block_k": block_k}
     return out, cache
@@ -843,8 +849,11 @@ def flash_attention_backward(dout, cache):
     q, k, v, out = cache["q"], cache["k"], cache["v"], cache["out"]
     if dout.shape != out.shape:
         raise ValueError(f"dout must have the output's shape {out.shape}, got {dout.shape}")
-    dq, dk, dv = _flash_backward_numpy(dout, q, k, v, out, cache["lse"], cache["causal"],
-                                       cache["scale"], cache["block_q"], cache["block_k"])
+    if _uses_kernels(q):
+        dq, dk, dv = _flash_backward_cuda(dout, q, k, v, out, cache["lse"], cache["causal"], cache["scale"])
+    else:
+        dq, dk, dv = _flash_backward_numpy(dout, q, k, v, out, cache["lse"], cache["causal"],
+                                           cache["scale"], cache["block_q"], cache["block_k"])
     # Leading axes that were broadcast in the forward (one k shared by all heads, say) sum back.
     return sum_to_shape(dq, q.shape), sum_to_shape(dk, k.shape), sum_to_shape(dv, v.shape)
 
