@@ -1,0 +1,229 @@
+"""Run CUDA kernels on a CPU: compile the unchanged kernel source as C++ and launch it from Python.
+
+A CUDA kernel is C++ plus a few words (threadIdx, __shared__, __syncthreads, ...). cuda_shim.h gives
+those words a CPU meaning (every CUDA thread a real thread, every barrier a real barrier, blocks one after
+another); cuda_launcher.h launches a kernel the way cuLaunchKernel does. This file glues them together:
+
+    lib = load_kernels(source)          # g++ compiles shim + source + launcher into a shared library
+    run_launches(lib, launches)         # the same (kernel, grid, block, args, shared_mem) list that
+                                        # flash.py hands to CuPy, run on NumPy arrays through ctypes
+
+The same source built with -fsanitize=thread or -fsanitize=address checks the kernels for data races
+(a missing __syncthreads) and out-of-bounds accesses. A sanitized library must run in a Python started
+with the sanitizer's runtime preloaded: `python cpu_cuda.py --sanitizer thread` does that for flash.py.
+
+Run `python tests/cuda/cpu_cuda.py` to watch flash.py's CUDA kernels match the NumPy reference on a CPU.
+"""
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+SHIM_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(os.path.dirname(SHIM_DIR))
+CXX = os.environ.get("CXX", "g++")
+# -O1 keeps the build quick; -g gives sanitizer reports file:line in the kernel source;
+# -fno-strict-aliasing because kernels read float arrays through float4 pointers.
+FLAGS = ["-std=c++17", "-O0", "-g", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing"]
+SANITIZER_FLAGS = {None: [], "thread": ["-fsanitize=thread"],
+                   "address": ["-fsanitize=address", "-fno-omit-frame-pointer"]}
+# Sanitizer settings for the process that runs a sanitized library: Python itself leaks by design.
+SANITIZER_OPTIONS = {"thread": ("TSAN_OPTIONS", "report_signal_unsafe=0"),
+                     "address": ("ASAN_OPTIONS", "detect_leaks=0")}
+# The most dynamic shared memory one block may ask for on the oldest GPU we support (sm_80: 163 KiB).
+MAX_SHARED_BYTES = 163 * 1024
+
+
+def kernel_names(source):
+    """Names of the `__global__ void name(` kernels in a CUDA source, after its macros are expanded
+    (a kernel source may stamp out one kernel per head width with a macro)."""
+    expanded = subprocess.run([CXX, "-E", "-P", "-x", "c++", "-"], input=source,
+                              capture_output=True, text=True, check=True).stdout
+    bounds = r"(?:__launch_bounds__\s*\([^)]*\)\s*)?"
+    return re.findall(r"__global__\s+" + bounds + r"void\s+" + bounds + r"(\w+)\s*\(", expanded)
+
+
+def build(source, build_dir=None, sanitizer=None):
+    """Compile `source` with the shim into a shared library; return its path.
+
+    The library's name is a hash of everything that goes into it, so a second call with the same source
+    and flags finds it already built (one compile per variant, even across test sessions).
+    """
+    if not shutil.which(CXX):
+        raise RuntimeError(f"no C++ compiler: {CXX} is not on PATH")
+    build_dir = build_dir or os.path.join(tempfile.gettempdir(), f"cpu_cuda-{os.getuid()}")
+    os.makedirs(build_dir, exist_ok=True)
+    flags = FLAGS + SANITIZER_FLAGS[sanitizer]
+    shim_files = [open(os.path.join(SHIM_DIR, name)).read() for name in ("cuda_shim.h", "cuda_launcher.h")]
+    key = hashlib.sha256("\0".join([source, *shim_files, CXX, *flags]).encode()).hexdigest()[:16]
+    library = os.path.join(build_dir, f"kernels-{key}.so")
+    if os.path.exists(library):
+        return library
+
+    kernel_file = os.path.join(build_dir, f"kernels-{key}.cu")    # the source, byte for byte
+    with open(kernel_file, "w") as f:
+        f.write(source)
+    main_file = os.path.join(build_dir, f"kernels-{key}.cpp")
+    with open(main_file, "w") as f:
+        f.write('#include "cuda_shim.h"\n')
+        f.write(f'#include "{os.path.basename(kernel_file)}"\n')
+        f.write('#include "cuda_launcher.h"\n')
+        f.writelines(f"EXPORT_KERNEL({name})\n" for name in kernel_names(source))
+    partial = f"{library}.{os.getpid()}.tmp"                      # renamed when complete
+    result = subprocess.run([CXX, *flags, "-I", SHIM_DIR, main_file, "-o", partial],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{CXX} could not compile the kernels as C++:\n{result.stderr}")
+    os.replace(partial, library)
+    return library
+
+
+_loaded = {}
+
+
+def load_kernels(source, build_dir=None):
+    """The kernels of `source` as a ctypes library in this process (built without sanitizers)."""
+    path = build(source, build_dir)
+    if path not in _loaded:
+        _loaded[path] = ctypes.CDLL(path)
+    return _loaded[path]
+
+
+def _parameter_value(kernel, i, arg, parameter):
+    """The ctypes object holding argument i, after checking it matches the kernel's parameter type."""
+    where = f"{kernel} argument {i} ({parameter})"
+    if parameter.endswith("*"):
+        if not isinstance(arg, np.ndarray) or arg.dtype != np.float32 or not arg.flags.c_contiguous:
+            raise TypeError(f"{where}: needs a C-contiguous float32 NumPy array, got "
+                            f"{type(arg).__name__} {getattr(arg, 'dtype', '')}")
+        if not parameter.startswith("const") and not arg.flags.writeable:
+            raise ValueError(f"{where}: the kernel writes to it, but the array is read-only")
+        return ctypes.c_void_p(arg.ctypes.data)
+    # Scalars are passed by value; like CuPy, the NumPy type says how many bytes: int32 or float32.
+    if parameter == "int" and isinstance(arg, np.int32):
+        return ctypes.c_int32(int(arg))
+    if parameter == "float" and isinstance(arg, np.float32):
+        return ctypes.c_float(float(arg))
+    raise TypeError(f"{where}: needs a numpy.{'int32' if parameter == 'int' else 'float32'}, "
+                    f"got {type(arg).__name__}")
+
+
+def run_kernel(lib, kernel, grid, block, args, shared_mem=0):
+    """Launch one kernel: kernel<<<grid, block, shared_mem>>>(*args), on the CPU."""
+    parameters = getattr(lib, f"signature_{kernel}")
+    parameters.restype = ctypes.c_char_p
+    parameters = parameters().decode().split(",")
+    if len(args) != len(parameters):
+        raise TypeError(f"{kernel} takes {len(parameters)} arguments ({', '.join(parameters)}), "
+                        f"got {len(args)}")
+    for name, dims in (("grid", grid), ("block", block)):
+        if len(dims) != 3 or any(int(d) < 1 for d in dims):
+            raise ValueError(f"{kernel}: {name} must be three positive ints, got {dims}")
+    if int(np.prod(block)) > 1024:
+        raise ValueError(f"{kernel}: a block has at most 1024 threads, got block {block}")
+    if not 0 <= shared_mem <= MAX_SHARED_BYTES:
+        raise ValueError(f"{kernel}: shared_mem must be 0 to {MAX_SHARED_BYTES} bytes, got {shared_mem}")
+
+    values = [_parameter_value(kernel, i, a, p) for i, (a, p) in enumerate(zip(args, parameters))]
+    pointers = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    launch = getattr(lib, f"launch_{kernel}")
+    launch.restype = ctypes.c_char_p
+    error = launch((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
+                   ctypes.c_size_t(shared_mem), pointers)
+    if error:
+        raise RuntimeError(f"{kernel}<<<{tuple(grid)}, {tuple(block)}, {shared_mem}>>>: {error.decode()}")
+
+
+def run_launches(lib, launches):
+    """Run a list of Launch(kernel, grid, block, args, shared_mem) in order, as the CuPy path does."""
+    for launch in launches:
+        run_kernel(lib, launch.kernel, launch.grid, launch.block, launch.args, launch.shared_mem)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sanitizers
+
+
+def sanitizer_environment(sanitizer, env=None):
+    """Environment for a Python process that loads a library built with `sanitizer`.
+
+    The sanitizer's runtime must be the first library the process loads, hence LD_PRELOAD.
+    """
+    runtime = subprocess.run([CXX, f"-print-file-name=lib{sanitizer[0]}san.so"],
+                             capture_output=True, text=True).stdout.strip()
+    env = dict(os.environ if env is None else env)
+    env["LD_PRELOAD"] = runtime
+    name, options = SANITIZER_OPTIONS[sanitizer]
+    env[name] = options
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")      # no BLAS thread pool in the sanitized process
+    return env
+
+
+# ----------------------------------------------------------------------------------------------------
+# flash.py's kernels
+
+
+def run_flash_attention(lib, q, k, v, dout, causal=False, scale=None):
+    """flash.py's forward and backward kernels on the CPU: out, lse, dq, dk, dv.
+
+    q (BH, T, Dh), k and v (BH, S, Dh), dout (BH, T, Dh): C-contiguous float32 NumPy arrays.
+    The outputs start as NaN, as cupy.empty may hold anything: an entry the kernels never write shows up.
+    """
+    import flash
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    out = np.full(q.shape, np.nan, dtype=np.float32)                  # (BH, T, Dh)
+    lse = np.full(q.shape[:-1], np.nan, dtype=np.float32)             # (BH, T)
+    run_launches(lib, flash._forward_launches(q, k, v, out, lse, causal, scale))
+    dq, dk, dv = (np.full(x.shape, np.nan, dtype=np.float32) for x in (q, k, v))
+    run_launches(lib, flash._backward_launches(q, k, v, out, lse, dout, dq, dk, dv, causal, scale))
+    return out, lse, dq, dk, dv
+
+
+def main():
+    import argparse
+    parser = argparse.ArgumentParser(description="Run flash.py's CUDA kernels on the CPU and compare "
+                                                 "them with the NumPy path.")
+    parser.add_argument("--T", type=int, default=70, help="query length")
+    parser.add_argument("--S", type=int, default=45, help="key length")
+    parser.add_argument("--Dh", type=int, default=40, help="head width")
+    parser.add_argument("--BH", type=int, default=2, help="batch * heads")
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--sanitizer", choices=["thread", "address"], help="build with -fsanitize=...")
+    parser.add_argument("--source", help="a file holding the kernel source (default: flash.py's)")
+    parser.add_argument("--build-dir", help="where compiled libraries are kept (default: a temp dir)")
+    args = parser.parse_args()
+
+    sys.path.insert(0, REPO_DIR)
+    import flash
+    source = open(args.source).read() if args.source else flash.FLASH_KERNEL_SOURCE
+    library = build(source, args.build_dir, args.sanitizer)
+    if args.sanitizer and os.environ.get("LD_PRELOAD") != sanitizer_environment(args.sanitizer)["LD_PRELOAD"]:
+        # Start again with the sanitizer's runtime loaded first; the library is built already.
+        os.execve(sys.executable, [sys.executable, *sys.argv], sanitizer_environment(args.sanitizer))
+    lib = ctypes.CDLL(library)
+
+    rng = np.random.default_rng(0)
+    q, dout = (rng.standard_normal((args.BH, args.T, args.Dh), dtype=np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((args.BH, args.S, args.Dh), dtype=np.float32) for _ in range(2))
+    kernel = run_flash_attention(lib, q, k, v, dout, args.causal)
+    out, cache = flash.flash_attention_forward(q, k, v, causal=args.causal)
+    numpy_path = (out, cache["lse"], *flash.flash_attention_backward(dout, cache))
+    print(f"flash.py's CUDA kernels on the CPU, BH={args.BH} T={args.T} S={args.S} Dh={args.Dh} "
+          f"causal={args.causal}" + (f", under {args.sanitizer} sanitizer" if args.sanitizer else ""))
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), kernel, numpy_path):
+        finite = np.isfinite(want)                                    # lse is -inf on rows with no key
+        assert np.array_equal(finite, np.isfinite(got)), f"{name}: non-finite entries differ"
+        err = float(np.abs(got[finite] - want[finite]).max(initial=0))
+        print(f"  max |kernel - numpy| {name:>3} = {err:.1e}")
+        assert err < 1e-4, f"{name} differs from the NumPy path"     # float32 sums of at most S terms
+    print("The kernels agree with the NumPy path.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""flash.py's CUDA kernels, run on the CPU, equal the NumPy path: out, lse, dq, dk, dv.
+
+No GPU needed: tests/cuda/cpu_cuda.py compiles the unchanged kernel source as C++ with a small shim
+(every CUDA thread a real thread, every __syncthreads a real barrier, blocks one after another) and runs
+exactly the Launch list (kernel, grid, block, args, shared_mem) that flash.py hands to CuPy.
+The first tests prove the shim itself on small example kernels (tests/cuda/example_kernels.cu).
+"""
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flash
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda"))
+import cpu_cuda  # noqa: E402  (tests/cuda is not a package: it is found through the path above)
+
+pytestmark = pytest.mark.skipif(shutil.which(cpu_cuda.CXX) is None,
+                                reason=f"needs a C++ compiler ({cpu_cuda.CXX}) to build kernels for the CPU")
+needs_flash_kernels = pytest.mark.skipif(not hasattr(flash, "FLASH_KERNEL_SOURCE"),
+                                         reason="flash.py has no FLASH_KERNEL_SOURCE yet")
+
+EXAMPLES = os.path.join(cpu_cuda.SHIM_DIR, "example_kernels.cu")
+
+# Kernels that break the rules of CUDA, to prove the shim reports it instead of hanging or hiding it.
+MISBEHAVING = r"""
+#ifndef SHARED_MEMORY
+#define SHARED_MEMORY(name) extern __shared__ __align__(16) float name[]
+#endif
+extern "C" __global__ void read_unwritten_shared(float* y) {   // reads shared memory nobody wrote
+    SHARED_MEMORY(smem);
+    y[threadIdx.x] = smem[threadIdx.x];
+}
+extern "C" __global__ void return_before_barrier(float* y) {   // thread 0 never reaches __syncthreads
+    if (threadIdx.x == 0) return;
+    __syncthreads();
+    y[threadIdx.x] = 1.0f;
+}
+extern "C" __global__ void half_warp_mask(float* y) {          // only a full warp mask is supported
+    y[threadIdx.x] = __shfl_xor_sync(0x0000ffff, y[threadIdx.x], 1);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cuda"))
+
+
+@pytest.fixture(scope="module")
+def examples(build_dir):
+    with open(EXAMPLES) as f:
+        return cpu_cuda.load_kernels(f.read(), build_dir)
+
+
+@pytest.fixture(scope="module")
+def kernels(build_dir):
+    return cpu_cuda.load_kernels(flash.FLASH_KERNEL_SOURCE, build_dir)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shim, on the example kernels
+
+
+@pytest.mark.parametrize("n", [1, 1000, 4099])
+def test_block_sum_adds_every_element_across_blocks_and_warps(examples, n):
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    total = np.zeros(1, dtype=np.float32)
+    cpu_cuda.run_kernel(examples, "block_sum", (3, 1, 1), (128, 1, 1), (x, total, np.int32(n)))
+    # float32 sum of n terms in a different order than float64's: relative error ~ n * 6e-8.
+    np.testing.assert_allclose(total[0], x.astype(np.float64).sum(), rtol=1e-4, atol=1e-5)
+
+
+def test_row_softmax_one_warp_per_row_matches_numpy(examples):
+    rows, n = 13, 70                                            # 4 rows per block: the last block has 3 idle warps
+    x = np.random.default_rng(0).standard_normal((rows, n)).astype(np.float32)
+    x[3, :50] = -np.inf                                         # a row with masked entries
+    y = np.full_like(x, np.nan)
+    cpu_cuda.run_kernel(examples, "row_softmax", (4, 1, 1), (32, 4, 1), (x, y, np.int32(rows), np.int32(n)))
+    e = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    # float32 exp and a sum of 70 terms, against float64.
+    np.testing.assert_allclose(y, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rows, cols", [(45, 70), (32, 32), (1, 33)])
+def test_transpose_through_dynamic_shared_memory_handles_partial_tiles(examples, rows, cols):
+    x = np.random.default_rng(1).standard_normal((rows, cols)).astype(np.float32)
+    y = np.full((cols, rows), np.nan, dtype=np.float32)
+    grid = (-(-cols // 32), -(-rows // 32), 1)
+    cpu_cuda.run_kernel(examples, "transpose", grid, (32, 8, 1), (x, y, np.int32(rows), np.int32(cols)),
+                        shared_mem=32 * 33 * 4)
+    np.testing.assert_array_equal(y, x.T)                      # a copy: exact
+
+
+def test_axpy4_float4_loads_and_stores_match_numpy(examples):
+    x, y = np.random.default_rng(2).standard_normal((2, 100)).astype(np.float32)
+    want = 0.5 * x.astype(np.float64) + y
+    cpu_cuda.run_kernel(examples, "axpy4", (1, 1, 1), (32, 1, 1), (x, y, np.float32(0.5), np.int32(100)))
+    np.testing.assert_allclose(y, want, rtol=1e-7, atol=1e-7)  # one float32 rounding of a * x + y (fmaf)
+
+
+def test_unwritten_dynamic_shared_memory_reads_as_nan(build_dir):
+    lib = cpu_cuda.load_kernels(MISBEHAVING, build_dir)
+    y = np.zeros(32, dtype=np.float32)
+    cpu_cuda.run_kernel(lib, "read_unwritten_shared", (1, 1, 1), (32, 1, 1), (y,), shared_mem=32 * 4)
+    assert np.isnan(y).all()
+
+
+def test_a_thread_returning_before_syncthreads_is_reported_not_hung(build_dir):
+    lib = cpu_cuda.load_kernels(MISBEHAVING, build_dir)
+    with pytest.raises(RuntimeError, match="__syncthreads: a thread returned from the kernel"):
+        cpu_cuda.run_kernel(lib, "return_before_barrier", (2, 1, 1), (64, 1, 1), (np.zeros(64, np.float32),))
+
+
+def test_a_partial_warp_mask_is_reported(build_dir):
+    lib = cpu_cuda.load_kernels(MISBEHAVING, build_dir)
+    with pytest.raises(RuntimeError, match="only the full mask"):
+        cpu_cuda.run_kernel(lib, "half_warp_mask", (1, 1, 1), (32, 1, 1), (np.zeros(32, np.float32),))
+
+
+def test_arguments_that_do_not_match_the_kernel_raise_naming_them(examples):
+    x, total = np.zeros(8, np.float32), np.zeros(1, np.float32)
+    with pytest.raises(TypeError, match=r"block_sum argument 2 \(int\): needs a numpy.int32, got int"):
+        cpu_cuda.run_kernel(examples, "block_sum", (1, 1, 1), (128, 1, 1), (x, total, 8))
+    with pytest.raises(TypeError, match=r"argument 0 \(const float\*\): needs a C-contiguous float32"):
+        cpu_cuda.run_kernel(examples, "block_sum", (1, 1, 1), (128, 1, 1), (x.astype(np.float64), total, np.int32(8)))
+    with pytest.raises(TypeError, match=r"takes 3 arguments \(const float\*, float\*, int\), got 2"):
+        cpu_cuda.run_kernel(examples, "block_sum", (1, 1, 1), (128, 1, 1), (x, total))
+    with pytest.raises(ValueError, match="at most 1024 threads"):
+        cpu_cuda.run_kernel(examples, "block_sum", (1, 1, 1), (2048, 1, 1), (x, total, np.int32(8)))
+    with pytest.raises(ValueError, match="shared_mem must be 0 to"):
+        cpu_cuda.run_kernel(examples, "block_sum", (1, 1, 1), (128, 1, 1), (x, total, np.int32(8)),
+                            shared_mem=cpu_cuda.MAX_SHARED_BYTES + 4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# flash.py's kernels
+
+
+def random_inputs(BH, T, S, Dh, seed):
+    rng = np.random.default_rng(seed)
+    q, dout = (rng.standard_normal((BH, T, Dh), dtype=np.float32) for _ in range(2))  # (BH, T, Dh)
+    k, v = (rng.standard_normal((BH, S, Dh), dtype=np.float32) for _ in range(2))     # (BH, S, Dh)
+    return q, k, v, dout
+
+
+def numpy_path(q, k, v, dout, causal):
+    """out, lse, dq, dk, dv from flash.py's tiled NumPy path, in float64 (itself tested against attention.py)."""
+    q, k, v, dout = (x.astype(np.float64) for x in (q, k, v, dout))
+    out, cache = flash.flash_attention_forward(q, k, v, causal=causal)
+    return (out, cache["lse"], *flash.flash_attention_backward(dout, cache))
+
+
+def assert_kernels_match_numpy_path(kernels, BH, T, S, Dh, causal, seed=0):
+    q, k, v, dout = random_inputs(BH, T, S, Dh, seed)
+    inputs = [x.copy() for x in (q, k, v, dout)]
+    got = cpu_cuda.run_flash_attention(kernels, q, k, v, dout, causal)
+    for name, before, after in zip(("q", "k", "v", "dout"), inputs, (q, k, v, dout)):
+        np.testing.assert_array_equal(after, before, err_msg=f"the kernels modified {name}")
+    for name, g, want in zip(("out", "lse", "dq", "dk", "dv"), got, numpy_path(q, k, v, dout, causal)):
+        # float32 kernels against float64: rounding of dot products over Dh <= 128 and sums over at most a
+        # few hundred keys or queries, with exp/log done as exp2/log2; errors of ~1e-6 are typical.
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=2e-5, err_msg=f"{name}, BH={BH} T={T} S={S} "
+                                   f"Dh={Dh} causal={causal}")
+
+
+@needs_flash_kernels
+@pytest.mark.parametrize("BH, T, S, Dh, causal", [
+    (2, 70, 45, 40, False),     # partial query and key tiles, T != S, Dh zero-padded to a wider kernel
+    (1, 100, 130, 64, True),    # causal with T < S: three key tiles, the last partial, skipped future tiles
+    (1, 90, 30, 7, True),       # causal with T > S: rows 0..59 see no key; Dh not a multiple of 4
+    (1, 33, 64, 128, False),    # the widest head; S exactly one tile
+    (3, 1, 1, 96, True),        # one query, one key
+])
+def test_flash_kernels_match_the_numpy_path(kernels, BH, T, S, Dh, causal):
+    assert_kernels_match_numpy_path(kernels, BH, T, S, Dh, causal)
+
+
+@needs_flash_kernels
+def test_flash_kernels_give_rows_with_no_allowed_key_zeros_minus_inf_lse_and_zero_gradient(kernels):
+    T, S = 90, 30                                               # causal: query i sees keys j <= i - 60
+    q, k, v, dout = random_inputs(1, T, S, 32, seed=3)
+    out, lse, dq, dk, dv = cpu_cuda.run_flash_attention(kernels, q, k, v, dout, causal=True)
+    empty = slice(0, T - S)
+    assert np.all(out[:, empty] == 0) and np.all(dq[:, empty] == 0)
+    assert np.all(np.isneginf(lse[:, empty])) and np.all(np.isfinite(lse[:, T - S:]))
+    assert np.all(np.isfinite(dk)) and np.all(np.isfinite(dv))
+
+
+@needs_flash_kernels
+@settings(max_examples=max(2, settings().max_examples // 4))   # each case runs ~1000 real threads
+@given(T=st.integers(1, 140), S=st.integers(1, 140), Dh=st.integers(1, 128), causal=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_flash_kernels_match_the_numpy_path_on_drawn_shapes(kernels, T, S, Dh, causal, seed):
+    assert_kernels_match_numpy_path(kernels, 1, T, S, Dh, causal, seed)
