@@ -1,0 +1,208 @@
+"""flash.py's CUDA kernels on a GPU equal full attention and the NumPy flash path.
+
+Every test here needs CuPy with a CUDA device (marker `gpu`); without one they are collected and
+skipped. On a CPU the same kernels are run by the shim in tests/cuda. Reference values come from
+attention.py in float64 on NumPy (exact up to 1e-15) and from flash.py's NumPy path.
+
+float32 tolerances: the kernels add up to S products in float32 (epsilon 6e-8) in a different order
+than the reference and use the hardware exp2, so outputs agree to ~1e-6 relative; gradients, sums of
+T x S products, to ~1e-5. The tolerances below leave a factor of 10 to 100 of margin and still fail on
+any wrong term, mask or tile edge (those give errors of order 1e-1).
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attention import attention_backward, attention_forward
+from flash import (KERNEL_HEAD_WIDTHS, _backward_launches, _cuda_module, _forward_launches,
+                   flash_attention_backward, flash_attention_forward)
+
+pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parent.parent
+OUT_TOL = dict(rtol=1e-4, atol=1e-5)    # outputs and lse: float32 sums over <= 300 keys
+GRAD_TOL = dict(rtol=1e-3, atol=1e-4)   # gradients: float32 sums of T x S products
+
+
+@pytest.fixture(scope="module")
+def cp():
+    """CuPy, imported only where a GPU is present (the marker skips these tests before this runs)."""
+    import cupy
+    return cupy
+
+
+# Lengths from 1 to 300, with extra weight on the 64-row tile edges where bounds checks matter.
+lengths = st.one_of(st.integers(1, 300), st.sampled_from([63, 64, 65, 127, 128, 129, 191, 192, 193]))
+
+
+@st.composite
+def kernel_cases(draw):
+    """Shapes for the kernels: any T and S (T != S mostly), head widths on and between the compiled ones."""
+    lead = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)))
+    Dh = draw(st.sampled_from([1, 3, 8, 24, 32, 40, 63, 64, 80, 96, 100, 127, 128]))
+    return dict(lead=lead, T=draw(lengths), S=draw(lengths), Dh=Dh, causal=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**32 - 1)))
+
+
+def random_inputs(case, rng):
+    """q, k, v, dout as float32 NumPy arrays (the CuPy copies are made by the test)."""
+    lead, T, S, Dh = case["lead"], case["T"], case["S"], case["Dh"]
+    shapes = [lead + (T, Dh), lead + (S, Dh), lead + (S, Dh), lead + (T, Dh)]
+    return [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+
+
+def kernels(cp, q, k, v, dout, causal):
+    """out, lse, dq, dk, dv from the CUDA kernels, as NumPy arrays."""
+    out, cache = flash_attention_forward(*(cp.asarray(x) for x in (q, k, v)), causal=causal)
+    grads = flash_attention_backward(cp.asarray(dout), cache)
+    return [cp.asnumpy(x) for x in (out, cache["lse"], *grads)]
+
+
+@given(case=kernel_cases())
+def test_kernels_match_full_attention_and_the_numpy_flash_path(cp, case):
+    q, k, v, dout = random_inputs(case, np.random.default_rng(case["seed"]))
+    out, lse, dq, dk, dv = kernels(cp, q, k, v, dout, case["causal"])
+
+    # Full attention in float64 is the truth for out and the gradients.
+    as64 = [x.astype(np.float64) for x in (q, k, v, dout)]
+    full, full_cache = attention_forward(*as64[:3], causal=case["causal"])
+    for got, want in zip((dq, dk, dv), attention_backward(as64[3], full_cache)):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, **GRAD_TOL)
+    np.testing.assert_allclose(out, full, **OUT_TOL)
+    # The NumPy flash path (float64) gives lse, -inf exactly where a row has no allowed key.
+    _, numpy_cache = flash_attention_forward(*as64[:3], causal=case["causal"])
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(numpy_cache["lse"]))
+    finite = np.isfinite(numpy_cache["lse"])
+    np.testing.assert_allclose(lse[finite], numpy_cache["lse"][finite], **OUT_TOL)
+
+
+def test_kernels_match_the_numpy_path_on_long_sequences(cp):
+    # 1500 = 23 full tiles and a partial one; causal with T < S skips tiles per query tile.
+    rng = np.random.default_rng(0)
+    case = dict(lead=(2,), T=1300, S=1500, Dh=64, causal=True)
+    q, k, v, dout = random_inputs(case, rng)
+    got = kernels(cp, q, k, v, dout, causal=True)
+    out, cache = flash_attention_forward(q, k, v, causal=True)
+    want = [out, cache["lse"], *flash_attention_backward(dout, cache)]
+    for name, g, w, tol in zip(("out", "lse", "dq", "dk", "dv"), got, want, [OUT_TOL] * 2 + [GRAD_TOL] * 3):
+        np.testing.assert_allclose(g, w, err_msg=name, **tol)
+
+
+def test_rows_with_no_allowed_key_give_zeros_lse_minus_inf_and_zero_gradient(cp):
+    # Causal with T > S: query i sees keys j <= i - (T - S); the first T - S = 70 rows (a whole tile and
+    # part of the next) see nothing.
+    rng = np.random.default_rng(1)
+    T, S = 100, 30
+    q, k, v, dout = random_inputs(dict(lead=(2,), T=T, S=S, Dh=40), rng)
+    out, lse, dq, dk, dv = kernels(cp, q, k, v, dout, causal=True)
+    empty = T - S
+    assert np.all(out[:, :empty] == 0) and np.all(dq[:, :empty] == 0)
+    assert np.all(np.isneginf(lse[:, :empty])) and np.all(np.isfinite(lse[:, empty:]))
+    for array in (out, dq, dk, dv):
+        assert np.all(np.isfinite(array))
+
+
+def test_huge_logits_stay_finite_and_exact(cp):
+    rng = np.random.default_rng(2)
+    q, k, v, dout = random_inputs(dict(lead=(3,), T=137, S=137, Dh=32), rng)
+    q = q * 1e3                                                # scores ~1e3 * 6: exp would overflow
+    out, lse = kernels(cp, q, k, v, dout, causal=True)[:2]
+    full, _ = attention_forward(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), causal=True)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(lse))
+    np.testing.assert_allclose(out, full, **OUT_TOL)
+
+
+def test_broadcast_and_non_contiguous_inputs_give_summed_gradients(cp):
+    # One k, v shared by 4 heads (multi-query attention) and a q that is a transposed view: the kernels
+    # see contiguous (BH, n, Dh) copies and the gradients of k, v sum over the heads.
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 70, 4, 48)).astype(np.float32).transpose(0, 2, 1, 3)  # (2, 4, 70, 48)
+    k, v = (rng.standard_normal((2, 1, 90, 48)).astype(np.float32) for _ in range(2))
+    dout = rng.standard_normal((2, 4, 70, 48)).astype(np.float32)
+    out, cache = flash_attention_forward(*(cp.asarray(x) for x in (q, k, v)), causal=True)
+    grads = flash_attention_backward(cp.asarray(dout), cache)
+    full, full_cache = attention_forward(q, k, v, causal=True)
+    np.testing.assert_allclose(cp.asnumpy(out), full, **OUT_TOL)
+    for got, want in zip(grads, attention_backward(dout, full_cache)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(cp.asnumpy(got), want, **GRAD_TOL)
+
+
+def test_kernels_are_deterministic(cp):
+    # Each block writes only its own outputs (no atomics), so two runs agree bit for bit.
+    rng = np.random.default_rng(4)
+    inputs = random_inputs(dict(lead=(2, 3), T=200, S=170, Dh=96), rng)
+    first, second = (kernels(cp, *inputs, causal=False) for _ in range(2))
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_inputs_untouched_and_float32_preserved(cp):
+    rng = np.random.default_rng(5)
+    q, k, v, dout = (cp.asarray(x) for x in random_inputs(dict(lead=(2,), T=50, S=60, Dh=16), rng))
+    copies = [x.copy() for x in (q, k, v, dout)]
+    out, cache = flash_attention_forward(q, k, v, causal=True)
+    grads = flash_attention_backward(dout, cache)
+    assert out.dtype == cache["lse"].dtype == np.float32 and all(g.dtype == np.float32 for g in grads)
+    for original, array in zip(copies, (q, k, v, dout)):
+        assert bool(cp.all(original == array))
+
+
+def test_cupy_float64_runs_the_tiled_path_exactly(cp):
+    # The documented choice: float64 on CuPy is not sent to the float32 kernels but runs the tiled loops.
+    rng = np.random.default_rng(6)
+    q, k, v, dout = (x.astype(np.float64) for x in random_inputs(dict(lead=(2,), T=45, S=70, Dh=24), rng))
+    out, cache = flash_attention_forward(*(cp.asarray(x) for x in (q, k, v)), causal=True, block_q=16)
+    full, full_cache = attention_forward(q, k, v, causal=True)
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(cp.asnumpy(out), full, rtol=1e-10, atol=1e-12)  # float64 reordering only
+    for got, want in zip(flash_attention_backward(cp.asarray(dout), cache), attention_backward(dout, full_cache)):
+        np.testing.assert_allclose(cp.asnumpy(got), want, rtol=1e-10, atol=1e-11)
+
+
+def test_cupy_float16_raises_type_error(cp):
+    q = cp.zeros((2, 5, 8), dtype=cp.float16)
+    with pytest.raises(TypeError, match="CuPy inputs must be float32 .* got float16"):
+        flash_attention_forward(q, q, q)
+
+
+def test_dout_of_another_dtype_raises_type_error(cp):
+    q = cp.zeros((2, 5, 8), dtype=cp.float32)
+    out, cache = flash_attention_forward(q, q, q)
+    with pytest.raises(TypeError, match="dout must be a CuPy float32 array .* float64"):
+        flash_attention_backward(out.astype(cp.float64), cache)
+
+
+def test_head_width_above_128_raises_value_error_naming_dh(cp):
+    q = cp.zeros((1, 4, KERNEL_HEAD_WIDTHS[-1] + 1), dtype=cp.float32)
+    with pytest.raises(ValueError, match=r"head widths up to 128, got Dh = 129"):
+        flash_attention_forward(q, q, q)
+
+
+def test_value_width_other_than_query_width_raises(cp):
+    q, v = cp.zeros((1, 4, 8), dtype=cp.float32), cp.zeros((1, 4, 16), dtype=cp.float32)
+    with pytest.raises(ValueError, match=r"v's width to equal q's, Dh = 8; got v \(1, 4, 16\)"):
+        flash_attention_forward(q, q, v)
+
+
+def test_every_launch_fits_the_device(cp):
+    # The widest plans (Dh = 128) ask for the most shared memory; the device must grant it.
+    opt_in = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+    q = cp.zeros((1, 70, 128), dtype=cp.float32)
+    lse = cp.zeros((1, 70), dtype=cp.float32)
+    plans = _forward_launches(q, q, q, q, lse, True, 1.0) + _backward_launches(q, q, q, q, lse, q, q, q, q,
+                                                                               True, 1.0)
+    assert max(launch.shared_mem for launch in plans) <= opt_in
+
+
+def test_kernels_compile_once_and_import_compiles_nothing(cp):
+    assert _cuda_module() is _cuda_module()
+    # A fresh interpreter that imports flash.py has compiled nothing yet.
+    code = "import flash; assert flash._cuda_module.__defaults__[1] == {}"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
