@@ -146,7 +146,7 @@ def attention_forward(q, k, v, mask=None, causal=False, bias=None, scale=None):
 
     scores = (q @ xp.swapaxes(k, -1, -2)) * scale              # (..., T, S)
     if bias is not None:
-        scores = scores + bias
+        scores = scores + bias.astype(scores.dtype, copy=False)   # a float64 table must not upcast float32
     allowed = mask
     if causal:
         allowed = causal_mask(T, S, xp) if allowed is None else allowed & causal_mask(T, S, xp)
