@@ -53,12 +53,16 @@ def check_gradients(loss, inputs, grads, eps=1e-6, rtol=1e-6, atol=1e-9):
     loss:   a function of no arguments that reads the arrays of `inputs` (it is called after each
             entry is nudged in place, and every entry is restored afterwards).
     inputs: tree of float64 arrays; grads: the same tree of analytic gradients.
-    Tolerance: central differences in float64 with eps=1e-6 are accurate to about 1e-9 relative,
-    so a 1e-6 relative error means a wrong formula, not rounding.
+    Tolerance: central differences in float64 with eps=1e-6 have a truncation error of about eps^2 and a
+    rounding error of about 1e-16 * |L| / eps; rtol=1e-6 with an atol that grows with |L| (below) sits
+    well above both, so a failure means a wrong formula, not rounding.
     """
     xs, gs = leaves(inputs), leaves(grads)
     assert len(xs) == len(gs), f"{len(xs)} inputs but {len(gs)} gradients"
     _check_float64(xs)
+    # Each loss() is itself rounded, by about 1e-16 * |L| times a few for its sums, and the difference
+    # quotient divides that by 2 eps: the floor of what finite differences can resolve grows with |L|.
+    atol = atol + 16 * np.finfo(np.float64).eps * max(1.0, abs(loss())) / eps
     for n, (x, g) in enumerate(zip(xs, gs)):
         assert g.shape == x.shape, f"gradient {n} has shape {g.shape}, its input has {x.shape}"
         numeric = np.zeros(x.shape)
