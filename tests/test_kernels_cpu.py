@@ -141,27 +141,13 @@ def test_arguments_that_do_not_match_the_kernel_raise_naming_them(examples):
 # flash.py's kernels
 
 
-def random_inputs(BH, T, S, Dh, seed):
-    rng = np.random.default_rng(seed)
-    q, dout = (rng.standard_normal((BH, T, Dh), dtype=np.float32) for _ in range(2))  # (BH, T, Dh)
-    k, v = (rng.standard_normal((BH, S, Dh), dtype=np.float32) for _ in range(2))     # (BH, S, Dh)
-    return q, k, v, dout
-
-
-def numpy_path(q, k, v, dout, causal):
-    """out, lse, dq, dk, dv from flash.py's tiled NumPy path, in float64 (itself tested against attention.py)."""
-    q, k, v, dout = (x.astype(np.float64) for x in (q, k, v, dout))
-    out, cache = flash.flash_attention_forward(q, k, v, causal=causal)
-    return (out, cache["lse"], *flash.flash_attention_backward(dout, cache))
-
-
 def assert_kernels_match_numpy_path(kernels, BH, T, S, Dh, causal, seed=0):
-    q, k, v, dout = random_inputs(BH, T, S, Dh, seed)
+    q, k, v, dout = cpu_cuda.flash_inputs(BH, T, S, Dh, seed)
     inputs = [x.copy() for x in (q, k, v, dout)]
     got = cpu_cuda.run_flash_attention(kernels, q, k, v, dout, causal)
     for name, before, after in zip(("q", "k", "v", "dout"), inputs, (q, k, v, dout)):
         np.testing.assert_array_equal(after, before, err_msg=f"the kernels modified {name}")
-    for name, g, want in zip(("out", "lse", "dq", "dk", "dv"), got, numpy_path(q, k, v, dout, causal)):
+    for name, g, want in zip(("out", "lse", "dq", "dk", "dv"), got, cpu_cuda.flash_reference(q, k, v, dout, causal)):
         # float32 kernels against float64: rounding of dot products over Dh <= 128 and sums over at most a
         # few hundred keys or queries, with exp/log done as exp2/log2; errors of ~1e-6 are typical.
         np.testing.assert_allclose(g, want, rtol=1e-4, atol=2e-5, err_msg=f"{name}, BH={BH} T={T} S={S} "
@@ -183,7 +169,7 @@ def test_flash_kernels_match_the_numpy_path(kernels, BH, T, S, Dh, causal):
 @needs_flash_kernels
 def test_flash_kernels_give_rows_with_no_allowed_key_zeros_minus_inf_lse_and_zero_gradient(kernels):
     T, S = 90, 30                                               # causal: query i sees keys j <= i - 60
-    q, k, v, dout = random_inputs(1, T, S, 32, seed=3)
+    q, k, v, dout = cpu_cuda.flash_inputs(1, T, S, 32, seed=3)
     out, lse, dq, dk, dv = cpu_cuda.run_flash_attention(kernels, q, k, v, dout, causal=True)
     empty = slice(0, T - S)
     assert np.all(out[:, empty] == 0) and np.all(dq[:, empty] == 0)

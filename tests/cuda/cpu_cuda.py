@@ -10,13 +10,16 @@ another); cuda_launcher.h launches a kernel the way cuLaunchKernel does. This fi
 
 The same source built with -fsanitize=thread or -fsanitize=address checks the kernels for data races
 (a missing __syncthreads) and out-of-bounds accesses. A sanitized library must run in a Python started
-with the sanitizer's runtime preloaded: `python cpu_cuda.py --sanitizer thread` does that for flash.py.
+with the sanitizer's runtime loaded first, so run_under_sanitizer sends the launches to a fresh one.
 
-Run `python tests/cuda/cpu_cuda.py` to watch flash.py's CUDA kernels match the NumPy reference on a CPU.
+Run `python tests/cuda/cpu_cuda.py` to watch flash.py's CUDA kernels match the NumPy path on a CPU, and
+`python tests/cuda/cpu_cuda.py --sanitizer thread` (or address) to run them under a sanitizer.
 """
+import collections
 import ctypes
 import hashlib
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -28,16 +31,21 @@ import numpy as np
 SHIM_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(os.path.dirname(SHIM_DIR))
 CXX = os.environ.get("CXX", "g++")
-# -O1 keeps the build quick; -g gives sanitizer reports file:line in the kernel source;
-# -fno-strict-aliasing because kernels read float arrays through float4 pointers.
+# -O0: a build takes about a second (the kernels' speed on a CPU means nothing) and the sanitizers see
+# every memory access; -g: their reports name file:line of the kernel source; -fno-strict-aliasing: the
+# kernels read float arrays through float4 pointers.
 FLAGS = ["-std=c++17", "-O0", "-g", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing"]
 SANITIZER_FLAGS = {None: [], "thread": ["-fsanitize=thread"],
                    "address": ["-fsanitize=address", "-fno-omit-frame-pointer"]}
-# Sanitizer settings for the process that runs a sanitized library: Python itself leaks by design.
-SANITIZER_OPTIONS = {"thread": ("TSAN_OPTIONS", "report_signal_unsafe=0"),
-                     "address": ("ASAN_OPTIONS", "detect_leaks=0")}
+# Sanitizer settings for the process that runs a sanitized library: stop at the first report (one bug
+# at a time), and no leak report (the Python interpreter keeps memory until exit by design).
+SANITIZER_OPTIONS = {"thread": ("TSAN_OPTIONS", "halt_on_error=1"),
+                     "address": ("ASAN_OPTIONS", "halt_on_error=1:detect_leaks=0")}
 # The most dynamic shared memory one block may ask for on the oldest GPU we support (sm_80: 163 KiB).
 MAX_SHARED_BYTES = 163 * 1024
+
+# One kernel launch, kernel<<<grid, block, shared_mem>>>(*args): the fields of flash.py's Launch.
+Launch = collections.namedtuple("Launch", "kernel grid block args shared_mem")
 
 
 def kernel_names(source):
@@ -150,39 +158,87 @@ def run_launches(lib, launches):
 # Sanitizers
 
 
-def sanitizer_environment(sanitizer, env=None):
-    """Environment for a Python process that loads a library built with `sanitizer`.
-
-    The sanitizer's runtime must be the first library the process loads, hence LD_PRELOAD.
-    """
+def sanitizer_environment(sanitizer):
+    """Environment for a Python that runs a library built with `sanitizer` (its runtime preloaded)."""
     runtime = subprocess.run([CXX, f"-print-file-name=lib{sanitizer[0]}san.so"],
                              capture_output=True, text=True).stdout.strip()
-    env = dict(os.environ if env is None else env)
-    env["LD_PRELOAD"] = runtime
+    if not os.path.isabs(runtime):                                  # g++ echoes the bare name if it has none
+        raise RuntimeError(f"{CXX} has no {sanitizer} sanitizer runtime (lib{sanitizer[0]}san.so)")
     name, options = SANITIZER_OPTIONS[sanitizer]
-    env[name] = options
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")      # no BLAS thread pool in the sanitized process
-    return env
+    return dict(os.environ, LD_PRELOAD=runtime, **{name: options}, OPENBLAS_NUM_THREADS="1")
+
+
+def run_under_sanitizer(sanitizer, library, launches, outputs):
+    """Run `launches` with `library` (built with `sanitizer`) in a fresh Python, the sanitizer preloaded.
+
+    outputs: a dict of the arrays the launches write. Launches and outputs travel to the new process in
+    one pickle, which keeps them the same arrays there, and come back after the run.
+    Returns the finished process (its stderr holds the sanitizer's report) and the outputs as the kernels
+    left them (None if the process died, as AddressSanitizer makes it at the first error).
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        job = os.path.join(folder, "job.pickle")
+        with open(job, "wb") as f:
+            pickle.dump((library, launches, outputs), f)
+        process = subprocess.run([sys.executable, os.path.abspath(__file__), "--replay", job],
+                                 env=sanitizer_environment(sanitizer), capture_output=True, text=True)
+        with open(job, "rb") as f:
+            library_run, _, outputs = pickle.load(f)
+    return process, outputs if library_run is None else None
+
+
+def _replay(job):
+    """The sanitized process: run the pickled launches, then pickle the outputs back."""
+    sys.path.insert(0, REPO_DIR)                                    # flash.Launch, to unpickle flash's launches
+    with open(job, "rb") as f:
+        library, launches, outputs = pickle.load(f)
+    run_launches(ctypes.CDLL(library), launches)
+    with open(job, "wb") as f:
+        pickle.dump((None, launches, outputs), f)                   # library None: the run finished
 
 
 # ----------------------------------------------------------------------------------------------------
 # flash.py's kernels
 
 
-def run_flash_attention(lib, q, k, v, dout, causal=False, scale=None):
-    """flash.py's forward and backward kernels on the CPU: out, lse, dq, dk, dv.
+def flash_inputs(BH, T, S, Dh, seed=0):
+    """Random q (BH, T, Dh), k, v (BH, S, Dh) and an upstream gradient dout (BH, T, Dh), float32."""
+    rng = np.random.default_rng(seed)
+    q, dout = (rng.standard_normal((BH, T, Dh), dtype=np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((BH, S, Dh), dtype=np.float32) for _ in range(2))
+    return q, k, v, dout
+
+
+def flash_reference(q, k, v, dout, causal=False):
+    """out, lse, dq, dk, dv of flash.py's tiled NumPy path in float64 (itself tested against attention.py)."""
+    import flash
+    q, k, v, dout = (x.astype(np.float64) for x in (q, k, v, dout))
+    out, cache = flash.flash_attention_forward(q, k, v, causal=causal)
+    return (out, cache["lse"], *flash.flash_attention_backward(dout, cache))
+
+
+def flash_launches(q, k, v, dout, causal=False, scale=None):
+    """flash.py's forward and backward launches for these inputs, and the outputs they write.
 
     q (BH, T, Dh), k and v (BH, S, Dh), dout (BH, T, Dh): C-contiguous float32 NumPy arrays.
-    The outputs start as NaN, as cupy.empty may hold anything: an entry the kernels never write shows up.
+    Returns (launches, {'out', 'lse', 'dq', 'dk', 'dv'}). The outputs start as NaN, as cupy.empty may
+    hold anything: an entry the kernels never write shows up.
     """
     import flash
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
     out = np.full(q.shape, np.nan, dtype=np.float32)                  # (BH, T, Dh)
     lse = np.full(q.shape[:-1], np.nan, dtype=np.float32)             # (BH, T)
-    run_launches(lib, flash._forward_launches(q, k, v, out, lse, causal, scale))
     dq, dk, dv = (np.full(x.shape, np.nan, dtype=np.float32) for x in (q, k, v))
-    run_launches(lib, flash._backward_launches(q, k, v, out, lse, dout, dq, dk, dv, causal, scale))
-    return out, lse, dq, dk, dv
+    launches = (flash._forward_launches(q, k, v, out, lse, causal, scale)
+                + flash._backward_launches(q, k, v, out, lse, dout, dq, dk, dv, causal, scale))
+    return launches, {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+
+
+def run_flash_attention(lib, q, k, v, dout, causal=False, scale=None):
+    """flash.py's forward and backward kernels on the CPU: out, lse, dq, dk, dv (see flash_launches)."""
+    launches, outputs = flash_launches(q, k, v, dout, causal, scale)
+    run_launches(lib, launches)
+    return tuple(outputs.values())
 
 
 def main():
@@ -195,28 +251,26 @@ def main():
     parser.add_argument("--BH", type=int, default=2, help="batch * heads")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--sanitizer", choices=["thread", "address"], help="build with -fsanitize=...")
-    parser.add_argument("--source", help="a file holding the kernel source (default: flash.py's)")
-    parser.add_argument("--build-dir", help="where compiled libraries are kept (default: a temp dir)")
+    parser.add_argument("--replay", help=argparse.SUPPRESS)         # run_under_sanitizer's new process
     args = parser.parse_args()
+    if args.replay:
+        return _replay(args.replay)
 
     sys.path.insert(0, REPO_DIR)
     import flash
-    source = open(args.source).read() if args.source else flash.FLASH_KERNEL_SOURCE
-    library = build(source, args.build_dir, args.sanitizer)
-    if args.sanitizer and os.environ.get("LD_PRELOAD") != sanitizer_environment(args.sanitizer)["LD_PRELOAD"]:
-        # Start again with the sanitizer's runtime loaded first; the library is built already.
-        os.execve(sys.executable, [sys.executable, *sys.argv], sanitizer_environment(args.sanitizer))
-    lib = ctypes.CDLL(library)
+    q, k, v, dout = flash_inputs(args.BH, args.T, args.S, args.Dh)
+    launches, outputs = flash_launches(q, k, v, dout, args.causal)
+    library = build(flash.FLASH_KERNEL_SOURCE, sanitizer=args.sanitizer)
+    if args.sanitizer:
+        process, outputs = run_under_sanitizer(args.sanitizer, library, launches, outputs)
+        sys.stderr.write(process.stderr)
+        assert process.returncode == 0 and outputs is not None, f"the {args.sanitizer} sanitizer reports errors"
+    else:
+        run_launches(ctypes.CDLL(library), launches)
 
-    rng = np.random.default_rng(0)
-    q, dout = (rng.standard_normal((args.BH, args.T, args.Dh), dtype=np.float32) for _ in range(2))
-    k, v = (rng.standard_normal((args.BH, args.S, args.Dh), dtype=np.float32) for _ in range(2))
-    kernel = run_flash_attention(lib, q, k, v, dout, args.causal)
-    out, cache = flash.flash_attention_forward(q, k, v, causal=args.causal)
-    numpy_path = (out, cache["lse"], *flash.flash_attention_backward(dout, cache))
     print(f"flash.py's CUDA kernels on the CPU, BH={args.BH} T={args.T} S={args.S} Dh={args.Dh} "
-          f"causal={args.causal}" + (f", under {args.sanitizer} sanitizer" if args.sanitizer else ""))
-    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), kernel, numpy_path):
+          f"causal={args.causal}" + (f", {args.sanitizer} sanitizer: clean" if args.sanitizer else ""))
+    for (name, got), want in zip(outputs.items(), flash_reference(q, k, v, dout, args.causal)):
         finite = np.isfinite(want)                                    # lse is -inf on rows with no key
         assert np.array_equal(finite, np.isfinite(got)), f"{name}: non-finite entries differ"
         err = float(np.abs(got[finite] - want[finite]).max(initial=0))
