@@ -181,3 +181,13 @@ def test_address_sanitizer_catches_a_broken_bounds_check_in_flash(sanitizer, bui
     process, outputs, _ = run_sanitized(sanitizer, source, build_dir, flash_problems)
     assert_reported(process, "ERROR: AddressSanitizer: heap-buffer-overflow", access)
     assert outputs is None
+
+
+@needs_flash_kernels
+@pytest.mark.parametrize("sanitizer", SANITIZERS[1:])
+def test_the_command_line_runs_flash_under_a_sanitizer(sanitizer, tmp_path):
+    command = [sys.executable, os.path.join(cpu_cuda.SHIM_DIR, "cpu_cuda.py"), "--sanitizer", sanitizer,
+               "--T", "20", "--S", "9"]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert f"{sanitizer} sanitizer: clean" in result.stdout and "agree with the NumPy path" in result.stdout

@@ -7,6 +7,7 @@ The first tests prove the shim itself on small example kernels (tests/cuda/examp
 """
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -130,6 +131,8 @@ def test_arguments_that_do_not_match_the_kernel_raise_naming_them(examples):
         cpu_cuda.run_kernel(examples, "block_sum", (1, 1, 1), (128, 1, 1), (x.astype(np.float64), total, np.int32(8)))
     with pytest.raises(TypeError, match=r"takes 3 arguments \(const float\*, float\*, int\), got 2"):
         cpu_cuda.run_kernel(examples, "block_sum", (1, 1, 1), (128, 1, 1), (x, total))
+    with pytest.raises(ValueError, match=r"no `__global__ void block_total\(...\)`"):
+        cpu_cuda.run_kernel(examples, "block_total", (1, 1, 1), (128, 1, 1), (x, total, np.int32(8)))
     with pytest.raises(ValueError, match="at most 1024 threads"):
         cpu_cuda.run_kernel(examples, "block_sum", (1, 1, 1), (2048, 1, 1), (x, total, np.int32(8)))
     with pytest.raises(ValueError, match="shared_mem must be 0 to"):
@@ -183,3 +186,12 @@ def test_flash_kernels_give_rows_with_no_allowed_key_zeros_minus_inf_lse_and_zer
        seed=st.integers(0, 2**32 - 1))
 def test_flash_kernels_match_the_numpy_path_on_drawn_shapes(kernels, T, S, Dh, causal, seed):
     assert_kernels_match_numpy_path(kernels, 1, T, S, Dh, causal, seed)
+
+
+@needs_flash_kernels
+def test_the_command_line_runs_flash_on_the_cpu_and_reports_agreement(tmp_path):
+    # What the README tells a student without a GPU to type; TMPDIR keeps its build in pytest's tmp_path.
+    command = [sys.executable, os.path.join(cpu_cuda.SHIM_DIR, "cpu_cuda.py"), "--T", "20", "--S", "9", "--causal"]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert "The kernels agree with the NumPy path." in result.stdout

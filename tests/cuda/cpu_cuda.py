@@ -114,19 +114,22 @@ def _parameter_value(kernel, i, arg, parameter):
             raise ValueError(f"{where}: the kernel writes to it, but the array is read-only")
         return ctypes.c_void_p(arg.ctypes.data)
     # Scalars are passed by value; like CuPy, the NumPy type says how many bytes: int32 or float32.
-    if parameter == "int" and isinstance(arg, np.int32):
-        return ctypes.c_int32(int(arg))
-    if parameter == "float" and isinstance(arg, np.float32):
-        return ctypes.c_float(float(arg))
-    raise TypeError(f"{where}: needs a numpy.{'int32' if parameter == 'int' else 'float32'}, "
-                    f"got {type(arg).__name__}")
+    scalars = {"int": (np.int32, ctypes.c_int32), "float": (np.float32, ctypes.c_float)}
+    if parameter not in scalars:
+        raise TypeError(f"{where}: the shim passes float*, const float*, int and float parameters only")
+    numpy_type, c_type = scalars[parameter]
+    if not isinstance(arg, numpy_type):
+        raise TypeError(f"{where}: needs a numpy.{numpy_type.__name__}, got {type(arg).__name__}")
+    return c_type(arg.item())
 
 
 def run_kernel(lib, kernel, grid, block, args, shared_mem=0):
     """Launch one kernel: kernel<<<grid, block, shared_mem>>>(*args), on the CPU."""
-    parameters = getattr(lib, f"signature_{kernel}")
-    parameters.restype = ctypes.c_char_p
-    parameters = parameters().decode().split(",")
+    if not hasattr(lib, f"launch_{kernel}"):
+        raise ValueError(f"the kernel source has no `__global__ void {kernel}(...)`")
+    signature = getattr(lib, f"signature_{kernel}")
+    signature.restype = ctypes.c_char_p
+    parameters = signature().decode().split(",")
     if len(args) != len(parameters):
         raise TypeError(f"{kernel} takes {len(parameters)} arguments ({', '.join(parameters)}), "
                         f"got {len(args)}")
