@@ -459,6 +459,26 @@ def log_softmax(logits):
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def cross_entropy_forward(logits, targets):
+    """loss = -mean log softmax(logits)[targets]; logits (..., V), targets int (...). Returns loss, probs."""
+    xp = get_xp(logits)
+    logp = log_softmax(logits)                                 # (..., V)
+    loss = -float(xp.take_along_axis(logp, targets[..., None], axis=-1).mean())
+    return loss, xp.exp(logp)
+
+
+def cross_entropy_backward(probs, targets):
+    """dlogits = (probs - one_hot(targets)) / N: softmax and cross-entropy together, N = targets.size."""
+    xp = get_xp(probs)
+    return (probs - xp.eye(probs.shape[-1], dtype=probs.dtype)[targets]) / targets.size
+
+
+def embedding_backward(dx, ids, V):
+    """dtable (V, E) for x = table[ids] = one_hot(ids) table: a row used at several positions sums them."""
+    xp = get_xp(dx)
+    return _matmul_over_time(xp.eye(V, dtype=dx.dtype)[ids], dx)  # (V, E)
+
+
 def char_lm_forward(ids, targets, params, cell="lstm"):
     """Mean cross-entropy of predicting targets[b, t] (the next character) from ids[b, :t+1].
 
@@ -474,21 +494,17 @@ def char_lm_forward(ids, targets, params, cell="lstm"):
     x = params["embed"][ids]                                   # (B, T, E)
     state = zero_state(cell, ids.shape[0], params["W_out"].shape[0], xp, x.dtype)
     hs, _, core_cache = cell_forward(cell, x, state, params["core"])  # (B, T, Hd)
-    logp = log_softmax(hs @ params["W_out"] + params["b_out"])  # (B, T, V)
-    loss = -float(xp.take_along_axis(logp, targets[..., None], axis=-1).mean())
-    return loss, (ids, targets, hs, xp.exp(logp), core_cache, params, cell)
+    loss, probs = cross_entropy_forward(hs @ params["W_out"] + params["b_out"], targets)  # probs (B, T, V)
+    return loss, (ids, targets, hs, probs, core_cache, params, cell)
 
 
 def char_lm_backward(cache):
     """Gradient tree of char_lm_forward's loss with respect to params (same keys)."""
     ids, targets, hs, probs, core_cache, params, cell = cache
-    xp = get_xp(hs)
-    V = probs.shape[-1]
-    one_hot = xp.eye(V, dtype=probs.dtype)                     # (V, V)
-    dlogits = (probs - one_hot[targets]) / targets.size        # (B, T, V) softmax + cross-entropy, mean
+    dlogits = cross_entropy_backward(probs, targets)           # (B, T, V)
     dhs = dlogits @ params["W_out"].T                          # (B, T, Hd)
     dx, _, dcore = cell_backward(cell, dhs, core_cache)        # (B, T, E)
-    return {"embed": _matmul_over_time(one_hot[ids], dx),      # (V, E) x = one_hot(ids) embed
+    return {"embed": embedding_backward(dx, ids, probs.shape[-1]),  # (V, E)
             "core": dcore,
             "W_out": _matmul_over_time(hs, dlogits),           # (Hd, V)
             "b_out": dlogits.sum(axis=(0, 1))}                 # (V,)

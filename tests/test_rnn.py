@@ -189,6 +189,13 @@ def test_lstm_forget_bias_shifts_only_the_f_block():
     np.testing.assert_array_equal(shifted["b"] - plain["b"], np.repeat([0.0, 3.0, 0.0, 0.0], Hd))
 
 
+def test_sigmoid_and_log_softmax_stay_finite_for_huge_inputs():
+    a = np.array([-1e4, 0.0, 1e4], dtype=np.float32)           # exp(1e4) would overflow (an error here)
+    np.testing.assert_array_equal(rnn.sigmoid(a), [0.0, 0.5, 1.0])
+    logp = rnn.log_softmax(a)
+    assert logp.dtype == np.float32 and np.isfinite(logp).all() and logp[-1] == 0.0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad input
 

@@ -1,0 +1,244 @@
+"""Why attention replaced recurrence: two measurements on rnn.py and attention.py.
+
+1. The bottleneck. An encoder-decoder RNN (Sutskever et al. 2014, arXiv:1409.3215; Cho et al. 2014,
+   arXiv:1406.1078) learns to copy a sequence of L random symbols. The encoder's final state is all the
+   decoder ever sees of the source, so as L grows that one fixed-size vector must hold more and accuracy
+   falls. The same decoder given attention over every encoder state (Bahdanau et al. 2014, arXiv:1409.0473)
+   reads the symbol it needs directly, and its accuracy stays up. The attention is attention.py's, with
+   Luong et al.'s (2015, arXiv:1508.04025) "dot" score, unscaled, over the encoder states:
+
+       enc_hs = GRU_enc(embed[src])                                   (B, L, Hd)  all encoder states
+       dec_hs = GRU_dec(embed[[start, tgt_1, ..., tgt_{L-1}]], h0 = enc_hs[:, -1])   teacher forcing
+       plain:      logits = dec_hs W_out + b_out                      W_out (Hd, K)
+       attention:  context = softmax(dec_hs enc_hs^T) enc_hs          (B, L, Hd)
+                   logits = [dec_hs, context] W_out + b_out           W_out (2Hd, K)
+
+   GRU states lie in [-1, 1], so with attention.py's default scale 1/sqrt(Hd) every score lies within
+   +-sqrt(Hd); the unscaled dot score (scale = 1) lets the same states give sharper weights.
+
+2. Sequential cost. The recurrence takes T dependent steps, each a small matrix product; attention over
+   the same sequence is one call of large matrix products. The script times both against T and compares how
+   fast each turns arithmetic into results.
+
+Run: python experiments/rnn_vs_attention.py   (about a minute on 2 CPU cores)
+Imports rnn.py and attention.py from the repository root.
+Shapes: B batch, L sequence length, K symbols, E embedding width, Hd hidden width.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from attention import attention_backward, attention_forward  # noqa: E402
+from rnn import (adam_init, adam_step, cell_backward, cell_forward, clip_gradients,  # noqa: E402
+                 cross_entropy_backward, cross_entropy_forward, embedding_backward, get_xp, init_cell,
+                 init_rnn, rnn_forward, zero_state)
+
+CELL = "gru"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The encoder-decoder, with and without attention
+
+
+def init_seq2seq(K, E, Hd, rng, attend, dtype=np.float32):
+    """{'embed' (K + 1, E), 'encoder', 'decoder': GRU params, 'W_out' (Hd or 2Hd, K), 'b_out' (K,)}.
+
+    Row K of embed is the start symbol the decoder reads first; the table is shared by both sides.
+    """
+    width = 2 * Hd if attend else Hd
+    bound = 1 / np.sqrt(width)
+    return {"embed": (0.1 * rng.standard_normal((K + 1, E))).astype(dtype),
+            "encoder": init_cell(CELL, E, Hd, rng, dtype), "decoder": init_cell(CELL, E, Hd, rng, dtype),
+            "W_out": rng.uniform(-bound, bound, size=(width, K)).astype(dtype), "b_out": np.zeros(K, dtype)}
+
+
+def copy_batch(rng, B, L, K):
+    """A batch of the copy task: B sequences of L random symbols; the target is the source."""
+    src = rng.integers(0, K, size=(B, L))
+    return src, src.copy()
+
+
+def _encode(src, params):
+    """Encoder states (B, L, Hd), the final state tuple and the cache."""
+    xp = get_xp(params["embed"])
+    Hd = params["encoder"]["W_h"].shape[0]
+    start = zero_state(CELL, src.shape[0], Hd, xp, params["embed"].dtype)
+    return cell_forward(CELL, params["embed"][src], start, params["encoder"])
+
+
+def _readout(dec_hs, enc_hs, attend):
+    """features (B, T, Hd or 2Hd) the output layer reads, and the attention cache (None without)."""
+    xp = get_xp(dec_hs)
+    if not attend:
+        return dec_hs, None
+    context, attention_cache = attention_forward(dec_hs, enc_hs, enc_hs, scale=1.0)  # (B, T, Hd)
+    return xp.concatenate([dec_hs, context], axis=-1), attention_cache
+
+
+def seq2seq_forward(src, tgt, params, attend):
+    """Teacher-forced mean cross-entropy of tgt given src; src, tgt int (B, L).
+
+    Returns loss and cache = (src, dec_in, tgt, features, probs, enc_cache, dec_cache, attention_cache, params).
+    """
+    if src.shape != tgt.shape or src.ndim != 2 or src.dtype.kind not in "iu" or tgt.dtype.kind not in "iu":
+        raise ValueError(f"src and tgt must be integer arrays of one shape (B, L), got {src.shape} "
+                         f"{src.dtype} and {tgt.shape} {tgt.dtype}")
+    xp = get_xp(params["embed"])
+    K = params["b_out"].shape[0]
+    dec_in = xp.concatenate([xp.full((src.shape[0], 1), K), tgt[:, :-1]], axis=1)  # (B, L) start, then tgt
+    enc_hs, enc_final, enc_cache = _encode(src, params)                      # (B, L, Hd)
+    # The bottleneck: the only path from source to decoder is enc_final (and, with attention, enc_hs).
+    dec_hs, _, dec_cache = cell_forward(CELL, params["embed"][dec_in], enc_final, params["decoder"])
+    features, attention_cache = _readout(dec_hs, enc_hs, attend)     # (B, L, Hd or 2Hd)
+    loss, probs = cross_entropy_forward(features @ params["W_out"] + params["b_out"], tgt)  # probs (B, L, K)
+    return loss, (src, dec_in, tgt, features, probs, enc_cache, dec_cache, attention_cache, params)
+
+
+def seq2seq_backward(cache):
+    """Gradient tree of seq2seq_forward's loss, walking the forward in reverse."""
+    src, dec_in, tgt, features, probs, enc_cache, dec_cache, attention_cache, params = cache
+    xp = get_xp(probs)
+    Hd = params["encoder"]["W_h"].shape[0]
+    dlogits = cross_entropy_backward(probs, tgt)               # (B, L, K)
+    dfeatures = dlogits @ params["W_out"].T                    # (B, L, Hd or 2Hd)
+    ddec_hs = dfeatures[..., :Hd]                              # (B, L, Hd)
+    if attention_cache is None:
+        denc_hs = xp.zeros_like(ddec_hs)                       # without attention only enc_final is used
+    else:
+        dq, dk, dv = attention_backward(dfeatures[..., Hd:], attention_cache)
+        ddec_hs = ddec_hs + dq                                 # dec_hs is the output's input and the query
+        denc_hs = dk + dv                                      # enc_hs served as keys and as values
+    ddec_x, denc_final, ddecoder = cell_backward(CELL, ddec_hs, dec_cache)   # denc_final = d(dec h0)
+    denc_x, _, dencoder = cell_backward(CELL, denc_hs, enc_cache, denc_final)
+    V = params["embed"].shape[0]
+    dembed = embedding_backward(denc_x, src, V) + embedding_backward(ddec_x, dec_in, V)  # shared table
+    return {"embed": dembed, "encoder": dencoder, "decoder": ddecoder,
+            "W_out": features.reshape(-1, features.shape[-1]).T @ dlogits.reshape(-1, dlogits.shape[-1]),
+            "b_out": dlogits.sum(axis=(0, 1))}
+
+
+def greedy_decode(src, params, attend):
+    """The model's own output (B, L): each step feeds back its most likely symbol (no teacher)."""
+    xp = get_xp(params["embed"])
+    K = params["b_out"].shape[0]
+    enc_hs, state, _ = _encode(src, params)
+    previous = xp.full(src.shape[0], K)                        # (B,) the start symbol
+    outputs = []
+    for _ in range(src.shape[1]):
+        dec_h, state, _ = cell_forward(CELL, params["embed"][previous][:, None], state, params["decoder"])
+        features, _ = _readout(dec_h, enc_hs, attend)  # (B, 1, Hd or 2Hd)
+        previous = (features[:, 0] @ params["W_out"] + params["b_out"]).argmax(axis=-1)  # (B,)
+        outputs.append(previous)
+    return xp.stack(outputs, axis=1)
+
+
+def train_copy(attend, steps, lengths, K=8, E=16, Hd=32, B=32, lr=1e-2, seed=0):
+    """Train on copy batches whose length is drawn from `lengths`; returns params."""
+    rng = np.random.default_rng(seed)
+    params = init_seq2seq(K, E, Hd, rng, attend)
+    optimizer = adam_init(params)
+    for _ in range(steps):
+        src, tgt = copy_batch(rng, B, int(rng.choice(lengths)), K)
+        loss, cache = seq2seq_forward(src, tgt, params, attend)
+        grads, _ = clip_gradients(seq2seq_backward(cache), max_norm=1.0)
+        params, optimizer = adam_step(params, grads, optimizer, lr=lr)
+    return params
+
+
+def accuracy_by_length(params, attend, lengths, n=200, K=8, seed=1):
+    """{L: fraction of symbols greedy decoding copies correctly}, on n fresh sequences per length."""
+    rng = np.random.default_rng(seed)
+    accuracy = {}
+    for L in lengths:
+        src, tgt = copy_batch(rng, n, L, K)
+        accuracy[L] = float((greedy_decode(src, params, attend) == tgt).mean())
+    return accuracy
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sequential cost
+
+
+def _best_time(fn, repeats):
+    fn()                                                       # warm-up: caches, allocations
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)                                          # the least disturbed run
+
+
+def time_recurrence_vs_attention(lengths, D=64, repeats=7, seed=0):
+    """For one sequence (B = 1) of each length T: seconds for rnn_forward (T dependent steps) and for
+    attention_forward(x, x, x) (one call), and the arithmetic each does.
+
+    Returns {T: (rnn seconds, attention seconds, rnn FLOPs, attention FLOPs)}. FLOPs count the matrix
+    products: the recurrence 2 T D^2 for x W_xh plus 2 T D^2 for h W_hh; attention 2 T^2 D for q k^T plus
+    2 T^2 D for weights v.
+    """
+    rng = np.random.default_rng(seed)
+    params = init_rnn(D, D, rng, np.float32)
+    results = {}
+    for T in lengths:
+        x = rng.standard_normal((1, T, D)).astype(np.float32)  # (1, T, D)
+        h0 = np.zeros((1, D), dtype=np.float32)
+        rnn_seconds = _best_time(lambda: rnn_forward(x, h0, params), repeats)
+        attention_seconds = _best_time(lambda: attention_forward(x, x, x), repeats)
+        results[T] = (rnn_seconds, attention_seconds, 4 * T * D * D, 4 * T * T * D)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Demo
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Encoder-decoder RNN with and without attention; timing.")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps per model")
+    args = parser.parse_args()
+
+    train_lengths = list(range(3, 25))
+    test_lengths = [4, 8, 12, 16, 20, 24]
+    print(f"1. Copying L random symbols (K = 8) with a GRU encoder-decoder, Hd = 32, trained {args.steps} steps")
+    print(f"   on lengths {train_lengths[0]}..{train_lengths[-1]}; accuracy = symbols right under greedy decoding")
+    table = {}
+    for attend in (False, True):
+        start = time.perf_counter()
+        params = train_copy(attend, args.steps, train_lengths)
+        table[attend] = accuracy_by_length(params, attend, test_lengths)
+        print(f"   {'with attention' if attend else 'plain'}: trained in {time.perf_counter() - start:.1f} s")
+    print("   L:               " + "".join(f"{L:>7d}" for L in test_lengths))
+    for attend, name in ((False, "plain encoder-decoder"), (True, "with attention")):
+        print(f"   {name:22s}" + "".join(f"{table[attend][L]:7.2f}" for L in test_lengths))
+    plain, attention = table[False], table[True]
+    longest = test_lengths[-1]
+    assert plain[test_lengths[0]] > plain[longest] + 0.3, "the plain model should fall with length"
+    assert min(attention.values()) > 0.9, "the attention model should copy every length"
+    assert attention[longest] > plain[longest] + 0.4
+    print(f"   The fixed-size state loses the source as L grows (plain: {plain[test_lengths[0]]:.2f} -> "
+          f"{plain[longest]:.2f}); attention reads it back ({min(attention.values()):.2f} or better).")
+
+    print("\n2. One sequence of width D = 64: rnn_forward (T dependent steps) vs one attention_forward call")
+    timings = time_recurrence_vs_attention([64, 256, 1024, 2048])
+    print("       T     rnn ms   attention ms   rnn GFLOP/s   attention GFLOP/s   attention/rnn FLOPs")
+    rate = {}
+    for T, (rnn_s, att_s, rnn_flops, att_flops) in timings.items():
+        rate[T] = (rnn_flops / rnn_s / 1e9, att_flops / att_s / 1e9)
+        print(f"   {T:5d} {rnn_s * 1e3:10.2f} {att_s * 1e3:14.2f} {rate[T][0]:13.2f} {rate[T][1]:19.2f}"
+              f" {att_flops / rnn_flops:21.0f}")
+    first, last = min(timings), max(timings)
+    growth = timings[last][0] / timings[first][0]
+    print(f"   The recurrence's time grows {growth:.0f}x for {last // first}x the length: {last} steps, one after another,")
+    print(f"   each too small to keep the machine busy ({rate[last][0]:.1f} GFLOP/s). Attention does "
+          f"{timings[last][3] / timings[last][2]:.0f}x the arithmetic in one call")
+    print(f"   at {rate[last][1]:.1f} GFLOP/s ({rate[last][1] / rate[last][0]:.0f}x the rate): a few large products, "
+          f"none waiting on another.")
+    assert growth > 0.25 * last / first, "the recurrence's time should grow about linearly with T"
+    assert rate[last][1] > 2 * rate[last][0], "attention should use the machine's arithmetic better"
