@@ -703,7 +703,10 @@ def _kernel_width(Dh):
 
 
 def _tiles(n):
-    return -(-n // _TILE)                                      # ceil(n / 64)
+    """ceil(n / 64): the tiles of a length-n sequence, one block each along the grid's y axis."""
+    if n > 65535 * _TILE:                                      # CUDA's limit on gridDim.y
+        raise ValueError(f"the CUDA kernels take sequences up to {65535 * _TILE} long, got {n}")
+    return -(-n // _TILE)
 
 
 def _shared_tile(width):
@@ -750,7 +753,8 @@ def _cuda_module(options=("--std=c++17",), _compiled={}):
     """FLASH_KERNEL_SOURCE as a cupy.RawModule, compiled on first use and kept, one per option set.
 
     (The dict is a default argument so that it lives as long as the function, and importing flash.py
-    compiles nothing. CuPy also keeps the binary on disk, so the ~1 minute compile happens once.)
+    compiles nothing. NVRTC takes about half a minute for all the kernels; CuPy also keeps the binary
+    in its on-disk kernel cache, so later processes skip that.)
     """
     if options not in _compiled:
         import cupy

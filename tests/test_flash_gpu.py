@@ -190,6 +190,13 @@ def test_value_width_other_than_query_width_raises(cp):
         flash_attention_forward(q, q, v)
 
 
+def test_sequences_beyond_the_grid_limit_raise_value_error(cp):
+    T = 65535 * 64 + 1                                         # one query tile more than gridDim.y allows
+    q = cp.zeros((1, T, 4), dtype=cp.float32)
+    with pytest.raises(ValueError, match=f"sequences up to {65535 * 64} long, got {T}"):
+        flash_attention_forward(q, q[:, :8], q[:, :8])
+
+
 def test_every_launch_fits_the_device(cp):
     # The widest plans (Dh = 128) ask for the most shared memory; the device must grant it.
     opt_in = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
