@@ -7,6 +7,7 @@ dynamic shared memory are exact-size heap allocations, so one element past the e
 Each planted bug is a string edit of a copy of the source; the test first asserts the edit applied, so a
 rewrite of the kernels cannot silently turn a planted-bug test into a test of the unchanged source.
 """
+import functools
 import os
 import shutil
 import subprocess
@@ -21,20 +22,30 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cud
 import cpu_cuda  # noqa: E402  (tests/cuda is not a package: it is found through the path above)
 
 
+@functools.cache
 def sanitizer_missing(sanitizer):
-    """Why `sanitizer` cannot run here, or None if it can."""
+    """Why `sanitizer` cannot run here (no compiler, no runtime, or Python fails to start with it), or None."""
     if shutil.which(cpu_cuda.CXX) is None:
         return f"needs a C++ compiler ({cpu_cuda.CXX})"
     try:
-        cpu_cuda.sanitizer_environment(sanitizer)
+        environment = cpu_cuda.sanitizer_environment(sanitizer)
     except RuntimeError as error:
         return str(error)
+    probe = subprocess.run([sys.executable, "-c", "import numpy"], env=environment, capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"Python does not start under the {sanitizer} sanitizer here: {probe.stderr.strip()[-300:]}"
     return None
 
 
-SANITIZERS = [pytest.param(name, marks=pytest.mark.skipif(sanitizer_missing(name) is not None,
-                                                          reason=str(sanitizer_missing(name))))
-              for name in ("thread", "address")]
+@pytest.fixture
+def sanitizer(request):
+    """The sanitizer a test runs under (parametrized with indirect=True); skips where it cannot run."""
+    missing = sanitizer_missing(request.param)
+    if missing:
+        pytest.skip(missing)
+    return request.param
+
+
 needs_flash_kernels = pytest.mark.skipif(not hasattr(flash, "FLASH_KERNEL_SOURCE"),
                                          reason="flash.py has no FLASH_KERNEL_SOURCE yet")
 
@@ -108,14 +119,14 @@ def examples():
     return launches, outputs, expected
 
 
-@pytest.mark.parametrize("sanitizer", SANITIZERS)
+@pytest.mark.parametrize("sanitizer", ["thread", "address"], indirect=True)
 def test_example_kernels_are_clean_under_the_sanitizer(sanitizer, build_dir):
     process, outputs, expected = run_sanitized(sanitizer, EXAMPLES, build_dir, examples)
     assert_clean(process)
     assert_outputs_match(outputs, expected)
 
 
-@pytest.mark.parametrize("sanitizer", SANITIZERS[:1])
+@pytest.mark.parametrize("sanitizer", ["thread"], indirect=True)
 def test_thread_sanitizer_catches_a_missing_syncthreads_in_an_example(sanitizer, build_dir):
     # Without the barrier, warps read partial sums that other warps may not have written yet.
     source = planted(EXAMPLES, "partial[threadIdx.x] = value;\n    __syncthreads();",
@@ -124,7 +135,7 @@ def test_thread_sanitizer_catches_a_missing_syncthreads_in_an_example(sanitizer,
     assert_reported(process, RACE, "in block_sum")
 
 
-@pytest.mark.parametrize("sanitizer", SANITIZERS[1:])
+@pytest.mark.parametrize("sanitizer", ["address"], indirect=True)
 def test_address_sanitizer_catches_a_read_past_the_end_in_an_example(sanitizer, build_dir):
     # `i <= n` reads x[n], one float past the end of the 1000-float array.
     source = planted(EXAMPLES, "i < n; i += blockDim.x * gridDim.x", "i <= n; i += blockDim.x * gridDim.x")
@@ -153,7 +164,7 @@ def flash_problems():
 
 
 @needs_flash_kernels
-@pytest.mark.parametrize("sanitizer", SANITIZERS)
+@pytest.mark.parametrize("sanitizer", ["thread", "address"], indirect=True)
 def test_flash_kernels_are_clean_under_the_sanitizer(sanitizer, build_dir):
     process, outputs, expected = run_sanitized(sanitizer, flash.FLASH_KERNEL_SOURCE, build_dir, flash_problems)
     assert_clean(process)
@@ -161,7 +172,7 @@ def test_flash_kernels_are_clean_under_the_sanitizer(sanitizer, build_dir):
 
 
 @needs_flash_kernels
-@pytest.mark.parametrize("sanitizer", SANITIZERS[:1])
+@pytest.mark.parametrize("sanitizer", ["thread"], indirect=True)
 def test_thread_sanitizer_catches_a_missing_syncthreads_in_flash(sanitizer, build_dir):
     # The forward's first barrier publishes the Q_i and K_0 tiles that every warp helped load; without it
     # a warp reads shared rows that another warp may still be writing.
@@ -171,7 +182,7 @@ def test_thread_sanitizer_catches_a_missing_syncthreads_in_flash(sanitizer, buil
 
 
 @needs_flash_kernels
-@pytest.mark.parametrize("sanitizer", SANITIZERS[1:])
+@pytest.mark.parametrize("sanitizer", ["address"], indirect=True)
 @pytest.mark.parametrize("old, new, access", [
     ("(r < n_rows", "(r <= n_rows", "READ of size"),                   # tile loads read one row too many
     ("row0 + r < n_rows", "row0 + r <= n_rows", "WRITE of size"),      # outputs write one row too many
@@ -184,7 +195,7 @@ def test_address_sanitizer_catches_a_broken_bounds_check_in_flash(sanitizer, bui
 
 
 @needs_flash_kernels
-@pytest.mark.parametrize("sanitizer", SANITIZERS[1:])
+@pytest.mark.parametrize("sanitizer", ["address"], indirect=True)
 def test_the_command_line_runs_flash_under_a_sanitizer(sanitizer, tmp_path):
     command = [sys.executable, os.path.join(cpu_cuda.SHIM_DIR, "cpu_cuda.py"), "--sanitizer", sanitizer,
                "--T", "20", "--S", "9"]
