@@ -27,11 +27,15 @@ needs_flash_kernels = pytest.mark.skipif(not hasattr(flash, "FLASH_KERNEL_SOURCE
 
 EXAMPLES = os.path.join(cpu_cuda.SHIM_DIR, "example_kernels.cu")
 
-# Kernels that break the rules of CUDA, to prove the shim reports it instead of hanging or hiding it.
-MISBEHAVING = r"""
+# Kernels that probe the shim's edges: atomics under contention, and kernels that break CUDA's rules
+# (to prove the shim reports it instead of hanging or hiding it).
+EDGES = r"""
 #ifndef SHARED_MEMORY
 #define SHARED_MEMORY(name) extern __shared__ __align__(16) float name[]
 #endif
+extern "C" __global__ void count_with_atomics(float* total) {   // every thread adds 1 to the same float
+    atomicAdd(total, 1.0f);
+}
 extern "C" __global__ void read_unwritten_shared(float* y) {   // reads shared memory nobody wrote
     SHARED_MEMORY(smem);
     y[threadIdx.x] = smem[threadIdx.x];
@@ -56,6 +60,11 @@ def build_dir(tmp_path_factory):
 def examples(build_dir):
     with open(EXAMPLES) as f:
         return cpu_cuda.load_kernels(f.read(), build_dir)
+
+
+@pytest.fixture(scope="module")
+def edges(build_dir):
+    return cpu_cuda.load_kernels(EDGES, build_dir)
 
 
 @pytest.fixture(scope="module")
@@ -104,23 +113,30 @@ def test_axpy4_float4_loads_and_stores_match_numpy(examples):
     np.testing.assert_allclose(y, want, rtol=1e-7, atol=1e-7)  # one float32 rounding of a * x + y (fmaf)
 
 
-def test_unwritten_dynamic_shared_memory_reads_as_nan(build_dir):
-    lib = cpu_cuda.load_kernels(MISBEHAVING, build_dir)
+# ----------------------------------------------------------------------------------------------------
+# The shim's edges: contention, and kernels that break CUDA's rules
+
+
+def test_atomic_add_loses_no_update_when_every_thread_adds_at_once(edges):
+    total = np.zeros(1, dtype=np.float32)
+    cpu_cuda.run_kernel(edges, "count_with_atomics", (3, 1, 1), (256, 1, 1), (total,))
+    assert total[0] == 3 * 256                                  # small integers are exact in float32
+
+
+def test_unwritten_dynamic_shared_memory_reads_as_nan(edges):
     y = np.zeros(32, dtype=np.float32)
-    cpu_cuda.run_kernel(lib, "read_unwritten_shared", (1, 1, 1), (32, 1, 1), (y,), shared_mem=32 * 4)
+    cpu_cuda.run_kernel(edges, "read_unwritten_shared", (1, 1, 1), (32, 1, 1), (y,), shared_mem=32 * 4)
     assert np.isnan(y).all()
 
 
-def test_a_thread_returning_before_syncthreads_is_reported_not_hung(build_dir):
-    lib = cpu_cuda.load_kernels(MISBEHAVING, build_dir)
+def test_a_thread_returning_before_syncthreads_is_reported_not_hung(edges):
     with pytest.raises(RuntimeError, match="__syncthreads: a thread returned from the kernel"):
-        cpu_cuda.run_kernel(lib, "return_before_barrier", (2, 1, 1), (64, 1, 1), (np.zeros(64, np.float32),))
+        cpu_cuda.run_kernel(edges, "return_before_barrier", (2, 1, 1), (64, 1, 1), (np.zeros(64, np.float32),))
 
 
-def test_a_partial_warp_mask_is_reported(build_dir):
-    lib = cpu_cuda.load_kernels(MISBEHAVING, build_dir)
+def test_a_partial_warp_mask_is_reported(edges):
     with pytest.raises(RuntimeError, match="only the full mask"):
-        cpu_cuda.run_kernel(lib, "half_warp_mask", (1, 1, 1), (32, 1, 1), (np.zeros(32, np.float32),))
+        cpu_cuda.run_kernel(edges, "half_warp_mask", (1, 1, 1), (32, 1, 1), (np.zeros(32, np.float32),))
 
 
 def test_arguments_that_do_not_match_the_kernel_raise_naming_them(examples):
