@@ -36,6 +36,10 @@ EDGES = r"""
 extern "C" __global__ void count_with_atomics(float* total) {   // every thread adds 1 to the same float
     atomicAdd(total, 1.0f);
 }
+extern "C" __global__ void shuffle_in_groups_of_8(const float* x, float* from_lane_1, float* from_xor_8) {
+    from_lane_1[threadIdx.x] = __shfl_sync(0xffffffff, x[threadIdx.x], 1, 8);
+    from_xor_8[threadIdx.x] = __shfl_xor_sync(0xffffffff, x[threadIdx.x], 8, 8);
+}
 extern "C" __global__ void read_unwritten_shared(float* y) {   // reads shared memory nobody wrote
     SHARED_MEMORY(smem);
     y[threadIdx.x] = smem[threadIdx.x];
@@ -121,6 +125,16 @@ def test_atomic_add_loses_no_update_when_every_thread_adds_at_once(edges):
     total = np.zeros(1, dtype=np.float32)
     cpu_cuda.run_kernel(edges, "count_with_atomics", (3, 1, 1), (256, 1, 1), (total,))
     assert total[0] == 3 * 256                                  # small integers are exact in float32
+
+
+def test_warp_shuffles_with_a_width_stay_within_groups_of_that_many_lanes(edges):
+    x = np.arange(32, dtype=np.float32) * 10
+    from_lane_1, from_xor_8 = np.zeros(32, np.float32), np.zeros(32, np.float32)
+    cpu_cuda.run_kernel(edges, "shuffle_in_groups_of_8", (1, 1, 1), (32, 1, 1), (x, from_lane_1, from_xor_8))
+    lanes = np.arange(32)
+    np.testing.assert_array_equal(from_lane_1, x[lanes // 8 * 8 + 1])    # lane 1 of each group of 8
+    # CUDA's rule: a lane whose xor partner lies in a later group of `width` lanes keeps its own value.
+    np.testing.assert_array_equal(from_xor_8, np.where(lanes & 8, x[lanes ^ 8], x))
 
 
 def test_unwritten_dynamic_shared_memory_reads_as_nan(edges):
