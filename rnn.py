@@ -362,7 +362,7 @@ def clip_gradients(grads, max_norm):
     Returns (clipped grads, the norm before clipping). The training loop calls this between backward
     and the optimizer, so that backward always returns true gradients.
     """
-    norm = float(sum(float((g * g).sum()) for g in tree_leaves(grads))) ** 0.5
+    norm = sum(float((g * g).sum()) for g in tree_leaves(grads)) ** 0.5
     scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
     return tree_map(lambda g: g * g.dtype.type(scale), grads), norm
 
@@ -381,11 +381,9 @@ def adam_step(params, grads, state, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8):
     t = state["t"] + 1
     m = tree_map(lambda m, g: beta1 * m + (1 - beta1) * g, state["m"], grads)
     v = tree_map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state["v"], grads)
-    def update(p, m, v):
-        m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
-        return p - (lr * m_hat / (v_hat ** 0.5 + eps)).astype(p.dtype)
-    params = tree_map(update, params, m, v)
-    return params, {"m": m, "v": v, "t": t}
+    correct1, correct2 = 1 - beta1 ** t, 1 - beta2 ** t       # m_hat = m / correct1, v_hat = v / correct2
+    update = lambda p, m, v: p - (lr * (m / correct1) / ((v / correct2) ** 0.5 + eps)).astype(p.dtype)
+    return tree_map(update, params, m, v), {"m": m, "v": v, "t": t}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -433,7 +431,8 @@ def grammar_text(rng, n_sentences):
     objects = ["the ball", "a red fish", "the moon", "her friend", "a green tree", "the little boat"]
     endings = [".", " today.", " again.", " at night."]
     pick = lambda words: words[rng.integers(len(words))]
-    return " ".join(f"{pick(subjects)} {pick(verbs)} {pick(objects)}{pick(endings)}" for _ in range(n_sentences))
+    sentence = lambda: f"{pick(subjects)} {pick(verbs)} {pick(objects)}{pick(endings)}"
+    return " ".join(sentence() for _ in range(n_sentences))
 
 
 def init_char_lm(V, E, Hd, rng, cell="lstm", dtype=np.float32):
@@ -444,12 +443,16 @@ def init_char_lm(V, E, Hd, rng, cell="lstm", dtype=np.float32):
 
 
 def _check_ids(name, ids, V, shape=None):
+    """Raise TypeError/ValueError unless ids is an integer (B, T) array (of `shape`) with values in [0, V)."""
     if not hasattr(ids, "dtype") or ids.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be an integer array of character ids, got {getattr(ids, 'dtype', type(ids))}")
+        got = getattr(ids, "dtype", type(ids))
+        raise TypeError(f"{name} must be an integer array of character ids, got {got}")
     if ids.ndim != 2 or (shape is not None and ids.shape != shape):
-        raise ValueError(f"{name} must have shape (B, T) {'= ' + str(shape) if shape else ''}, got {ids.shape}")
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
-        raise ValueError(f"{name} must hold ids in [0, {V}), got values in [{int(ids.min())}, {int(ids.max())}]")
+        need = "(B, T)" if shape is None else f"(B, T) = {shape}"
+        raise ValueError(f"{name} must have shape {need}, got {ids.shape}")
+    low, high = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+    if low < 0 or high >= V:
+        raise ValueError(f"{name} must hold ids in [0, {V}), got values in [{low}, {high}]")
 
 
 def log_softmax(logits):
@@ -586,8 +589,8 @@ if __name__ == "__main__":
     assert np.all(curves["tanh RNN, ||W_hh||_2 = 0.9"] <= bound * (1 + 1e-9)), "geometric bound violated"
     assert curves["tanh RNN, ||W_hh||_2 = 6.0"][-1] > 1e3, "large recurrent weights should explode"
     assert curves["LSTM, forget bias +3"][-1] > 1e6 * curves["LSTM, PyTorch init"][-1]
-    print("   ||W_hh||_2 < 1: below ||W_hh||_2^(T-t) (vanishes); large W_hh: explodes; the LSTM's cell keeps")
-    print("   the gradient alive only when its forget gate is open (f near 1), as a positive forget bias makes it.")
+    print("   ||W_hh||_2 < 1: below ||W_hh||_2^(T-t) (vanishes); large W_hh: explodes; the LSTM's cell")
+    print("   keeps the gradient alive only when its forget gate is open (f near 1): a positive forget bias.")
 
     try:
         import matplotlib

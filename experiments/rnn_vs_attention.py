@@ -82,7 +82,8 @@ def _readout(dec_hs, enc_hs, attend):
 def seq2seq_forward(src, tgt, params, attend):
     """Teacher-forced mean cross-entropy of tgt given src; src, tgt int (B, L).
 
-    Returns loss and cache = (src, dec_in, tgt, features, probs, enc_cache, dec_cache, attention_cache, params).
+    Returns loss and cache = (src, dec_in, tgt, features, probs, enc_cache, dec_cache, attention_cache,
+    params); probs (B, L, K) is cache[4].
     """
     if src.shape != tgt.shape or src.ndim != 2 or src.dtype.kind not in "iu" or tgt.dtype.kind not in "iu":
         raise ValueError(f"src and tgt must be integer arrays of one shape (B, L), got {src.shape} "
@@ -206,8 +207,9 @@ if __name__ == "__main__":
 
     train_lengths = list(range(3, 25))
     test_lengths = [4, 8, 12, 16, 20, 24]
-    print(f"1. Copying L random symbols (K = 8) with a GRU encoder-decoder, Hd = 32, trained {args.steps} steps")
-    print(f"   on lengths {train_lengths[0]}..{train_lengths[-1]}; accuracy = symbols right under greedy decoding")
+    print(f"1. Copying L random symbols (K = 8) with a GRU encoder-decoder, Hd = 32, trained {args.steps} "
+          f"steps on lengths {train_lengths[0]}..{train_lengths[-1]}")
+    print("   accuracy = fraction of symbols right under greedy decoding, 200 fresh sequences per length")
     table = {}
     for attend in (False, True):
         start = time.perf_counter()
@@ -235,10 +237,11 @@ if __name__ == "__main__":
               f" {att_flops / rnn_flops:21.0f}")
     first, last = min(timings), max(timings)
     growth = timings[last][0] / timings[first][0]
-    print(f"   The recurrence's time grows {growth:.0f}x for {last // first}x the length: {last} steps, one after another,")
+    print(f"   The recurrence's time grows {growth:.0f}x for {last // first}x the length: {last} steps, "
+          f"one after another,")
     print(f"   each too small to keep the machine busy ({rate[last][0]:.1f} GFLOP/s). Attention does "
           f"{timings[last][3] / timings[last][2]:.0f}x the arithmetic in one call")
-    print(f"   at {rate[last][1]:.1f} GFLOP/s ({rate[last][1] / rate[last][0]:.0f}x the rate): a few large products, "
-          f"none waiting on another.")
+    print(f"   at {rate[last][1]:.1f} GFLOP/s ({rate[last][1] / rate[last][0]:.0f}x the rate): a few large "
+          f"products, none waiting on another.")
     assert growth > 0.25 * last / first, "the recurrence's time should grow about linearly with T"
     assert rate[last][1] > 2 * rate[last][0], "attention should use the machine's arithmetic better"

@@ -15,7 +15,8 @@ def make_inputs(xp, cell, B=2, T=3, D=3, Hd=4, seed=0, dtype=np.float64):
     """Random x (B, T, D), initial state tuple and params for `cell`, as `xp` arrays."""
     rng = np.random.default_rng(seed)
     x = xp.asarray(rng.standard_normal((B, T, D)).astype(dtype))
-    state = tuple(xp.asarray(rng.standard_normal((B, Hd)).astype(dtype)) for _ in range(2 if cell == "lstm" else 1))
+    n_states = 2 if cell == "lstm" else 1                      # (h0,) or (h0, c0)
+    state = tuple(xp.asarray(rng.standard_normal((B, Hd)).astype(dtype)) for _ in range(n_states))
     params = {k: xp.asarray(v) for k, v in rnn.init_cell(cell, D, Hd, rng, dtype).items()}
     return x, state, params
 
@@ -121,7 +122,9 @@ def test_cells_match_torch_outputs_and_every_gradient_with_copied_weights(cell):
     sum((o * torch.tensor(d)).sum() for o, d in zip(touts, douts)).backward()
 
     # Same float64 arithmetic in a different order: agreement to rounding, ~1e-15.
-    close = lambda ours, theirs: np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-10, atol=1e-12)
+    def close(ours, theirs):
+        np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-10, atol=1e-12)
+
     for ours, theirs in zip(outs, touts):
         close(ours, theirs)
     close(dx, tx.grad)
@@ -272,7 +275,7 @@ def test_large_recurrent_weights_make_the_gradient_explode(seed):
     T, D, Hd = 40, 32, 32
     x = np.random.default_rng(seed).standard_normal((T, D))
     norms = rnn.hidden_jacobian_norms("rnn", x, rnn_with_spectral_norm(D, Hd, 6.0, seed))
-    assert norms[-1] > 1e3                                     # these seeds give 2e4 to 3e5; the demo 1e8 at 60
+    assert norms[-1] > 1e3                                     # these seeds give 2e4 to 3e5
 
 
 def test_an_open_forget_gate_keeps_the_lstm_gradient_alive_where_the_default_init_loses_it():
@@ -303,7 +306,7 @@ def test_adam_matches_torch_adam():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(10)
     params = {"w": rng.standard_normal((3, 2)), "b": [rng.standard_normal(2)]}
-    tparams = [torch.tensor(params["w"], requires_grad=True), torch.tensor(params["b"][0], requires_grad=True)]
+    tparams = [torch.tensor(a, requires_grad=True) for a in (params["w"], params["b"][0])]
     optimizer = torch.optim.Adam(tparams, lr=0.05)
     state = rnn.adam_init(params)
     for _ in range(4):
@@ -366,6 +369,19 @@ def test_sampling_is_reproducible_and_stays_in_the_vocabulary(xp):
     first = rnn.sample_chars(params, 0, 30, np.random.default_rng(0), "gru")
     again = rnn.sample_chars(params, 0, 30, np.random.default_rng(0), "gru")
     assert first == again and len(first) == 30 and all(0 <= i < 7 for i in first)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_sampling_carries_the_state_so_it_matches_the_model_run_over_the_whole_sample(cell):
+    params, _, _ = tiny_lm(cell, np, V=6, Hd=8, seed=3)
+    params = rnn.tree_map(lambda w: 5 * w, params)             # larger weights: outputs vary with the state
+    params["W_out"] = params["W_out"] * 10                     # and clear winners, no near-ties in the logits
+    sample = rnn.sample_chars(params, 2, 12, np.random.default_rng(0), cell, temperature=1e-4)
+    ids = np.array([[2] + sample[:-1]])                        # what the sampler fed itself, (1, 12)
+    _, cache = rnn.char_lm_forward(ids, np.array([sample]), params, cell)
+    probs = cache[3]                                           # (1, 12, V) from one run over the sequence
+    assert len(set(sample)) > 1                                # the sample depends on the state
+    assert probs.argmax(axis=-1)[0].tolist() == sample         # temperature 1e-4 samples the argmax
 
 
 def test_sampling_at_low_temperature_picks_the_most_likely_character():
