@@ -174,8 +174,16 @@ def test_arguments_that_do_not_match_the_kernel_raise_naming_them(examples):
 # flash.py's kernels
 
 
-def assert_kernels_match_numpy_path(kernels, BH, T, S, Dh, causal, seed=0):
-    q, k, v, dout = cpu_cuda.flash_inputs(BH, T, S, Dh, seed)
+def misaligned(x):
+    """x's values in a C-contiguous view that starts 4 bytes past a 16-byte boundary (no float4 loads)."""
+    buffer = np.empty(x.size + 1, dtype=np.float32)
+    view = buffer[1:].reshape(x.shape)
+    view[...] = x
+    return view
+
+
+def assert_kernels_match_numpy_path(kernels, BH, T, S, Dh, causal, seed=0, place=lambda x: x):
+    q, k, v, dout = (place(x) for x in cpu_cuda.flash_inputs(BH, T, S, Dh, seed))
     inputs = [x.copy() for x in (q, k, v, dout)]
     got = cpu_cuda.run_flash_attention(kernels, q, k, v, dout, causal)
     for name, before, after in zip(("q", "k", "v", "dout"), inputs, (q, k, v, dout)):
@@ -197,6 +205,12 @@ def assert_kernels_match_numpy_path(kernels, BH, T, S, Dh, causal, seed=0):
 ])
 def test_flash_kernels_match_the_numpy_path(kernels, BH, T, S, Dh, causal):
     assert_kernels_match_numpy_path(kernels, BH, T, S, Dh, causal)
+
+
+@needs_flash_kernels
+def test_flash_kernels_match_the_numpy_path_on_inputs_not_16_byte_aligned(kernels):
+    # A CuPy view can start anywhere; the kernels then load scalars instead of float4.
+    assert_kernels_match_numpy_path(kernels, 2, 70, 45, 64, True, place=misaligned)
 
 
 @needs_flash_kernels
