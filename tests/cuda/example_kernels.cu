@@ -43,16 +43,19 @@ extern "C" __global__ void row_softmax(const float* __restrict__ x, float* __res
         y[row * n + j] = __fdividef(__expf(x[row * n + j] - row_max), total);
 }
 
-// y = x^T for x (rows, cols), through a 32 x 33 tile of dynamic shared memory: blockDim = (32, 8),
-// grid = (ceil(cols / 32), ceil(rows / 32)), shared_mem = 32 * 33 * 4 bytes. Partial tiles are bounds-checked.
+// y = x^T for x (rows, cols), through a 32 x 33 tile of dynamic shared memory (rows padded by one float, so
+// reading a column touches 32 different banks): blockDim = (32, 8), grid = (ceil(cols / 32), ceil(rows / 32)),
+// shared_mem = 32 * 33 * 4 bytes. Partial tiles are bounds-checked.
 extern "C" __global__ void transpose(const float* __restrict__ x, float* __restrict__ y, int rows, int cols) {
     SHARED_MEMORY(tile);
     const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 32;
-    for (int r = threadIdx.y; r < 32; r += 8)
-        if (r0 + r < rows && c0 + threadIdx.x < cols) tile[r * 33 + threadIdx.x] = x[(r0 + r) * cols + c0 + threadIdx.x];
+    for (int r = threadIdx.y; r < 32; r += 8)              // tile[r][c] = x[r0 + r][c0 + c], c = threadIdx.x
+        if (r0 + r < rows && c0 + threadIdx.x < cols)
+            tile[r * 33 + threadIdx.x] = x[(r0 + r) * cols + c0 + threadIdx.x];
     __syncthreads();                                       // the whole tile loaded before it is read across
-    for (int c = threadIdx.y; c < 32; c += 8)
-        if (c0 + c < cols && r0 + threadIdx.x < rows) y[(c0 + c) * rows + r0 + threadIdx.x] = tile[threadIdx.x * 33 + c];
+    for (int c = threadIdx.y; c < 32; c += 8)              // y[c0 + c][r0 + r] = tile[r][c], r = threadIdx.x
+        if (c0 + c < cols && r0 + threadIdx.x < rows)
+            y[(c0 + c) * rows + r0 + threadIdx.x] = tile[threadIdx.x * 33 + c];
 }
 
 // y = a * x + y, four floats at a time through float4 (n a multiple of 4, x and y 16-byte aligned).
