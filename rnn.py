@@ -601,6 +601,7 @@ if __name__ == "__main__":
     else:
         for name, norms in curves.items():
             plt.semilogy(norms, label=name)
+        plt.semilogy(bound, "k--", label="bound 0.9^(T-t) for ||W_hh||_2 = 0.9")
         plt.xlabel("T - t")
         plt.ylabel("||d h_T / d h_t||_2")
         plt.legend()
