@@ -749,7 +749,10 @@ def _backward_launches(q, k, v, out, lse, dout, dq, dk, dv, causal, scale):
     return [launch for launch in launches if min(launch.grid) > 0]
 
 
-def _cuda_module(options=("--std=c++17",), _compiled={}):
+CUDA_COMPILE_OPTIONS = ("--std=c++17",)  # NVRTC options of the kernels (tests/cuda compiles with the same)
+
+
+def _cuda_module(options=CUDA_COMPILE_OPTIONS, _compiled={}):
     """FLASH_KERNEL_SOURCE as a cupy.RawModule, compiled on first use and kept, one per option set.
 
     (The dict is a default argument so that it lives as long as the function, and importing flash.py
