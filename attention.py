@@ -49,6 +49,8 @@ def softmax(x, axis=-1):
     A row that is entirely -inf (no allowed entry) gives zeros instead of 0/0 = NaN.
     """
     xp = get_xp(x)
+    if x.shape[axis] == 0:                                     # no entries (S = 0): nothing to normalise
+        return x.copy()
     row_max = x.max(axis=axis, keepdims=True)                  # (..., 1)
     row_max = xp.where(xp.isneginf(row_max), 0, row_max)       # all -inf row: exp(-inf - 0) = 0
     e = xp.exp(x - row_max)                                    # (..., S) in (0, 1]

@@ -578,3 +578,13 @@ def test_demo_runs_and_exits_zero():
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert "Every allowed row sums to 1 and masked entries are exactly 0." in result.stdout
+
+
+def test_no_keys_at_all_gives_zeros_like_an_empty_row(xp):
+    # S = 0: every query has no allowed key, so the answer is zeros and zero gradient (flash agrees).
+    q = xp.ones((2, 3, 4))
+    k, v = xp.ones((2, 0, 4)), xp.ones((2, 0, 5))
+    out, cache = attention_forward(q, k, v, causal=True)
+    assert out.shape == (2, 3, 5) and bool(xp.all(out == 0))
+    dq, dk, dv = attention_backward(xp.ones_like(out), cache)
+    assert bool(xp.all(dq == 0)) and dk.shape == k.shape and dv.shape == v.shape
