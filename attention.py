@@ -54,7 +54,7 @@ def softmax(x, axis=-1):
     row_max = x.max(axis=axis, keepdims=True)                  # (..., 1)
     row_max = xp.where(xp.isneginf(row_max), 0, row_max)       # all -inf row: exp(-inf - 0) = 0
     e = xp.exp(x - row_max)                                    # (..., S) in (0, 1]
-    total = e.sum(axis=axis, keepdims=True)                    # (..., 1) >= 1 unless the row is empty
+    total = e.sum(axis=axis, keepdims=True)                    # (..., 1) >= 1 unless every entry is -inf
     return e / xp.where(total == 0, 1, total)
 
 
@@ -107,6 +107,8 @@ def check_attention_inputs(q, k, v, mask=None, bias=None):
     for name, x, kind in (("mask", mask, "b"), ("bias", bias, "f")):
         if x is None:
             continue
+        if not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array broadcastable to (..., T, S), got {type(x).__name__}")
         if x.dtype.kind != kind:
             need = "boolean (True = may attend)" if kind == "b" else "floating-point"
             raise TypeError(f"{name} must be {need}, got dtype {x.dtype}")
@@ -198,6 +200,7 @@ if __name__ == "__main__":
 
     _, cache = attention_forward(x, x, x)
     show("Self-attention weights (row = query, column = key; each row sums to 1):", cache["weights"])
+    np.testing.assert_allclose(cache["weights"].sum(-1), 1.0)
 
     _, cache = attention_forward(x, x, x, causal=True)
     show("Causal: a query sees only itself and earlier keys (zeros above the diagonal):", cache["weights"])

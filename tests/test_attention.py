@@ -560,9 +560,13 @@ def _arrays(xp, *shapes, dtype=np.float64):
      ValueError, r"leading axes of q \(2, 3, 4\), k \(3, 5, 4\), v \(3, 5, 6\) do not broadcast"),
     (lambda xp: (*_arrays(xp, (3, 4), (5, 4), (5, 6)), {"bias": xp.zeros((3, 4))}),
      ValueError, r"bias must broadcast to \(\.\.\., T, S\) = \(3, 5\), got \(3, 4\)"),
+    (lambda xp: (*_arrays(xp, (3, 4), (5, 4), (5, 6)), {"mask": [[True] * 5] * 3}),
+     TypeError, r"mask must be an array broadcastable to \(\.\.\., T, S\), got list"),
+    (lambda xp: (*_arrays(xp, (3, 4), (5, 4), (5, 6)), {"bias": 1.0}),
+     TypeError, r"bias must be an array broadcastable to \(\.\.\., T, S\), got float"),
 ], ids=["integer q", "mismatched Dk", "mismatched S in k and v", "rank-1 q", "non-boolean mask",
         "mask of the wrong shape", "q and k dtypes differ", "leading axes do not broadcast",
-        "bias of the wrong shape"])
+        "bias of the wrong shape", "mask not an array", "bias not an array"])
 def test_bad_input_raises_an_error_naming_the_argument_and_shape(xp, make, error, message):
     *qkv, options = make(xp)
     with pytest.raises(error, match=message):
