@@ -30,7 +30,8 @@ ALiBi, attention with linear biases (Press et al. 2022, arXiv:2108.12409), added
     slopes for H a power of two: 2^(-8/H), 2^(-16/H), ..., 2^(-8) (H=8: 1/2, 1/4, ..., 1/256)
 
 Shapes: x (..., T, D) for sinusoidal/learned, x (..., T, Dh) for RoPE (Dh even), bias (H, T, S).
-Tables are computed in float64 and cast to the data's dtype, so float32 in gives float32 out.
+Tables are computed in float64 and cast to their `dtype` argument (pass your data's dtype), and RoPE
+casts its cos/sin to x's dtype, so float32 in gives float32 out.
 Imports no project file. Runs on NumPy or CuPy arrays unchanged.
 """
 import numpy as np
@@ -157,7 +158,8 @@ def rope_forward(x, offset=0, base=10000.0):
     x (..., T, Dh) with Dh even: queries or keys, any leading batch/head axes. `offset` is the
     position of row 0, so the new rows of cached decoding are rotated as if the sequence were whole.
     The angles are computed in float64 and only their cos/sin cast to x.dtype: computed in float32
-    the angle itself would be off by up to ~1e-3 radians at position 10^5, whereas this way float32
+    the angle itself would be off by ~1e-3 to 1e-2 radians at position 10^5 (more for wider heads,
+    whose slowest pairs need the most digits), whereas this way float32
     RoPE agrees with float64 RoPE to 1e-5 there.
     Returns out (..., T, Dh) and cache = (cos, sin), each (T, Dh/2) in x.dtype.
     """
@@ -215,13 +217,15 @@ def alibi_bias(H, T, S, dtype=np.float32, xp=np):
     the last query is at the last key and the bias is zero on that diagonal. Keys on either side
     are penalised by their distance; masking future keys is the caller's business (causal=True).
     """
-    _check_size("T", T, 1)
-    _check_size("S", S, 1)
+    _check_size("T", T, 0)
+    _check_size("S", S, 0)
+    _check_float_dtype(dtype)
     slopes = xp.asarray(alibi_slopes(H, dtype=np.float64))     # (H,)
     query_position = xp.arange(T)[:, None] + (S - T)           # (T, 1)
     key_position = xp.arange(S)[None, :]                       # (1, S)
     distance = xp.abs(query_position - key_position)           # (T, S) integers
-    return (slopes[:, None, None] * -distance).astype(dtype)   # (H, T, S) (-distance: no -0.0)
+    # slope * (-distance) rather than -(slope * distance): the aligned diagonal is then +0.0, not -0.0.
+    return (slopes[:, None, None] * -distance).astype(dtype)   # (H, T, S)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,7 +242,10 @@ if __name__ == "__main__":
     x_b = np.stack([vocabulary[w] for w in sentence_b])        # (T, D)
 
     def attend_and_pool(q, k, v):
-        """Self-attention followed by a mean over positions: one vector per sentence."""
+        """Self-attention followed by a mean over positions: one vector per sentence.
+
+        Written out here, not imported from attention.py, because positional.py imports no project file.
+        """
         scores = q @ k.T / np.sqrt(q.shape[-1])
         weights = np.exp(scores - scores.max(-1, keepdims=True))
         return (weights / weights.sum(-1, keepdims=True) @ v).mean(axis=0)
@@ -261,5 +268,6 @@ if __name__ == "__main__":
     print("Without positions attention sees a bag of words; with sinusoids or RoPE it sees the order.")
 
     print("\nALiBi slopes for 8 heads:", alibi_slopes(8), "(1/2 ... 1/256)")
+    assert np.array_equal(alibi_slopes(8, dtype=np.float64), 0.5 ** np.arange(1, 9))
     print("ALiBi bias of head 0 (1/2) for T=3 queries at the end of S=5 keys:")
     print(alibi_bias(8, 3, 5)[0])

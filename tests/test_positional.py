@@ -149,8 +149,20 @@ def test_rope_in_float32_stays_accurate_at_large_positions():
     exact = rope(x, offset=100_000)
     single = rope(x.astype(np.float32), offset=100_000)
     # float32 rounding of cos/sin and of the product, ~1e-7 each; angles computed in float32
-    # would be off by ~1e-3 rad at this position and fail this
+    # would be off by ~1e-3 rad at this position and fail this (next test)
     np.testing.assert_allclose(single, exact, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("Dh, low, high", [(16, 5e-4, 5e-3), (64, 5e-3, 5e-2)])
+def test_float32_angles_would_be_off_by_the_amount_the_docstring_says(Dh, low, high):
+    # Why rope_forward computes its angles in float64: the same formula in float32 misses by
+    # ~1e-3 rad (Dh = 16) to ~1e-2 rad (Dh = 64) at position 10^5, far above the 1e-5 it keeps.
+    pairs, position = np.arange(Dh // 2), np.arange(99_900, 100_001)
+    exact = position[:, None] * 10000.0 ** (-2.0 * pairs / Dh)
+    single = (position[:, None].astype(np.float32)
+              * np.float32(10000.0) ** (np.float32(-2.0) * pairs.astype(np.float32) / np.float32(Dh)))
+    error = np.abs(single.astype(np.float64) - exact).max()
+    assert low < error < high
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -325,7 +337,8 @@ def test_inputs_are_never_modified(xp):
     (lambda: sinusoidal_encoding(4, 0), ValueError, r"D must be an integer >= 1, got 0"),
     (lambda: sinusoidal_encoding(4, 8, dtype=np.int32), TypeError, r"dtype .*int32"),
     (lambda: alibi_slopes(0), ValueError, r"H must be an integer >= 1, got 0"),
-    (lambda: alibi_bias(4, 0, 3), ValueError, r"T must be an integer >= 1, got 0"),
+    (lambda: alibi_bias(4, -1, 3), ValueError, r"T must be an integer >= 0, got -1"),
+    (lambda: alibi_bias(4, 2, 3, dtype=np.int32), TypeError, r"dtype .*int32"),
     (lambda: init_learned_positions(2.5, 4, np.random.default_rng(0)), ValueError, r"max_len .*2\.5"),
 ])
 def test_bad_input_raises_naming_the_argument_and_what_it_needs(call, error, message):
