@@ -18,7 +18,8 @@ another leading axis: all heads go through ONE batched call of attention_forward
 Backward walks the same steps in reverse:
 
     dW_O = Concat^T dout,   db_O = sum(dout),   dConcat = dout W_O^T
-    split dConcat into heads -> attention_backward -> dq, dk, dv per head -> merge to (B, ., D)
+    split dConcat into heads -> attention_backward -> dq, dk, dv per head
+    (rope: rope_backward rotates dq, dk back) -> merge to (B, T, D) and (B, S, D)
     dW_Q = x_q^T dq,   db_Q = sum(dq),   dx_q = dq W_Q^T          (the same for K and V, from x_kv)
     dx_kv = dk W_K^T + dv W_V^T       x_kv feeds both k and v, so its two gradients add
 
@@ -66,8 +67,10 @@ def init_multihead(D, rng, dtype=np.float32):
     Every W is (D, D) in row-vector layout (y = x @ W + b), every b is (D,).
     Returns NumPy arrays of `dtype`; for the GPU, move them with cupy.asarray.
     """
-    if not isinstance(D, (int, np.integer)) or D < 1:
+    if isinstance(D, bool) or not isinstance(D, (int, np.integer)) or D < 1:
         raise ValueError(f"D must be a positive integer, got {D!r}")
+    if np.dtype(dtype).kind != "f":
+        raise TypeError(f"dtype must be a floating-point dtype, got {np.dtype(dtype)}")
     in_bound = math.sqrt(6.0 / (D + 3 * D))
     out_bound = 1.0 / math.sqrt(D)
     params = {}
@@ -80,7 +83,7 @@ def init_multihead(D, rng, dtype=np.float32):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Heads
+# Heads, and the linear maps around them
 
 
 def split_heads(x, n_heads):
@@ -126,7 +129,8 @@ def _check_inputs(x_q, x_kv, params, n_heads, rope, rope_offset, bias):
         raise ValueError(f"rope=True needs an even head width Dh = D / n_heads, "
                          f"got {D} / {n_heads} = {D // n_heads}")
     S = x_kv.shape[1]
-    if rope and (not isinstance(rope_offset, (int, np.integer)) or rope_offset < max(0, T - S)):
+    if rope and (isinstance(rope_offset, bool) or not isinstance(rope_offset, (int, np.integer))
+                 or rope_offset < max(0, T - S)):
         raise ValueError(f"rope_offset must be an integer >= max(0, T - S) = {max(0, T - S)} "
                          f"(query 0 sits at rope_offset + S - T and positions are >= 0), "
                          f"got {rope_offset!r} with T = {T}, S = {S}")
@@ -140,8 +144,6 @@ def _check_inputs(x_q, x_kv, params, n_heads, rope, rope_offset, bias):
         if params[name].dtype != x_q.dtype:
             raise TypeError(f"params['{name}'] must have dtype {x_q.dtype} like x_q, "
                             f"got {params[name].dtype}")
-    if bias is not None and bias.dtype != x_q.dtype:
-        raise TypeError(f"bias must have dtype {x_q.dtype} like x_q (no silent upcast), got {bias.dtype}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,7 +152,8 @@ def _check_inputs(x_q, x_kv, params, n_heads, rope, rope_offset, bias):
 
 def multihead_forward(x_q, x_kv, params, n_heads, mask=None, causal=False, rope=False, rope_offset=0,
                       bias=None):
-    """out = Concat(head_1, ..., head_H) W_O + b_O, head_h = Attention(x_q W_Q^h, x_kv W_K^h, x_kv W_V^h).
+    """out = Concat(head_1, ..., head_H) W_O + b_O,
+    head_h = Attention(x_q W_Q^h + b_Q^h, x_kv W_K^h + b_K^h, x_kv W_V^h + b_V^h).
 
     x_q (B, T, D) the queries' sequence; x_kv (B, S, D) the sequence attended to (x_q again for
     self-attention). params: init_multihead's dict. n_heads: H, which must divide D.
@@ -161,8 +164,8 @@ def multihead_forward(x_q, x_kv, params, n_heads, mask=None, causal=False, rope=
     rope: rotate each head's q and k with RoPE; key j at position rope_offset + j, query t at
       rope_offset + (S - T) + t (bottom-right, see the module docstring; the default rope_offset = 0
       is right when x_q is the last T tokens of x_kv). Needs an even Dh, and rope_offset >= T - S.
-    bias: float of x_q's dtype, broadcastable to (B, H, T, S), added to every head's scores
-      (ALiBi: positional.alibi_bias(H, T, S, dtype=x_q.dtype)).
+    bias: float, broadcastable to (B, H, T, S), added to every head's scores; attention_forward casts
+      it to x_q's dtype, so a float64 table cannot upcast float32 (ALiBi: positional.alibi_bias(H, T, S)).
     Returns out (B, T, D) and cache = {'x_q', 'x_kv', 'params', 'n_heads', 'concat', 'rope', 'attn'}.
     The per-head attention weights (B, H, T, S), for plots, are cache['attn']['weights'].
     """
@@ -197,7 +200,7 @@ def multihead_backward(dout, cache):
     # out = concat W_o + b_o
     dconcat, grads["W_o"], grads["b_o"] = _linear_backward(dout, cache["concat"], params["W_o"])  # (B, T, D)
     # concat = merge_heads(heads), heads = attention(q, k, v): one batched backward for all heads
-    dq, dk, dv = attention_backward(split_heads(dconcat, n_heads), cache["attn"])  # (B, H, T|S|S, Dh)
+    dq, dk, dv = attention_backward(split_heads(dconcat, n_heads), cache["attn"])  # dq (B, H, T, Dh), dk, dv (B, H, S, Dh)
     if cache["rope"] is not None:
         rope_q, rope_k = cache["rope"]
         dq = rope_backward(dq, rope_q)                                 # (B, H, T, Dh) rotate back
