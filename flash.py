@@ -34,10 +34,14 @@ gradient. Extra memory beyond inputs and outputs is O(T) for m, l, lse and O(blo
 tile of scores, never O(T * S).
 
 Shapes: q (..., T, Dh), k (..., S, Dh), v (..., S, Dh). NumPy arrays (and CuPy float64 ones) take the
-tiled NumPy path below; CuPy float32 arrays run the CUDA kernels of the GPU section (Dh up to 128).
-Imports attention.py (input checks and the array-module helper).
+tiled NumPy path below; CuPy float32 arrays run the CUDA kernels of the GPU section (Dh up to 128),
+built for sm_80 (A100) and sm_90 (H100, H200). With Dh > 64 a block needs 116 to 150 KiB of shared
+memory, more than consumer GPUs (sm_86, sm_89: 99 KiB) give one, so there keep Dh <= 64.
+tests/cuda runs the same kernels on a CPU.
+Imports attention.py (check_attention_inputs, get_xp, sum_to_shape; the demo also attention_forward).
 """
 import collections
+import functools
 import math
 
 import numpy as np
@@ -45,11 +49,16 @@ import numpy as np
 from attention import check_attention_inputs, get_xp, sum_to_shape
 
 
-def _causal_tile(r0, r1, c0, c1, T, S, xp):
-    """Boolean (r1 - r0, c1 - c0): query r may attend key c iff c <= r + (S - T), absolute indices."""
-    rows = xp.arange(r0, r1)[:, None]                          # (block_q, 1)
-    cols = xp.arange(c0, c1)[None, :]                          # (1, block_k)
-    return cols <= rows + (S - T)
+def _tile_scores(Q_i, K_j, r0, c0, T, S, causal, scale):
+    """S_ij = Q_i K_j^T * scale for the tile whose first query is r0 and first key c0; with causal,
+    -inf where query r may not attend key c (allowed iff c <= r + (S - T), absolute positions)."""
+    xp = get_xp(Q_i)
+    S_ij = (Q_i @ xp.swapaxes(K_j, -1, -2)) * scale            # (..., bq, bk)
+    if causal:
+        rows = r0 + xp.arange(Q_i.shape[-2])[:, None]          # (bq, 1) absolute query positions
+        cols = c0 + xp.arange(K_j.shape[-2])[None, :]          # (1, bk) absolute key positions
+        S_ij = xp.where(cols <= rows + (S - T), S_ij, -xp.inf)
+    return S_ij
 
 
 def _tile_is_future(r1, c0, T, S):
@@ -59,7 +68,7 @@ def _tile_is_future(r1, c0, T, S):
 
 def _check_blocks(block_q, block_k):
     for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(b, (int, np.integer)) or b < 1:
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
             raise ValueError(f"{name} must be a positive integer, got {b!r}")
 
 
@@ -73,11 +82,10 @@ def _flash_forward_numpy(q, k, v, causal, scale, block_q, block_k):
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     out = xp.zeros(lead + (T, v.shape[-1]), dtype=q.dtype)    # (..., T, Dh)
     lse = xp.zeros(lead + (T,), dtype=q.dtype)                 # (..., T)
-    neg_inf = q.dtype.type(-np.inf)
     for r0 in range(0, T, block_q):
         r1 = min(r0 + block_q, T)                              # the last tile may be partial
         Q_i = q[..., r0:r1, :]                                 # (..., bq, Dh)
-        m = xp.full(lead + (r1 - r0,), neg_inf, dtype=q.dtype)  # (..., bq) running row max
+        m = xp.full(lead + (r1 - r0,), -np.inf, dtype=q.dtype)  # (..., bq) running row max
         l = xp.zeros(lead + (r1 - r0,), dtype=q.dtype)         # (..., bq) running row sum
         O = xp.zeros(lead + (r1 - r0, v.shape[-1]), dtype=q.dtype)  # (..., bq, Dh) unnormalised
         for c0 in range(0, S, block_k):
@@ -85,9 +93,7 @@ def _flash_forward_numpy(q, k, v, causal, scale, block_q, block_k):
                 break                                          # every later tile is further in the future
             c1 = min(c0 + block_k, S)
             K_j, V_j = k[..., c0:c1, :], v[..., c0:c1, :]      # (..., bk, Dh)
-            S_ij = (Q_i @ xp.swapaxes(K_j, -1, -2)) * scale    # (..., bq, bk)
-            if causal:
-                S_ij = xp.where(_causal_tile(r0, r1, c0, c1, T, S, xp), S_ij, neg_inf)
+            S_ij = _tile_scores(Q_i, K_j, r0, c0, T, S, causal, scale)  # (..., bq, bk)
             m_new = xp.maximum(m, S_ij.max(axis=-1))           # (..., bq)
             # A row that has seen only -inf so far keeps m_new = -inf; shifting by 0 instead keeps
             # exp(-inf - 0) = 0 where exp(-inf - (-inf)) would be NaN.
@@ -99,7 +105,7 @@ def _flash_forward_numpy(q, k, v, causal, scale, block_q, block_k):
             m = m_new
         empty = l == 0                                         # rows with no allowed key
         out[..., r0:r1, :] = O / xp.where(empty, 1, l)[..., None]
-        lse[..., r0:r1] = xp.where(empty, neg_inf, m + xp.log(xp.where(empty, 1, l)))
+        lse[..., r0:r1] = xp.where(empty, -xp.inf, m + xp.log(xp.where(empty, 1, l)))
     return out, lse
 
 
@@ -111,7 +117,9 @@ def _flash_backward_numpy(dout, q, k, v, out, lse, causal, scale, block_q, block
     dk = xp.zeros(lead + k.shape[-2:], dtype=k.dtype)          # (..., S, Dh)
     dv = xp.zeros(lead + v.shape[-2:], dtype=v.dtype)          # (..., S, Dh)
     delta = (dout * out).sum(axis=-1)                          # (..., T) rowsum(dO * O)
-    lse_safe = xp.where(xp.isneginf(lse), 0, lse)              # empty rows: their S_ij are all -inf anyway
+    # A row with no allowed key (causal with T > S: flash takes no mask, so that is the only way) has
+    # lse = -inf and every S_ij = -inf; shifting it by 0 gives P = exp(-inf) = 0 instead of NaN.
+    lse_safe = xp.where(xp.isneginf(lse), 0, lse)              # (..., T)
     for c0 in range(0, S, block_k):
         c1 = min(c0 + block_k, S)
         K_j, V_j = k[..., c0:c1, :], v[..., c0:c1, :]          # (..., bk, Dh)
@@ -120,9 +128,7 @@ def _flash_backward_numpy(dout, q, k, v, out, lse, causal, scale, block_q, block
             if causal and _tile_is_future(r1, c0, T, S):
                 continue                                       # this query tile sees none of these keys
             Q_i, dO_i = q[..., r0:r1, :], dout[..., r0:r1, :]  # (..., bq, Dh)
-            S_ij = (Q_i @ xp.swapaxes(K_j, -1, -2)) * scale    # (..., bq, bk) recomputed
-            if causal:
-                S_ij = xp.where(_causal_tile(r0, r1, c0, c1, T, S, xp), S_ij, -xp.inf)
+            S_ij = _tile_scores(Q_i, K_j, r0, c0, T, S, causal, scale)  # (..., bq, bk) recomputed
             P = xp.exp(S_ij - lse_safe[..., r0:r1, None])      # (..., bq, bk) = forward's softmax
             dv[..., c0:c1, :] += xp.swapaxes(P, -1, -2) @ dO_i  # (..., bk, Dh)
             dP = dO_i @ xp.swapaxes(V_j, -1, -2)               # (..., bq, bk)
@@ -315,7 +321,7 @@ __device__ __forceinline__ void load_tile(float* tile, const float* src, int n_r
 
 // acc[r][c] += A[row0 + r, :] . B[lane + 16 c, :]: this thread's 4 x 4 block of A B^T (A, B 64 x HEAD
 // tiles in shared memory). Each step is 8 float4 loads feeding 64 independent FMAs; the loop stays
-// rolled so that HEAD <= 64 fits in 128 registers (two blocks per SM) and compiles quickly.
+// rolled so that HEAD <= 64 fits in 128 registers (register-wise two blocks per SM) and compiles quickly.
 template <int HEAD>
 __device__ __forceinline__ void rows_dot_rows(float (&acc)[ROWS][COLS_S], const float* A, const float* B,
                                               int row0, int lane) {
@@ -436,6 +442,7 @@ __device__ __forceinline__ void flash_forward(float* smem, const float* __restri
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       // m_new = max(m, rowmax(S))
+      static_assert(COLS_S == 4, "the row max below reads exactly four score columns");
       float row_max = fmaxf(fmaxf(s[r][0], s[r][1]), fmaxf(s[r][2], s[r][3]));
       const float m_new = fmaxf(m[r], group_max(row_max));
       // A row that has seen no allowed key has m_new = -inf: shift by 0 instead, so that
@@ -656,7 +663,9 @@ __device__ __forceinline__ void flash_backward_dkdv(float* smem, const float* __
 }
 
 // ---- The kernels CuPy launches: one set per compiled head width ----
-// Up to HEAD = 64 a thread needs at most 128 registers, so two blocks share an SM.
+// Up to HEAD = 64 a thread needs at most 128 registers, so registers allow two blocks per SM. Shared memory
+// allows it too for the forward (HEAD = 64: 68 KiB a block); the backward kernels' 85 KiB a block fit
+// twice in an sm_90 SM (228 KiB) but once in an sm_80 one (164 KiB).
 #define FLASH_KERNELS(HEAD)                                                                              \
   extern "C" __global__ void __launch_bounds__(THREADS, HEAD <= 64 ? 2 : 1)                              \
       flash_forward_##HEAD(const float* q, const float* k, const float* v, float* out, float* lse,       \
@@ -752,17 +761,16 @@ def _backward_launches(q, k, v, out, lse, dout, dq, dk, dv, causal, scale):
 CUDA_COMPILE_OPTIONS = ("--std=c++17",)  # NVRTC options of the kernels (tests/cuda compiles with the same)
 
 
-def _cuda_module(options=CUDA_COMPILE_OPTIONS, _compiled={}):
+@functools.cache
+def _cuda_module(options=CUDA_COMPILE_OPTIONS):
     """FLASH_KERNEL_SOURCE as a cupy.RawModule, compiled on first use and kept, one per option set.
 
-    (The dict is a default argument so that it lives as long as the function, and importing flash.py
+    functools.cache keeps one module per option set for the life of the process, and importing flash.py
     compiles nothing. NVRTC takes about half a minute for all the kernels; CuPy also keeps the binary
-    in its on-disk kernel cache, so later processes skip that.)
+    in its on-disk kernel cache, so later processes skip that.
     """
-    if options not in _compiled:
-        import cupy
-        _compiled[options] = cupy.RawModule(code=FLASH_KERNEL_SOURCE, options=options)
-    return _compiled[options]
+    import cupy
+    return cupy.RawModule(code=FLASH_KERNEL_SOURCE, options=options)
 
 
 def _run_on_gpu(launches):
@@ -871,7 +879,6 @@ def flash_attention_backward(dout, cache):
 
 if __name__ == "__main__":
     import argparse
-    import time
 
     from attention import attention_forward
 
@@ -880,17 +887,15 @@ if __name__ == "__main__":
     parser.add_argument("--Dh", type=int, default=64, help="head width")
     args = parser.parse_args()
 
+    # Times belong in benchmarks/bench_flash_cpu.py (warm-up, best of several runs); this shows equality.
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, args.T, args.Dh)).astype(np.float32) for _ in range(3))
     for causal in (False, True):
-        start = time.perf_counter()
-        full, _ = attention_forward(q, k, v, causal=causal)
-        mid = time.perf_counter()
+        full, full_cache = attention_forward(q, k, v, causal=causal)
         flash, cache = flash_attention_forward(q, k, v, causal=causal, block_q=128, block_k=128)
-        end = time.perf_counter()
         err = float(np.abs(full - flash).max())
-        print(f"causal={causal!s:5}  T={args.T}  max |flash - full| = {err:.1e}  "
-              f"full {mid - start:.3f} s, flash {end - mid:.3f} s; flash kept lse {cache['lse'].shape} "
-              f"instead of weights {(2, args.T, args.T)}")
+        print(f"causal={causal!s:5}  T={args.T}  max |flash - full| = {err:.1e};  full attention kept "
+              f"weights {full_cache['weights'].shape}, flash kept only lse {cache['lse'].shape}")
         assert err < 1e-5, "float32 flash and full attention must agree to rounding"  # sums of <= T terms
+        assert cache["lse"].shape == (2, args.T) and "weights" not in cache
     print("Flash attention gives the same output as full attention without the T x S matrix.")

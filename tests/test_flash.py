@@ -132,12 +132,14 @@ def test_broadcast_leading_axes_sum_their_gradients():
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-11)
 
 
-def test_flash_never_holds_a_T_by_S_array():
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_never_holds_a_T_by_S_array_forward_or_backward(causal):
     # tracemalloc sees every NumPy allocation. Full attention's peak holds several T x S arrays; flash
-    # holds the inputs' size plus one block_q x block_k tile.
+    # holds the inputs' size (the outputs, or dq, dk, dv) plus one block_q x block_k tile.
     rng = np.random.default_rng(4)
     T = S = 1024
     q, k, v = (rng.standard_normal((1, n, 16)) for n in (T, S, S))
+    dout = rng.standard_normal((1, T, 16))
     scores_bytes = T * S * 8
 
     def peak(fn):
@@ -148,10 +150,33 @@ def test_flash_never_holds_a_T_by_S_array():
         del result
         return size
 
-    full_peak = peak(lambda: attention_forward(q, k, v, causal=True))
-    flash_peak = peak(lambda: flash_attention_forward(q, k, v, causal=True, block_q=64, block_k=64))
-    assert full_peak >= scores_bytes                           # it holds at least the weights
-    assert flash_peak < scores_bytes / 8                       # outputs and a tile: about 3 % of T x S here
+    blocks = dict(block_q=64, block_k=64)
+    _, full_cache = attention_forward(q, k, v, causal=causal)
+    _, flash_cache = flash_attention_forward(q, k, v, causal=causal, **blocks)
+    full_peaks = (peak(lambda: attention_forward(q, k, v, causal=causal)),
+                  peak(lambda: attention_backward(dout, full_cache)))
+    flash_peaks = (peak(lambda: flash_attention_forward(q, k, v, causal=causal, **blocks)),
+                   peak(lambda: flash_attention_backward(dout, flash_cache)))
+    for full_peak, flash_peak in zip(full_peaks, flash_peaks):
+        assert full_peak >= scores_bytes                       # it holds at least one T x S array
+        assert flash_peak < scores_bytes / 8                   # inputs' size and a tile: ~7 % of T x S here
+
+
+def test_launch_plan_constants_match_the_kernel_source():
+    # _forward_launches / _backward_launches size grids and shared memory from Python copies of the
+    # kernels' tile constants; if one side changed alone, launches would be silently wrong.
+    import re
+
+    import flash
+
+    def constant(name):
+        return re.search(rf"constexpr int {name} = ([^;]+);", flash.FLASH_KERNEL_SOURCE).group(1).strip()
+
+    assert int(constant("BLOCK_Q")) == int(constant("BLOCK_K")) == flash._TILE
+    assert int(constant("THREADS")) == flash._THREADS
+    assert constant("P_STRIDE") == "BLOCK_K + 4" and flash._P_TILE == flash._TILE * (flash._TILE + 4)
+    assert "static constexpr int STRIDE = HEAD + 4;" in flash.FLASH_KERNEL_SOURCE
+    assert flash._shared_tile(64) == flash._TILE * (64 + 4)
 
 
 def test_dtype_preserved_and_inputs_untouched():
