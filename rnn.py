@@ -24,7 +24,7 @@ Backpropagation through time (BPTT) runs the same loop backwards: the gradient r
 upstream dhs[:, t] plus what step t+1 sends back, and the weight gradients sum over all steps.
 
 Gate layouts follow PyTorch, so weights copy across from torch.nn.RNN / LSTM / GRU (batch_first=True):
-W_x = weight_ih_l0.T, W_h = weight_hh_l0.T; RNN and LSTM use one bias b = bias_ih + bias_hh; the GRU keeps
+W_x = weight_ih_l0.T, W_h = weight_hh_l0.T; the RNN's b_h and the LSTM's b are bias_ih + bias_hh; the GRU keeps
 b_x = bias_ih and b_h = bias_hh apart, because b_hn sits inside r * (.).
 
 On top: a character-level language model (embedding, recurrent core, softmax cross-entropy), Adam, gradient
@@ -56,7 +56,11 @@ def sigmoid(a):
 
 
 def _uniform(rng, shape, Hd, dtype):
-    """PyTorch's init for recurrent layers: every weight and bias ~ U(-1/sqrt(Hd), 1/sqrt(Hd))."""
+    """PyTorch's init for recurrent layers: every weight and bias ~ U(-1/sqrt(Hd), 1/sqrt(Hd)).
+
+    One difference: PyTorch draws bias_ih and bias_hh separately, so its summed RNN/LSTM bias spans
+    +-2/sqrt(Hd); here b_h and b are a single draw, half as wide (the GRU's b_x, b_h are as PyTorch's).
+    """
     bound = 1.0 / np.sqrt(Hd)
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
@@ -120,7 +124,7 @@ def _previous_states(h0, hs):
     return xp.concatenate([h0[:, None], hs[:, :-1]], axis=1)
 
 
-def _matmul_over_time(a, b):
+def matmul_over_time(a, b):
     """sum over B and T of a^T b: (B, T, P), (B, T, Q) -> (P, Q), a weight gradient summed over all steps."""
     return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
 
@@ -160,8 +164,8 @@ def rnn_backward(dhs, cache):
         dh = dhs[:, t] + dh_next                               # h_t feeds the output and step t+1: sum
         da[:, t] = dh * (1 - hs[:, t] ** 2)                    # h_t = tanh(a_t)
         dh_next = da[:, t] @ params["W_hh"].T                  # a_t = ... + h_{t-1} W_hh
-    grads = {"W_xh": _matmul_over_time(x, da),                 # (D, Hd)  summed over every step
-             "W_hh": _matmul_over_time(_previous_states(h0, hs), da),  # (Hd, Hd)
+    grads = {"W_xh": matmul_over_time(x, da),                 # (D, Hd)  summed over every step
+             "W_hh": matmul_over_time(_previous_states(h0, hs), da),  # (Hd, Hd)
              "b_h": da.sum(axis=(0, 1))}                       # (Hd,)
     return da @ params["W_xh"].T, dh_next, grads              # dx (B, T, D), dh0 (B, Hd)
 
@@ -225,8 +229,8 @@ def lstm_backward(dhs, cache, dc_T=None):
                                    dh * tanh_c * o * (1 - o)], axis=1)  # o = sigmoid(a_o)
         dc_next = dc * f                                       # c_t = f * c_{t-1} + ...
         dh_next = da[:, t] @ params["W_h"].T                   # a = ... + h_{t-1} W_h
-    grads = {"W_x": _matmul_over_time(x, da),                  # (D, 4Hd)
-             "W_h": _matmul_over_time(_previous_states(h0, hs), da),  # (Hd, 4Hd)
+    grads = {"W_x": matmul_over_time(x, da),                  # (D, 4Hd)
+             "W_h": matmul_over_time(_previous_states(h0, hs), da),  # (Hd, 4Hd)
              "b": da.sum(axis=(0, 1))}                         # (4Hd,)
     return da @ params["W_x"].T, dh_next, dc_next, grads      # dx, dh0, dc0
 
@@ -288,7 +292,7 @@ def gru_backward(dhs, cache):
         da_x[:, t] = xp.concatenate([dr_pre, dz_pre, dn_pre], axis=1)
         da_h[:, t] = xp.concatenate([dr_pre, dz_pre, dn_pre * r], axis=1)
         dh_next = dh * z + da_h[:, t] @ params["W_h"].T        # h_{t-1} reaches h_t directly and via W_h
-    grads = {"W_x": _matmul_over_time(x, da_x), "W_h": _matmul_over_time(h_prevs, da_h),
+    grads = {"W_x": matmul_over_time(x, da_x), "W_h": matmul_over_time(h_prevs, da_h),
              "b_x": da_x.sum(axis=(0, 1)), "b_h": da_h.sum(axis=(0, 1))}
     return da_x @ params["W_x"].T, dh_next, grads             # dx, dh0
 
@@ -403,7 +407,7 @@ def hidden_jacobian_norms(cell, x, params):
     xp = get_xp(x)
     T, D = x.shape
     Hd = params["W_hh" if cell == "rnn" else "W_h"].shape[0]
-    states = [zero_state(cell, Hd, Hd, xp, x.dtype)]          # states[t]: after t steps, Hd identical copies
+    states = [zero_state(cell, B=Hd, Hd=Hd, xp=xp, dtype=x.dtype)]  # states[t]: after t steps; a batch of Hd copies
     caches = []
     for t in range(T):
         x_t = xp.broadcast_to(x[t], (Hd, 1, D))                # (Hd, 1, D) step t in every copy
@@ -442,7 +446,7 @@ def init_char_lm(V, E, Hd, rng, cell="lstm", dtype=np.float32):
             "W_out": _uniform(rng, (Hd, V), Hd, dtype), "b_out": np.zeros(V, dtype=dtype)}
 
 
-def _check_ids(name, ids, V, shape=None):
+def check_ids(name, ids, V, shape=None):
     """Raise TypeError/ValueError unless ids is an integer (B, T) array (of `shape`) with values in [0, V)."""
     if not hasattr(ids, "dtype") or ids.dtype.kind not in "iu":
         got = getattr(ids, "dtype", type(ids))
@@ -479,7 +483,7 @@ def cross_entropy_backward(probs, targets):
 def embedding_backward(dx, ids, V):
     """dtable (V, E) for x = table[ids] = one_hot(ids) table: a row used at several positions sums them."""
     xp = get_xp(dx)
-    return _matmul_over_time(xp.eye(V, dtype=dx.dtype)[ids], dx)  # (V, E)
+    return matmul_over_time(xp.eye(V, dtype=dx.dtype)[ids], dx)  # (V, E)
 
 
 def char_lm_forward(ids, targets, params, cell="lstm"):
@@ -491,8 +495,8 @@ def char_lm_forward(ids, targets, params, cell="lstm"):
     Returns loss (a float) and cache = (ids, targets, hs, probs, core_cache, params, cell).
     """
     V = params["embed"].shape[0]
-    _check_ids("ids", ids, V)
-    _check_ids("targets", targets, V, ids.shape)
+    check_ids("ids", ids, V)
+    check_ids("targets", targets, V, ids.shape)
     xp = get_xp(params["embed"])
     x = params["embed"][ids]                                   # (B, T, E)
     state = zero_state(cell, ids.shape[0], params["W_out"].shape[0], xp, x.dtype)
@@ -509,7 +513,7 @@ def char_lm_backward(cache):
     dx, _, dcore = cell_backward(cell, dhs, core_cache)        # (B, T, E)
     return {"embed": embedding_backward(dx, ids, probs.shape[-1]),  # (V, E)
             "core": dcore,
-            "W_out": _matmul_over_time(hs, dlogits),           # (Hd, V)
+            "W_out": matmul_over_time(hs, dlogits),           # (Hd, V)
             "b_out": dlogits.sum(axis=(0, 1))}                 # (V,)
 
 

@@ -66,12 +66,17 @@ def test_attention_decoder_beats_the_plain_one_on_long_sequences():
     assert accuracy[False] < 0.4 < 0.8 < accuracy[True]
 
 
-def test_seq2seq_rejects_float_or_mismatched_token_arrays():
+def test_seq2seq_rejects_float_mismatched_or_out_of_range_tokens():
     params, src, tgt = tiny_seq2seq(np, attend=True)
-    with pytest.raises(ValueError, match=r"src and tgt must be integer arrays of one shape \(B, L\)"):
+    K = params["b_out"].shape[0]
+    with pytest.raises(TypeError, match=r"src must be an integer array"):
         experiment.seq2seq_forward(src.astype(np.float64), tgt, params, True)
-    with pytest.raises(ValueError, match=r"got \(2, 3\) int64 and \(2, 2\) int64"):
+    with pytest.raises(ValueError, match=r"tgt must have shape \(B, T\) = \(2, 3\), got \(2, 2\)"):
         experiment.seq2seq_forward(src, tgt[:, :2], params, True)
+    with pytest.raises(ValueError, match=rf"src must hold ids in \[0, {K}\), got values in \[-1, "):
+        experiment.seq2seq_forward(np.where(src == src[0, 0], -1, src), tgt, params, True)
+    with pytest.raises(ValueError, match=rf"tgt must hold ids in \[0, {K}\)"):
+        experiment.seq2seq_forward(src, np.full_like(tgt, K), params, True)   # K is the start symbol
 
 
 def test_the_recurrence_grows_with_length_and_loses_to_attention_at_equal_arithmetic():
