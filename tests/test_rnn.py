@@ -1,5 +1,9 @@
 """Tests for rnn.py: BPTT gradients, agreement with torch.nn.RNN/LSTM/GRU, causality, the gradient-norm
 measurement, the character model and its training tools."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -399,3 +403,13 @@ def test_char_lm_rejects_float_ids_out_of_range_ids_and_mismatched_targets():
         rnn.char_lm_forward(ids, np.where(targets == targets.max(), 9, 0), params, "rnn")
     with pytest.raises(ValueError, match=r"targets must have shape \(B, T\) = \(2, 4\), got \(2, 3\)"):
         rnn.char_lm_forward(ids, targets[:, :3], params, "rnn")
+
+
+def test_demo_runs_and_checks_its_measurements(tmp_path):
+    # python rnn.py: trains the char LSTM and prints the gradient-norm table, asserting both (3 s idle).
+    # The figure (saved only where matplotlib is installed) goes to a temporary folder, not the repository.
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rnn.py")
+    result = subprocess.run([sys.executable, script, "--figure", str(tmp_path / "norms.png")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, MPLBACKEND="Agg"))
+    assert result.returncode == 0, result.stderr
+    assert "How much gradient reaches h_t from h_T" in result.stdout
