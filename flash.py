@@ -198,6 +198,9 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 static_assert((THREADS / GROUP) * ROWS == BLOCK_Q && BLOCK_Q == BLOCK_K, "a group's rows tile the block");
 static_assert(GROUP * COLS_S == BLOCK_K, "a group's lanes cover the score columns");
+// float4 access to shared memory faults on a GPU unless its address is a multiple of 16 bytes (a CPU does
+// not care): every shared row, and so every tile, must start on a multiple of 4 floats.
+static_assert(P_STRIDE % 4 == 0, "rows of the shared P / dS tile start on 16-byte boundaries");
 
 // Sizes that follow from the compiled head width HEAD.
 template <int HEAD>
@@ -208,6 +211,7 @@ struct Width {
   static constexpr int CHUNKS = COLS / VEC;
   static constexpr int TILE = BLOCK_Q * STRIDE;                // floats of one shared 64 x HEAD tile
   static constexpr int SLOTS = BLOCK_Q * HEAD / 4 / THREADS;   // float4s per thread in a tile copy
+  static_assert(STRIDE % 4 == 0, "rows of a shared tile start on 16-byte boundaries (float4 access)");
 };
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
@@ -774,6 +778,15 @@ def _cuda_module(options=CUDA_COMPILE_OPTIONS):
 
 
 def _run_on_gpu(launches):
+    import cupy
+    runtime = cupy.cuda.runtime
+    # Beyond 48 KiB a block's shared memory is opt-in, up to a per-GPU limit (sm_80: 163 KiB, sm_90:
+    # 227 KiB, sm_86 / sm_89: 99 KiB). Past it the launch fails with a bare CUDA "invalid argument".
+    limit = runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, cupy.cuda.Device().id)
+    needed = max((launch.shared_mem for launch in launches), default=0)
+    if needed > limit:
+        raise ValueError(f"the CUDA kernels for this head width need {needed} bytes of shared memory a block, "
+                         f"this GPU gives at most {limit}: use a narrower head or float64 (the tiled path)")
     module = _cuda_module()
     for launch in launches:
         kernel = module.get_function(launch.kernel)
@@ -809,10 +822,11 @@ def _flash_forward_cuda(q, k, v, causal, scale):
         raise ValueError(f"the CUDA kernels need v's width to equal q's, Dh = {q.shape[-1]}; got v {v.shape}")
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     (T, Dh), BH = q.shape[-2:], math.prod(lead)
-    out = xp.empty((BH, T, Dh), dtype=np.float32)              # (BH, T, Dh) every entry written
-    lse = xp.empty((BH, T), dtype=np.float32)                  # (BH, T)
-    q3, k3, v3 = (_as_heads(x, lead) for x in (q, k, v))
-    _run_on_gpu(_forward_launches(q3, k3, v3, out, lse, causal, scale))
+    with q.device:                                             # allocate and launch on q's GPU
+        out = xp.empty((BH, T, Dh), dtype=np.float32)          # (BH, T, Dh) every entry written
+        lse = xp.empty((BH, T), dtype=np.float32)              # (BH, T)
+        q3, k3, v3 = (_as_heads(x, lead) for x in (q, k, v))
+        _run_on_gpu(_forward_launches(q3, k3, v3, out, lse, causal, scale))
     return out.reshape(lead + (T, Dh)), lse.reshape(lead + (T,))
 
 
@@ -823,11 +837,12 @@ def _flash_backward_cuda(dout, q, k, v, out, lse, causal, scale):
                         f"{type(dout).__name__} {dout.dtype}")
     xp = get_xp(q)
     lead, (T, Dh), S = out.shape[:-2], q.shape[-2:], k.shape[-2]
-    q3, k3, v3 = (_as_heads(x, lead) for x in (q, k, v))
-    out3, dout3 = (_as_heads(x, lead) for x in (out, dout))
-    dq, dk, dv = (xp.empty_like(x) for x in (q3, k3, v3))      # (BH, T, Dh), (BH, S, Dh) x 2
-    lse2 = lse.reshape(math.prod(lead), T)                     # (BH, T)
-    _run_on_gpu(_backward_launches(q3, k3, v3, out3, lse2, dout3, dq, dk, dv, causal, scale))
+    with q.device:                                             # allocate and launch on q's GPU
+        q3, k3, v3 = (_as_heads(x, lead) for x in (q, k, v))
+        out3, dout3 = (_as_heads(x, lead) for x in (out, dout))
+        dq, dk, dv = (xp.empty_like(x) for x in (q3, k3, v3))  # (BH, T, Dh), (BH, S, Dh) x 2
+        lse2 = lse.reshape(math.prod(lead), T)                 # (BH, T)
+        _run_on_gpu(_backward_launches(q3, k3, v3, out3, lse2, dout3, dq, dk, dv, causal, scale))
     return dq.reshape(lead + (T, Dh)), dk.reshape(lead + (S, Dh)), dv.reshape(lead + (S, Dh))
 
 

@@ -207,6 +207,18 @@ def test_every_launch_fits_the_device(cp):
     assert max(launch.shared_mem for launch in plans) <= opt_in
 
 
+def test_a_gpu_with_less_shared_memory_raises_value_error_for_wide_heads_and_runs_dh_64(cp, monkeypatch):
+    # Consumer GPUs (sm_86, sm_89) give a block at most 99 KiB; Dh = 128 needs 116 KiB in the forward.
+    monkeypatch.setattr(cp.cuda.runtime, "deviceGetAttribute", lambda attribute, device: 99 * 1024)
+    wide = cp.zeros((1, 70, 128), dtype=cp.float32)
+    with pytest.raises(ValueError, match="need 118784 bytes of shared memory a block, this GPU gives at most 101376"):
+        flash_attention_forward(wide, wide, wide)
+    narrow = cp.ones((1, 70, 64), dtype=cp.float32)            # 85.5 KiB at most: fits
+    out, cache = flash_attention_forward(narrow, narrow, narrow)
+    assert all(bool(cp.all(g == 0)) for g in flash_attention_backward(cp.zeros_like(out), cache))
+    assert bool(cp.allclose(out, 1, rtol=1e-6, atol=0))       # equal scores average v = 1; float32 rounding
+
+
 def test_kernels_compile_once_and_import_compiles_nothing(cp):
     assert _cuda_module() is _cuda_module()
     # A fresh interpreter that imports flash.py has compiled nothing yet.
