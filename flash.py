@@ -35,7 +35,7 @@ tile of scores, never O(T * S).
 
 Shapes: q (..., T, Dh), k (..., S, Dh), v (..., S, Dh). NumPy arrays (and CuPy float64 ones) take the
 tiled NumPy path below; CuPy float32 arrays run the CUDA kernels of the GPU section (Dh up to 128),
-built for sm_80 (A100) and sm_90 (H100, H200). With Dh > 64 a block needs 116 to 150 KiB of shared
+built for sm_80 (A100) and sm_90 (H100, H200). With Dh > 64 a block needs 92 to 150 KiB of shared
 memory, more than consumer GPUs (sm_86, sm_89: 99 KiB) give one, so there keep Dh <= 64.
 tests/cuda runs the same kernels on a CPU.
 Imports attention.py (check_attention_inputs, get_xp, sum_to_shape; the demo also attention_forward).
@@ -818,6 +818,7 @@ def _as_heads(x, lead):
 def _flash_forward_cuda(q, k, v, causal, scale):
     xp = get_xp(q)
     _kernel_width(q.shape[-1])                                 # Dh > 128 raises before any work
+    _tiles(k.shape[-2])                                        # so does an S the backward's grid cannot take
     if v.shape[-1] != q.shape[-1]:
         raise ValueError(f"the CUDA kernels need v's width to equal q's, Dh = {q.shape[-1]}; got v {v.shape}")
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])

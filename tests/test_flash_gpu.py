@@ -195,6 +195,10 @@ def test_sequences_beyond_the_grid_limit_raise_value_error(cp):
     q = cp.zeros((1, T, 4), dtype=cp.float32)
     with pytest.raises(ValueError, match=f"sequences up to {65535 * 64} long, got {T}"):
         flash_attention_forward(q, q[:, :8], q[:, :8])
+    # A key sequence that long: the forward's grid would take it, the backward's (one block per key
+    # tile) would not, so the forward refuses it up front.
+    with pytest.raises(ValueError, match=f"sequences up to {65535 * 64} long, got {T}"):
+        flash_attention_forward(q[:, :8], q, q)
 
 
 def test_every_launch_fits_the_device(cp):
