@@ -3,18 +3,23 @@
 - Hypothesis profiles: "fast" (default) and "thorough" (HYPOTHESIS_PROFILE=thorough python -m pytest).
 - The `gpu` marker: such tests are skipped unless CuPy is installed *and* sees a CUDA device
   (importing cupy succeeds without a GPU, so importorskip would not be enough).
-- The `xp` fixture: runs a test once with NumPy arrays and once with CuPy arrays (the CuPy run is
-  marked `gpu`), so the CuPy path of every file is tested by the same test.
+- The `xp` fixture: runs a test with NumPy arrays, with "CuPy on a CPU" (tests/cuda/cupy_on_cpu.py: a
+  `cupy` whose arrays live in host memory and whose RawKernels run on the CPU), and with CuPy arrays on
+  a GPU (marked `gpu`). So the CuPy path of every file runs in every test session, and on a GPU too.
 """
 import os
+import shutil
 import sys
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-# Tests import the concept files from the repository root, as a student running `python -m pytest` would.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Tests import the concept files from the repository root, as a student running `python -m pytest` would;
+# tests/cuda holds the tools that run CUDA kernels on a CPU (not a package: found through the path).
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(TESTS))
+sys.path.insert(0, os.path.join(TESTS, "cuda"))
 
 settings.register_profile("fast", max_examples=12, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -36,18 +41,47 @@ def cuda_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    if cuda_available():
-        return
-    skip = pytest.mark.skip(reason="needs CuPy with a CUDA device (cupy.is_available() is False)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    import cpu_cuda
+    skips = {"gpu": (not cuda_available(), "needs CuPy with a CUDA device (cupy.is_available() is False)"),
+             "cupy_on_cpu": (shutil.which(cpu_cuda.CXX) is None,
+                             f"CuPy on a CPU needs a C++ compiler ({cpu_cuda.CXX}) to run CUDA kernels")}
+    for marker, (skip, reason) in skips.items():
+        if skip:
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(pytest.mark.skip(reason=reason))
 
 
-@pytest.fixture(scope="session", params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
-def xp(request):
-    """The array module a test runs on: numpy, and cupy where a GPU is present."""
-    if request.param == "numpy":
+# The array modules a test taking `xp` runs on. "cupy-on-cpu" carries the marker `cupy_on_cpu`: while such
+# a test runs (and only then), `import cupy` gives the stand-in, so get_xp and flash.py's dispatch see a
+# CuPy array.
+ARRAY_MODULES = ["numpy", pytest.param("cupy-on-cpu", marks=pytest.mark.cupy_on_cpu),
+                 pytest.param("cupy", marks=pytest.mark.gpu)]
+
+
+def array_module(name):
+    if name == "numpy":
         return np
+    if name == "cupy-on-cpu":
+        import cupy_on_cpu
+        return cupy_on_cpu
     import cupy
     return cupy
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Run a `cupy_on_cpu` test with the stand-in installed as `cupy` (a hook, not a fixture: hypothesis
+    refuses function-scoped fixtures, and the swap must not outlive the test)."""
+    if item.get_closest_marker("cupy_on_cpu") is None:
+        yield
+        return
+    import cupy_on_cpu
+    with cupy_on_cpu.installed():
+        yield
+
+
+@pytest.fixture(scope="session", params=ARRAY_MODULES)
+def xp(request):
+    """The array module a test runs on: numpy, CuPy on a CPU, and cupy where a GPU is present."""
+    return array_module(request.param)

@@ -1,0 +1,182 @@
+"""tests/cuda/cupy_on_cpu.py behaves like CuPy where our code could go wrong.
+
+The "cupy-on-cpu" runs of the other tests are only worth something if the stand-in refuses what CuPy
+refuses and offers only what CuPy offers; these tests prove each rule its docstring states.
+"""
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+import cpu_cuda
+import cupy_on_cpu as cp
+
+EXAMPLES = os.path.join(cpu_cuda.SHIM_DIR, "example_kernels.cu")
+needs_compiler = pytest.mark.skipif(shutil.which(cpu_cuda.CXX) is None,
+                                    reason=f"needs a C++ compiler ({cpu_cuda.CXX}) to build kernels for the CPU")
+
+
+def real_cupy():
+    return pytest.importorskip("cupy", reason="compares the stand-in's names with real CuPy's")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arrays
+
+
+def test_get_array_module_picks_the_stand_in_for_device_arrays_only():
+    device, host = cp.zeros(3), np.zeros(3)
+    assert cp.get_array_module(device) is cp and cp.get_array_module(host, device) is cp
+    assert cp.get_array_module(host) is np and cp.get_array_module(1.0) is np
+
+
+@pytest.mark.parametrize("mix", [
+    lambda d, h: d + h,                                  # a ufunc, device array first
+    lambda d, h: h * d,                                  # a ufunc, host array first
+    lambda d, h: np.concatenate([d, h]),                 # a NumPy function given both
+    lambda d, h: cp.concatenate([d, h]),                 # a CuPy function given a host array
+    lambda d, h: cp.exp(h),                              # a CuPy function given only a host array
+    lambda d, h: cp.where(d > 0, h, d),
+    lambda d, h: np.add(d, d, out=h),                    # writing into a host array
+])
+def test_an_operation_mixing_device_and_host_arrays_raises_type_error(mix):
+    with pytest.raises(TypeError, match="NumPy array given to CuPy"):
+        mix(cp.ones(4), np.ones(4))
+
+
+def test_device_arrays_stay_device_arrays_through_numpy_functions_methods_and_scalars():
+    d = cp.arange(6.0).reshape(2, 3)
+    for result in (d + 1, np.exp(d), np.swapaxes(d, 0, 1), d.T, d[0], d.astype(np.float32), d * np.float32(2)):
+        assert type(result) is cp.ndarray
+    total = d.sum()                                       # CuPy reductions give 0-d arrays, not scalars
+    assert type(total) is cp.ndarray and total.shape == () and float(total) == 15.0
+
+
+def test_in_place_operations_keep_the_array_object():
+    d = cp.zeros(3)
+    before = d
+    d += 1
+    assert d is before and bool(cp.all(d == 1))
+
+
+def test_asarray_copies_host_data_in_and_asnumpy_and_get_copy_it_out():
+    host = np.arange(4.0)
+    device = cp.asarray(host)
+    device[0] = 100.0                                     # the device copy is its own memory
+    assert host[0] == 0.0 and cp.asarray(device) is device
+    for out in (cp.asnumpy(device), device.get()):
+        assert type(out) is np.ndarray and out[0] == 100.0
+        out[1] = -1.0
+    assert float(device[1]) == 1.0                        # and so is each host copy
+
+
+def test_testing_asserts_compare_device_and_host_arrays():
+    cp.testing.assert_allclose(cp.ones(3), np.ones(3) + 1e-9, rtol=1e-6)
+    with pytest.raises(AssertionError):
+        cp.testing.assert_array_equal(cp.ones(3), np.zeros(3))
+
+
+def test_installed_makes_import_cupy_give_the_stand_in_only_inside_the_block():
+    before = sys.modules.get("cupy")
+    with cp.installed():
+        import cupy
+        assert cupy is cp
+    assert sys.modules.get("cupy") is before
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@pytest.fixture(scope="module")
+def module():
+    return cp.RawModule(code=open(EXAMPLES).read())
+
+
+@needs_compiler
+def test_a_raw_kernel_runs_on_device_arrays(module):
+    x, y = cp.asarray(np.arange(100, dtype=np.float32)), cp.ones(100, dtype=np.float32)
+    module.get_function("axpy4")((1, 1, 1), (32, 1, 1), (x, y, np.float32(2), np.int32(100)))
+    cp.testing.assert_array_equal(y, 2 * np.arange(100, dtype=np.float32) + 1)
+
+
+@needs_compiler
+def test_a_raw_kernel_refuses_host_arrays(module):
+    x, y = np.zeros(8, dtype=np.float32), cp.zeros(8, dtype=np.float32)
+    with pytest.raises(TypeError, match="argument 0: unsupported type"):
+        module.get_function("axpy4")((1, 1, 1), (32, 1, 1), (x, y, np.float32(2), np.int32(8)))
+
+
+@needs_compiler
+def test_more_than_48_kib_of_shared_memory_needs_the_opt_in_and_the_device_caps_it(module):
+    x = cp.asarray(np.arange(6.0, dtype=np.float32).reshape(2, 3))
+    y = cp.zeros((3, 2), dtype=np.float32)
+    transpose = module.get_function("transpose")
+    args = ((1, 1, 1), (32, 8, 1), (x, y, np.int32(2), np.int32(3)))
+    with pytest.raises(cp.cuda.driver.CUDADriverError, match="above its opt-in of 49152"):
+        transpose(*args, shared_mem=64 * 1024)
+    transpose.max_dynamic_shared_size_bytes = 64 * 1024
+    transpose(*args, shared_mem=64 * 1024)
+    cp.testing.assert_array_equal(y, cp.asnumpy(x).T)
+    limit = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
+    with pytest.raises(cp.cuda.driver.CUDADriverError, match="cannot opt in"):
+        transpose.max_dynamic_shared_size_bytes = limit + 1
+
+
+@needs_compiler
+def test_grids_beyond_cudas_limits_and_unknown_kernels_raise(module):
+    with pytest.raises(cp.cuda.driver.CUDADriverError, match="beyond CUDA's limits"):
+        module.get_function("axpy4")((1, 65536, 1), (32, 1, 1), ())
+    with pytest.raises(cp.cuda.driver.CUDADriverError, match="named symbol not found"):
+        module.get_function("no_such_kernel")
+
+
+def test_the_device_reports_the_shared_memory_limit_of_sm_80():
+    runtime = cp.cuda.runtime
+    limit = runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, cp.cuda.Device().id)
+    assert limit == cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"] == 163 * 1024
+    with cp.cuda.Device(0) as device:
+        assert device.id == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The same names as CuPy
+
+
+# Every name the stand-in writes by hand (the rest are NumPy's, filtered by real CuPy's names).
+MODELLED = ["ndarray", "ndarray.device", "ndarray.get", "asarray", "array", "asnumpy", "get_array_module",
+            "is_available", "testing.assert_allclose", "testing.assert_array_equal", "linalg.norm",
+            "cuda.Device", "cuda.Device.id", "cuda.Device.attributes", "cuda.runtime.deviceGetAttribute",
+            "cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin", "cuda.runtime.CUDARuntimeError",
+            "cuda.driver.CUDADriverError", "RawModule", "RawModule.get_function", "RawKernel",
+            "RawKernel.max_dynamic_shared_size_bytes"]
+
+
+def lookup(root, dotted):
+    for name in dotted.split("."):
+        root = getattr(root, name)
+    return root
+
+
+@pytest.mark.parametrize("name", MODELLED)
+def test_every_name_the_stand_in_models_exists_in_real_cupy(name):
+    real = real_cupy()
+    lookup(real, name)                                    # AttributeError if CuPy has no such name
+    lookup(cp, name)
+
+
+def test_the_attribute_number_is_cudas():
+    assert cp.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin == \
+        real_cupy().cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin
+
+
+def test_a_numpy_function_real_cupy_lacks_is_missing_from_the_stand_in_too():
+    real = real_cupy()
+    missing = [name for name in ("busday_count", "nanpercentile", "fromregex") if not hasattr(real, name)]
+    assert missing, "CuPy now has all of these; pick another NumPy function it lacks"
+    for name in missing:
+        assert hasattr(np, name)
+        with pytest.raises(AttributeError):
+            getattr(cp, name)
