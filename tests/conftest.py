@@ -55,8 +55,9 @@ def pytest_collection_modifyitems(config, items):
 # The array modules a test taking `xp` runs on. "cupy-on-cpu" carries the marker `cupy_on_cpu`: while such
 # a test runs (and only then), `import cupy` gives the stand-in, so get_xp and flash.py's dispatch see a
 # CuPy array.
-ARRAY_MODULES = ["numpy", pytest.param("cupy-on-cpu", marks=pytest.mark.cupy_on_cpu),
-                 pytest.param("cupy", marks=pytest.mark.gpu)]
+CUPY_ON_CPU = pytest.param("cupy-on-cpu", marks=pytest.mark.cupy_on_cpu)
+CUPY_ON_GPU = pytest.param("cupy", marks=pytest.mark.gpu)
+ARRAY_MODULES = ["numpy", CUPY_ON_CPU, CUPY_ON_GPU]
 
 
 def array_module(name):
@@ -70,9 +71,10 @@ def array_module(name):
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item):
-    """Run a `cupy_on_cpu` test with the stand-in installed as `cupy` (a hook, not a fixture: hypothesis
-    refuses function-scoped fixtures, and the swap must not outlive the test)."""
+def pytest_runtest_protocol(item, nextitem):
+    """Run a `cupy_on_cpu` test, its fixtures' set-up and tear-down included, with the stand-in installed
+    as `cupy` (a hook, not a fixture: hypothesis refuses function-scoped fixtures, and the swap must not
+    outlive the test)."""
     if item.get_closest_marker("cupy_on_cpu") is None:
         yield
         return

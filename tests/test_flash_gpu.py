@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from attention import attention_backward, attention_forward
-from conftest import ARRAY_MODULES, array_module
+from conftest import CUPY_ON_CPU, CUPY_ON_GPU, array_module
 from flash import (KERNEL_HEAD_WIDTHS, _backward_launches, _cuda_module, _forward_launches,
                    flash_attention_backward, flash_attention_forward)
 from test_flash import float32_score_rounding_bound
@@ -32,13 +32,13 @@ OUT_TOL = dict(rtol=1e-4, atol=1e-5)    # outputs and lse: float32 sums over <= 
 GRAD_TOL = dict(rtol=1e-3, atol=1e-4)   # gradients: float32 sums of T x S products
 
 
-@pytest.fixture(scope="module", params=ARRAY_MODULES[1:])
+@pytest.fixture(scope="module", params=[CUPY_ON_CPU, CUPY_ON_GPU])
 def cp(request):
     """CuPy on a CPU, and CuPy where a GPU is present (the `gpu` marker skips it before this runs)."""
     return array_module(request.param)
 
 
-@pytest.fixture(scope="module", params=ARRAY_MODULES[2:])
+@pytest.fixture(scope="module", params=[CUPY_ON_GPU])
 def gpu_cp(request):
     """CuPy on a GPU only: for sizes the CPU stand-in would take minutes over."""
     return array_module(request.param)

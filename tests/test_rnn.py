@@ -243,12 +243,13 @@ def rnn_with_spectral_norm(D, Hd, target, seed):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_jacobian_norms_equal_the_finite_difference_jacobian(cell):
+def test_jacobian_norms_equal_the_finite_difference_jacobian(cell, xp):
     T, D, Hd, k = 5, 3, 4, 3
     rng = np.random.default_rng(7)
     x = rng.standard_normal((T, D))
     params = rnn.init_cell(cell, D, Hd, rng, np.float64)
-    norms = rnn.hidden_jacobian_norms(cell, x, params)
+    norms = rnn.hidden_jacobian_norms(cell, xp.asarray(x), {name: xp.asarray(p) for name, p in params.items()})
+    assert type(norms) is np.ndarray                           # a few numbers for the host to print or plot
     # The state after T - k steps, then d h_T / d h_{T-k} (c held fixed) by central differences.
     _, start, _ = rnn.cell_forward(cell, x[None, :T - k], rnn.zero_state(cell, 1, Hd, np, np.float64), params)
     jacobian = np.zeros((Hd, Hd))
