@@ -99,7 +99,8 @@ def _to_device(tree):
 
 
 def _cupy_has(module_name, name):
-    """Does real CuPy have numpy.<module_name>.<name>? (True where real CuPy is not installed.)"""
+    """Does real CuPy have `name` where NumPy has it in module_name? numpy -> cupy, numpy.linalg ->
+    cupy.linalg, numpy.ndarray -> cupy.ndarray. (True where real CuPy is not installed.)"""
     if _real_cupy is None:
         return True
     module = _real_cupy
