@@ -1,0 +1,42 @@
+"""Small tools that many test files need, written once.
+
+- `ROOT`: the repository root (a pathlib.Path), where the concept files and their demos live.
+- `to_numpy(x)`: a NumPy copy of a NumPy or CuPy array (CuPy's `.get()`), for comparing results.
+- `random_array(rng, shape, dtype, xp)`: a standard-normal array built on the host by a
+  numpy.random.Generator and moved to `xp`, so NumPy and CuPy runs of a test see the same numbers.
+- `run_demo(path, *args, timeout=60)`: run a file as `python path args...` from ROOT, assert it exits 0
+  (its own asserts hold), and return the CompletedProcess for checking what it printed.
+
+Test files import from here (and from gradcheck.py), never from each other.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def to_numpy(x):
+    """A NumPy array holding x's values: CuPy arrays (and the CuPy-on-a-CPU stand-in) copy to the host."""
+    return x.get() if hasattr(x, "get") else np.asarray(x)
+
+
+def random_array(rng, shape, dtype=np.float64, xp=np):
+    """A standard-normal array of `shape` and `dtype`, drawn by `rng` on the host and moved to `xp`."""
+    return xp.asarray(rng.standard_normal(shape).astype(dtype))
+
+
+def run_demo(path, *args, timeout=60, cwd=None, env=None):
+    """Run `python path *args` (path relative to ROOT, or absolute) and assert that it exits 0.
+
+    cwd: where it runs (ROOT by default; a temporary folder for demos that write files).
+    Returns the subprocess.CompletedProcess, with stdout and stderr as text.
+    """
+    command = [sys.executable, str(ROOT / path), *map(str, args)]
+    result = subprocess.run(command, cwd=ROOT if cwd is None else cwd, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, (f"{' '.join(command)} exited with {result.returncode}\n"
+                                    f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}")
+    return result
