@@ -1,0 +1,813 @@
+"""The transformer, forward and backward by hand: encoder-decoder (T5), encoder-only (BERT), decoder-only (GPT).
+
+A transformer is a stack of identical layers. Each layer lets every token look at other tokens (multi-head
+attention, multihead.py) and then thinks about what it saw on its own (a small two-layer network applied to
+each position). Residual connections carry the input around each of the two, and layer normalization keeps
+the activations at unit scale (Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762).
+
+    LayerNorm(x) = gamma * (x - mean) / sqrt(var + eps) + beta      statistics over D, biased var, as PyTorch
+    FFN(x)       = act(x W_1 + b_1) W_2 + b_2                       W_1 (D, F), W_2 (F, D)
+    GELU(x)      = x Phi(x),  Phi(x) = (1 + erf(x / sqrt 2)) / 2    (Hendrycks & Gimpel, arXiv:1606.08415)
+    GELU_tanh(x) = x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2  (GPT-2's approximation; differs by <= 5e-4)
+
+Encoder layer, with SA = self-attention and the two placements of the norm (`norm_first`):
+
+    pre-LN  (GPT-2, ViT):  h = x + SA(LN1(x));        out = h + FFN(LN2(h))
+    post-LN (the paper):   h = LN1(x + SA(x));        out = LN2(h + FFN(h))
+
+Decoder layer: causal self-attention, then cross-attention CA to the encoder's output `memory`, then FFN:
+
+    pre-LN:   h1 = y + SA(LN1(y));   h2 = h1 + CA(LN2(h1), memory);   out = h2 + FFN(LN3(h2))
+    post-LN:  h1 = LN1(y + SA(y));   h2 = LN2(h1 + CA(h1, memory));   out = LN3(h2 + FFN(h2))
+
+A residual x + f(x) feeds x to two places, so its backward adds two gradients: dx = dout + df(x)/dx^T dout.
+The memory feeds every decoder layer, so its gradient is the sum over the layers.
+
+The three shapes from the same parts (`config['kind']`):
+- 'encoder-decoder' (the paper, T5): source -> encoder stack -> memory; target -> decoder stack reading
+  memory -> next-token logits. Trained with teacher forcing, decoded one token at a time.
+- 'encoder' (BERT, arXiv:1810.04805): one stack without a causal mask; logits at every position, trained
+  to fill in masked tokens (15 % of positions chosen; of those 80 % become [MASK], 10 % a random token,
+  10 % stay) -- `mask_tokens`.
+- 'decoder' (GPT, Radford et al. 2018/2019): one stack of encoder layers with a causal mask; next-token
+  logits, generated one token at a time.
+Each model: token embedding (V, D); positions (config['positions']: 'sinusoidal' or 'learned', added to
+the embedding; 'rope' rotating q and k in self-attention; 'alibi' biasing self-attention's scores; 'none');
+the layers; a final LayerNorm for pre-LN; logits = h W_out + b_out, with W_out = embed^T when `tied`
+(Press & Wolf, arXiv:1608.05859; the tied table's gradient is the sum of its two uses).
+
+Generation keeps a key/value cache: each layer's self-attention keys and values of the tokens so far
+(after RoPE), so a new token costs one query row. The new token's position is the cache length, for every
+positional scheme; causal masking aligned at the bottom-right (attention.py) lets that one query see
+every cached key. Cross-attention's keys and values of the memory are computed once.
+
+Dropout (Srivastava et al. 2014) is applied, when asked for, where torch.nn.TransformerEncoderLayer
+applies it: on each sublayer's output before the residual add, and after the FFN's activation. torch
+also drops attention weights; this file does not (attention.py has no dropout). With dropout 0 the
+layers equal torch's with batch_first=True in outputs and every gradient.
+
+Shapes: B batch, T target length, S source length, D model width, H heads, Dh = D / H, F FFN width,
+V vocabulary. Masks are boolean, True = may attend (the opposite of PyTorch's boolean src_mask).
+Imports attention.py, positional.py, multihead.py and training.py. Runs on NumPy or CuPy arrays unchanged.
+"""
+import math
+
+import numpy as np
+
+from attention import attention_forward, get_xp
+from multihead import init_multihead, merge_heads, multihead_backward, multihead_forward, split_heads
+from positional import (alibi_bias, init_learned_positions, learned_position_backward,
+                        learned_position_forward, rope_forward, sinusoidal_encoding)
+from training import (check_ids, check_upstream, cross_entropy_backward, cross_entropy_forward, embedding_backward,
+                      embedding_forward)
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
+KINDS = ("encoder-decoder", "encoder", "decoder")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layer normalization
+
+
+def init_layer_norm(D, dtype=np.float32):
+    """{'gamma': ones (D,), 'beta': zeros (D,)}: the identity map on normalised inputs, as PyTorch starts."""
+    _check_positive_int("D", D)
+    return {"gamma": np.ones(D, dtype), "beta": np.zeros(D, dtype)}
+
+
+def layer_norm_forward(x, gamma, beta, eps=1e-5):
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta, statistics over the last axis.
+
+    x (..., D), gamma and beta (D,). var is the biased variance (divide by D) and eps sits inside the
+    square root, as torch.nn.LayerNorm. The mean is subtracted before squaring (never E[x^2] - E[x]^2,
+    which loses every digit when |mean| >> std).
+    Returns y (..., D) and cache = {'xhat', 'gamma', 'rstd'}.
+    """
+    _check_layer_norm(x, gamma, beta)
+    xp = get_xp(x)
+    mean = x.mean(axis=-1, keepdims=True)                      # (..., 1)
+    xc = x - mean                                              # (..., D) centred
+    var = (xc * xc).mean(axis=-1, keepdims=True)               # (..., 1) biased, as PyTorch
+    rstd = 1 / xp.sqrt(var + eps)                              # (..., 1)
+    xhat = xc * rstd                                           # (..., D) zero mean, unit variance
+    return xhat * gamma + beta, {"xhat": xhat, "gamma": gamma, "rstd": rstd}
+
+
+def layer_norm_backward(dout, cache):
+    """dbeta = sum dout;  dgamma = sum dout * xhat;
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dout * gamma.
+
+    mean(g) is the path through `mean`, xhat * mean(g * xhat) the path through `var`. With an all-ones
+    dout and gamma = 1 the second term vanishes (mean of xhat is 0), which is why tests use a random dout.
+    """
+    xhat, gamma, rstd = cache["xhat"], cache["gamma"], cache["rstd"]
+    _check_dout(dout, xhat)
+    lead = tuple(range(dout.ndim - 1))                         # every axis but the feature axis
+    dbeta = dout.sum(axis=lead)                                # (D,)
+    dgamma = (dout * xhat).sum(axis=lead)                      # (D,)
+    g = dout * gamma                                           # (..., D) gradient wrt xhat
+    dx = rstd * (g - g.mean(axis=-1, keepdims=True)
+                 - xhat * (g * xhat).mean(axis=-1, keepdims=True))   # (..., D)
+    return dx, dgamma, dbeta
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activations: ReLU, exact GELU (with an erf written here), GELU's tanh approximation
+
+# erf by three polynomials (Horner's rule, highest power first), fitted by Chebyshev's method at 50 digits
+# by experiments/erf_coefficients.py, which explains them; every fit error is below float64 rounding:
+#   |x| < 1:       erf(x)  = x A(x^2)
+#   1 <= |x| < 4:  erfc(x) = exp(-x^2) / x * B(1/x - 0.625)
+#   |x| >= 4:      erfc(x) = exp(-x^2) / x * C(1/x - 0.125)
+_ERF_A = (5.957176147748911e-11, -1.1372848856791674e-09, 1.4659775274047436e-08, -1.6350312701054695e-07,
+          1.6461000484121368e-06, -1.4925595266831182e-05, 0.0001205533111164271, -0.000854832698083379,
+          0.0052239776248180145, -0.026866170645076792, 0.11283791670954879, -0.3761263890318375,
+          1.1283791670955126)
+_ERF_B = (0.12050113120058671, -0.12871431670697847, 0.017568706879146103, 0.031034174157651077,
+          -0.03681029130279484, 0.049038892160920236, -0.05280094749762976, 0.03947112191931315,
+          -0.015619984910962892, -0.011508836147783176, 0.03492354423360488, -0.047720360762110725,
+          0.044782314091917415, -0.024447471731568877, -0.010086180527948928, 0.0496003206157116,
+          -0.07803847380014706, 0.07210217056614285, -0.0012945387364120967, -0.17158565208406368,
+          0.4895247876335057)
+_ERF_C = (423.2367383190292, -359.7565479121779, 26.789885485840593, 72.7610555468333,
+          -32.09596264423345, -3.718730597973516, 8.808752741450622, -2.499428073154463,
+          -1.4157073154752249, 1.31509418841499, -0.05036414328903669, -0.4890364113283093,
+          0.22738055056492232, 0.17575154004550925, -0.24594346562626765, -0.06739860157050254,
+          0.5598813296070474)
+
+
+def _horner(coefficients, z):
+    """c[0] z^n + c[1] z^(n-1) + ... + c[n], in z's dtype."""
+    result = z * 0 + coefficients[0]
+    for c in coefficients[1:]:
+        result = result * z + c
+    return result
+
+
+def erfc(x):
+    """1 - erf(x), accurate relative to its own size even far in the tail (where 1 - erf(x) would be 0).
+
+    erfc(-a) = 2 - erfc(a), so only a = |x| is evaluated. NumPy has no erf; this one runs on CuPy too.
+    """
+    xp = get_xp(x)
+    a = xp.abs(x)                                              # (...)
+    small = 1 - a * _horner(_ERF_A, a * a)                     # erfc for a < 1, from erf = a A(a^2)
+    u = 1 / xp.maximum(a, 1)                                   # (...) in (0, 1]; a < 1 is not used below
+    tail = xp.exp(-a * a) * u                                  # exp(-a^2) / a
+    middle = tail * _horner(_ERF_B, u - 0.625)                 # 1 <= a < 4
+    far = tail * _horner(_ERF_C, u - 0.125)                    # a >= 4
+    positive = xp.where(a < 1, small, xp.where(a < 4, middle, far))
+    return xp.where(x < 0, 2 - positive, positive)
+
+
+def erf(x):
+    """erf(x) = 2/sqrt(pi) * integral_0^x exp(-t^2) dt, to float64 rounding (tested against math.erf)."""
+    xp = get_xp(x)
+    return xp.where(xp.abs(x) < 1, x * _horner(_ERF_A, x * x), 1 - erfc(x))
+
+
+def activation_forward(x, kind="gelu"):
+    """out = act(x) for kind 'relu' (max(x, 0)), 'gelu' (x Phi(x), exact) or 'gelu_tanh' (GPT-2's).
+
+    Phi(x) = erfc(-x / sqrt 2) / 2, the normal CDF, written with erfc so that far in the negative tail
+    Phi keeps its relative accuracy. Returns out and cache = {'x', 'kind', 'phi' (gelu) or 't' (gelu_tanh)}.
+    """
+    if kind not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
+    xp = get_xp(x)
+    cache = {"x": x, "kind": kind}
+    if kind == "relu":
+        return xp.maximum(x, 0), cache
+    if kind == "gelu":
+        cache["phi"] = 0.5 * erfc(x * -math.sqrt(0.5))           # Phi(x)
+        return x * cache["phi"], cache
+    cache["t"] = xp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))
+    return 0.5 * x * (1 + cache["t"]), cache
+
+
+def activation_backward(dout, cache):
+    """dx = dout * act'(x):
+    relu: 1 where x > 0 (0 at x = 0, as PyTorch);  gelu: Phi(x) + x phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi);
+    gelu_tanh: (1 + t)/2 + x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2) / 2,  t the tanh of the forward.
+    """
+    x, kind = cache["x"], cache["kind"]
+    _check_dout(dout, x)
+    xp = get_xp(x)
+    if kind == "relu":
+        return dout * (x > 0)
+    if kind == "gelu":
+        pdf = xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))   # phi(x), the normal density
+        return dout * (cache["phi"] + x * pdf)
+    t = cache["t"]
+    dinner = math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x * x)     # d/dx of tanh's argument
+    return dout * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dinner)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dropout
+
+
+def dropout_forward(x, p, rng=None):
+    """out = x * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn from rng (inverted dropout).
+
+    p = 0 (or rng None) is the identity, as at evaluation time. rng is a random Generator of x's array
+    module (numpy.random.default_rng(seed) for NumPy arrays, cupy.random.default_rng(seed) on the GPU), so
+    a seed fixes the mask. Returns out and cache = {'keep' (x's shape, bool, or None), 'scale'}.
+    """
+    if not (0 <= p < 1):
+        raise ValueError(f"dropout p must be in [0, 1), got {p!r}")
+    if p == 0 or rng is None:
+        return x, {"keep": None, "scale": 1.0}
+    keep = rng.random(x.shape) >= p                            # (...) True with probability 1 - p
+    if get_xp(keep) is not get_xp(x):
+        raise TypeError("rng must be a Generator of x's array module (numpy or cupy), got one of another")
+    scale = 1.0 / (1.0 - p)
+    return x * keep * x.dtype.type(scale), {"keep": keep, "scale": scale}
+
+
+def dropout_backward(dout, cache):
+    """dx = dout * keep / (1 - p): the same mask and scale as the forward."""
+    if cache["keep"] is None:
+        return dout
+    return dout * cache["keep"] * dout.dtype.type(cache["scale"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Position-wise feed-forward network
+
+
+def init_feed_forward(D, F, rng, dtype=np.float32):
+    """{'W_1' (D, F), 'b_1' (F,), 'W_2' (F, D), 'b_2' (D,)}, drawn as torch.nn.Linear draws them:
+    W and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    _check_positive_int("D", D)
+    _check_positive_int("F", F)
+    a1, a2 = 1 / math.sqrt(D), 1 / math.sqrt(F)
+    return {"W_1": rng.uniform(-a1, a1, (D, F)).astype(dtype), "b_1": rng.uniform(-a1, a1, F).astype(dtype),
+            "W_2": rng.uniform(-a2, a2, (F, D)).astype(dtype), "b_2": rng.uniform(-a2, a2, D).astype(dtype)}
+
+
+def feed_forward_forward(x, params, activation="gelu", dropout=0.0, rng=None):
+    """out = drop(act(x W_1 + b_1)) W_2 + b_2, applied to every position alone.
+
+    x (B, L, D). Returns out (B, L, D) and cache = {'x', 'act', 'drop', 'hidden', 'params'}.
+    """
+    hidden, act_cache = activation_forward(x @ params["W_1"] + params["b_1"], activation)  # (B, L, F)
+    hidden, drop_cache = dropout_forward(hidden, dropout, rng)                           # (B, L, F)
+    out = hidden @ params["W_2"] + params["b_2"]                                         # (B, L, D)
+    return out, {"x": x, "act": act_cache, "drop": drop_cache, "hidden": hidden, "params": params}
+
+
+def feed_forward_backward(dout, cache):
+    """dx and grads {'W_1','b_1','W_2','b_2'} of feed_forward_forward; each linear map y = x W + b gives
+    dx = dy W^T, dW = x^T dy, db = sum dy (rows = every position of every sequence)."""
+    x, hidden, params = cache["x"], cache["hidden"], cache["params"]
+    _check_dout(dout, x)
+    dout_rows = dout.reshape(-1, dout.shape[-1])               # (B*L, D)
+    dW_2 = hidden.reshape(-1, hidden.shape[-1]).T @ dout_rows  # (F, D)   out = hidden W_2 + b_2
+    dhidden = dout @ params["W_2"].T                           # (B, L, F)
+    dhidden = dropout_backward(dhidden, cache["drop"])
+    dpre = activation_backward(dhidden, cache["act"])          # (B, L, F) hidden = act(pre)
+    dpre_rows = dpre.reshape(-1, dpre.shape[-1])               # (B*L, F)
+    grads = {"W_1": x.reshape(-1, x.shape[-1]).T @ dpre_rows, "b_1": dpre_rows.sum(axis=0),  # pre = x W_1 + b_1
+             "W_2": dW_2, "b_2": dout_rows.sum(axis=0)}
+    return dpre @ params["W_1"].T, grads                       # (B, L, D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoder layer and decoder layer
+
+
+def init_encoder_layer(D, F, rng, dtype=np.float32):
+    """{'attn': multihead params, 'ln1', 'ff': FFN params, 'ln2'} (torch's self_attn, norm1, linear1/2, norm2)."""
+    return {"attn": init_multihead(D, rng, dtype), "ln1": init_layer_norm(D, dtype),
+            "ff": init_feed_forward(D, F, rng, dtype), "ln2": init_layer_norm(D, dtype)}
+
+
+def init_decoder_layer(D, F, rng, dtype=np.float32):
+    """An encoder layer's params plus {'cross_attn', 'ln3'}; norms in torch's order norm1, norm2, norm3."""
+    return {"attn": init_multihead(D, rng, dtype), "ln1": init_layer_norm(D, dtype),
+            "cross_attn": init_multihead(D, rng, dtype), "ln2": init_layer_norm(D, dtype),
+            "ff": init_feed_forward(D, F, rng, dtype), "ln3": init_layer_norm(D, dtype)}
+
+
+def _sublayer_forward(x, norm, sublayer, norm_first, dropout, rng):
+    """One residual sublayer: pre-LN x + drop(f(LN(x))), or post-LN LN(x + drop(f(x))).
+
+    sublayer(z) -> (f(z), f's cache). Returns out and cache = {'norm', 'f', 'drop', 'norm_first'}.
+    """
+    if norm_first:
+        z, norm_cache = layer_norm_forward(x, norm["gamma"], norm["beta"])
+        f, f_cache = sublayer(z)
+        f, drop_cache = dropout_forward(f, dropout, rng)
+        return x + f, {"norm": norm_cache, "f": f_cache, "drop": drop_cache, "norm_first": True}
+    f, f_cache = sublayer(x)
+    f, drop_cache = dropout_forward(f, dropout, rng)
+    out, norm_cache = layer_norm_forward(x + f, norm["gamma"], norm["beta"])
+    return out, {"norm": norm_cache, "f": f_cache, "drop": drop_cache, "norm_first": False}
+
+
+def _sublayer_backward(dout, cache, sublayer_backward):
+    """Backward of _sublayer_forward. sublayer_backward(df, f_cache) -> (dz, grads of f).
+
+    Returns dx, grads of f, (dgamma, dbeta). x feeds both the residual and f: dx is their sum.
+    """
+    if cache["norm_first"]:                                    # out = x + drop(f(LN(x)))
+        df = dropout_backward(dout, cache["drop"])
+        dz, grads = sublayer_backward(df, cache["f"])
+        dx_f, dgamma, dbeta = layer_norm_backward(dz, cache["norm"])
+        dx = dout + dx_f                                       # residual path + path through f
+        return dx, grads, {"gamma": dgamma, "beta": dbeta}
+    dsum, dgamma, dbeta = layer_norm_backward(dout, cache["norm"])   # out = LN(x + drop(f(x)))
+    df = dropout_backward(dsum, cache["drop"])
+    dx_f, grads = sublayer_backward(df, cache["f"])
+    dx = dsum + dx_f                                           # residual path + path through f
+    return dx, grads, {"gamma": dgamma, "beta": dbeta}
+
+
+def _self_attention_backward(df, cache):
+    """Self-attention fed one tensor as both x_q and x_kv: its gradient is dx_q + dx_kv."""
+    dx_q, dx_kv, grads = multihead_backward(df, cache)
+    return dx_q + dx_kv, grads
+
+
+def encoder_layer_forward(x, params, n_heads, mask=None, norm_first=True, activation="gelu", causal=False,
+                          rope=False, bias=None, dropout=0.0, rng=None):
+    """One encoder layer (module docstring): self-attention sublayer, then feed-forward sublayer.
+
+    x (B, T, D). mask: bool broadcastable to (B, H, T, T), True = may attend (a padding mask is
+    (B, 1, 1, T)). causal=True makes it a GPT block. rope / bias (an ALiBi table (H, T, T)) go to the
+    self-attention (multihead.py). dropout > 0 with a Generator rng drops sublayer outputs and FFN hiddens.
+    Returns out (B, T, D) and cache = {'attn', 'ff'}, each a sublayer cache whose 'f' is the multihead /
+    FFN cache; the per-head attention weights (B, H, T, T) are cache['attn']['f']['attn']['weights'].
+    """
+    _check_layer_options(x, n_heads, norm_first, activation)
+
+    def attention(z):
+        return multihead_forward(z, z, params["attn"], n_heads, mask=mask, causal=causal, rope=rope, bias=bias)
+
+    def feed_forward(z):
+        return feed_forward_forward(z, params["ff"], activation, dropout, rng)
+
+    h, attn_cache = _sublayer_forward(x, params["ln1"], attention, norm_first, dropout, rng)      # (B, T, D)
+    out, ff_cache = _sublayer_forward(h, params["ln2"], feed_forward, norm_first, dropout, rng)   # (B, T, D)
+    return out, {"attn": attn_cache, "ff": ff_cache}
+
+
+def encoder_layer_backward(dout, cache):
+    """dx (B, T, D) and grads (the params' keys) of encoder_layer_forward: its two sublayers in reverse."""
+    dh, ff_grads, ln2_grads = _sublayer_backward(dout, cache["ff"], feed_forward_backward)
+    dx, attn_grads, ln1_grads = _sublayer_backward(dh, cache["attn"], _self_attention_backward)
+    return dx, {"attn": attn_grads, "ln1": ln1_grads, "ff": ff_grads, "ln2": ln2_grads}
+
+
+def decoder_layer_forward(y, memory, params, n_heads, memory_mask=None, norm_first=True, activation="gelu",
+                          tgt_mask=None, rope=False, bias=None, dropout=0.0, rng=None):
+    """One decoder layer: causal self-attention, cross-attention to memory, feed-forward (module docstring).
+
+    y (B, T, D) the target so far; memory (B, S, D) the encoder's output. Self-attention is always causal,
+    AND-ed with tgt_mask (e.g. a (B, 1, 1, T) padding mask); memory_mask (bool, broadcastable to
+    (B, H, T, S)) limits cross-attention (e.g. source padding). rope / bias act on self-attention only.
+    Returns out (B, T, D) and cache = {'attn', 'cross_attn', 'ff'} (sublayer caches, as the encoder's).
+    """
+    _check_layer_options(y, n_heads, norm_first, activation)
+    if not hasattr(memory, "ndim") or memory.ndim != 3 or memory.shape[0] != y.shape[0] \
+            or memory.shape[2] != y.shape[2]:
+        raise ValueError(f"memory must have shape ({y.shape[0]}, S, {y.shape[2]}) to match y {y.shape}, "
+                         f"got {getattr(memory, 'shape', type(memory).__name__)}")
+
+    def attention(z):
+        return multihead_forward(z, z, params["attn"], n_heads, mask=tgt_mask, causal=True, rope=rope, bias=bias)
+
+    def cross_attention(z):
+        return multihead_forward(z, memory, params["cross_attn"], n_heads, mask=memory_mask)
+
+    def feed_forward(z):
+        return feed_forward_forward(z, params["ff"], activation, dropout, rng)
+
+    h1, attn_cache = _sublayer_forward(y, params["ln1"], attention, norm_first, dropout, rng)              # (B, T, D)
+    h2, cross_cache = _sublayer_forward(h1, params["ln2"], cross_attention, norm_first, dropout, rng)      # (B, T, D)
+    out, ff_cache = _sublayer_forward(h2, params["ln3"], feed_forward, norm_first, dropout, rng)           # (B, T, D)
+    return out, {"attn": attn_cache, "cross_attn": cross_cache, "ff": ff_cache}
+
+
+def decoder_layer_backward(dout, cache):
+    """dy (B, T, D), dmemory (B, S, D) and grads of decoder_layer_forward, sublayers in reverse."""
+    dmemory = []                                               # cross-attention's dx_kv, collected below
+
+    def cross_attention_backward(df, attn_cache):
+        dz, dx_kv, grads = multihead_backward(df, attn_cache)
+        dmemory.append(dx_kv)
+        return dz, grads
+
+    dh2, ff_grads, ln3_grads = _sublayer_backward(dout, cache["ff"], feed_forward_backward)
+    dh1, cross_grads, ln2_grads = _sublayer_backward(dh2, cache["cross_attn"], cross_attention_backward)
+    dy, attn_grads, ln1_grads = _sublayer_backward(dh1, cache["attn"], _self_attention_backward)
+    grads = {"attn": attn_grads, "ln1": ln1_grads, "cross_attn": cross_grads, "ln2": ln2_grads,
+             "ff": ff_grads, "ln3": ln3_grads}
+    return dy, dmemory[0], grads
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole models: embedding and positions, stacks, output projection
+
+
+def init_transformer(config, rng, dtype=np.float32):
+    """Parameters of one of the three shapes, from config (a dict):
+
+    kind ('encoder-decoder' | 'encoder' | 'decoder'), V, D, n_heads, F, n_layers, max_len,
+    positions ('sinusoidal' | 'learned' | 'rope' | 'alibi' | 'none'), norm_first, activation, tied,
+    pad_id (or None). Returns {'embed' (V, D), 'pos' (max_len, D) if learned,
+    'encoder': [encoder layers] and 'enc_norm' (kinds with an encoder), 'decoder': [decoder layers for
+    'encoder-decoder', causal encoder-shaped blocks for 'decoder'] and 'dec_norm', 'W_out' (D, V) unless
+    tied, 'b_out' (V,)}. The final norms exist for pre-LN only (post-LN ends every layer with a norm).
+    The embedding is drawn N(0, 1/D) and multiplied by sqrt(D) in the forward (the paper's section 3.4),
+    so tokens start at unit scale next to the sinusoids, and a tied output starts with logits of unit scale.
+    """
+    config = check_config(config)
+    V, D, F, L = config["V"], config["D"], config["F"], config["n_layers"]
+    params = {"embed": (rng.standard_normal((V, D)) / math.sqrt(D)).astype(dtype)}      # (V, D)
+    if config["positions"] == "learned":
+        params["pos"] = init_learned_positions(config["max_len"], D, rng, dtype)        # (max_len, D)
+    if config["kind"] != "decoder":
+        params["encoder"] = [init_encoder_layer(D, F, rng, dtype) for _ in range(L)]
+        if config["norm_first"]:
+            params["enc_norm"] = init_layer_norm(D, dtype)
+    if config["kind"] != "encoder":
+        init_layer = init_decoder_layer if config["kind"] == "encoder-decoder" else init_encoder_layer
+        params["decoder"] = [init_layer(D, F, rng, dtype) for _ in range(L)]
+        if config["norm_first"]:
+            params["dec_norm"] = init_layer_norm(D, dtype)
+    if not config["tied"]:
+        params["W_out"] = rng.uniform(-1 / math.sqrt(D), 1 / math.sqrt(D), (D, V)).astype(dtype)  # (D, V)
+    params["b_out"] = np.zeros(V, dtype)                                                # (V,)
+    return params
+
+
+def embed_forward(ids, params, config, offset=0):
+    """x = sqrt(D) * embed[ids] + positions (sinusoidal or learned; RoPE and ALiBi act inside attention).
+
+    ids int (B, T) at positions offset .. offset + T - 1. Returns x (B, T, D) and cache = {'tokens', 'pos'}.
+    """
+    table = params["embed"]
+    xp = get_xp(table)
+    T, D = ids.shape[1], table.shape[1]
+    if offset + T > config["max_len"]:
+        raise ValueError(f"positions must be < max_len = {config['max_len']}, got {T} tokens from position {offset}")
+    x, token_cache = embedding_forward(ids, table)                              # (B, T, D)
+    x = x * table.dtype.type(math.sqrt(D))
+    pos_cache = None
+    if config["positions"] == "sinusoidal":
+        x = x + sinusoidal_encoding(offset + T, D, dtype=table.dtype, xp=xp)[offset:]   # (T, D) broadcast
+    elif config["positions"] == "learned" and offset == 0:
+        x, pos_cache = learned_position_forward(x, params["pos"])                # adds pos[:T]
+    elif config["positions"] == "learned":
+        x = x + params["pos"][offset:offset + T]                                  # decoding: no backward
+    return x, {"tokens": token_cache, "pos": pos_cache}
+
+
+def embed_backward(dx, cache, grads):
+    """Add the embedding's (and learned positions') gradients into grads; x = sqrt(D) embed[ids] + pos."""
+    if cache["pos"] is not None:
+        dx, dpos = learned_position_backward(dx, cache["pos"])
+        _accumulate(grads, "pos", dpos)                        # the source's and the target's positions
+    _accumulate(grads, "embed", embedding_backward(dx * dx.dtype.type(math.sqrt(dx.shape[-1])), cache["tokens"]))
+
+
+def _accumulate(grads, key, g):
+    """grads[key] += g. A table used in two places (the tied output and the input, or the source and the
+    target of an encoder-decoder) gets the sum of both uses' gradients."""
+    grads[key] = g if key not in grads else grads[key] + g
+
+
+def _attention_options(config, T, xp, dtype):
+    """Self-attention's positional options: (rope, ALiBi bias (H, T, T) or None)."""
+    bias = None
+    if config["positions"] == "alibi":
+        bias = alibi_bias(config["n_heads"], T, T, dtype=dtype, xp=xp)              # (H, T, T)
+    return config["positions"] == "rope", bias
+
+
+def _padding_mask(ids, config):
+    """(B, 1, 1, L) True at the keys that are not padding (broadcast over heads and queries), or None."""
+    if config["pad_id"] is None:
+        return None
+    return (ids != config["pad_id"])[:, None, None, :]
+
+
+def _stack_forward(ids, params, config, stack, memory=None, memory_mask=None, dropout=0.0, rng=None):
+    """Embed ids (B, L), run the layers of params[stack] ('encoder' or 'decoder'), then the final norm
+    (pre-LN only). The 'decoder' stack is causal; given memory its layers also cross-attend to it.
+    Returns h (B, L, D) and cache = {'embed', 'layers', 'norm'}."""
+    norm_first, activation, H = config["norm_first"], config["activation"], config["n_heads"]
+    x, embed_cache = embed_forward(ids, params, config)                          # (B, L, D)
+    rope, bias = _attention_options(config, ids.shape[1], get_xp(x), x.dtype)
+    mask = _padding_mask(ids, config)                                            # (B, 1, 1, L)
+    layer_caches = []
+    for layer in params[stack]:
+        if memory is not None:
+            x, layer_cache = decoder_layer_forward(x, memory, layer, H, memory_mask, norm_first, activation,
+                                                   tgt_mask=mask, rope=rope, bias=bias, dropout=dropout, rng=rng)
+        else:
+            x, layer_cache = encoder_layer_forward(x, layer, H, mask, norm_first, activation,
+                                                   causal=stack == "decoder", rope=rope, bias=bias,
+                                                   dropout=dropout, rng=rng)
+        layer_caches.append(layer_cache)                                         # x: (B, L, D)
+    norm_cache = None
+    if norm_first:
+        norm = params[_NORM[stack]]
+        x, norm_cache = layer_norm_forward(x, norm["gamma"], norm["beta"])
+    return x, {"embed": embed_cache, "layers": layer_caches, "norm": norm_cache}
+
+
+def _stack_backward(dh, cache, config, stack, grads):
+    """Backward of _stack_forward: puts the stack's gradients into grads; returns dmemory (0 without memory)."""
+    if cache["norm"] is not None:
+        dh, dgamma, dbeta = layer_norm_backward(dh, cache["norm"])
+        grads[_NORM[stack]] = {"gamma": dgamma, "beta": dbeta}
+    layer_grads, dmemory = [], 0
+    for layer_cache in reversed(cache["layers"]):
+        if "cross_attn" in layer_cache:
+            dh, dmemory_layer, g = decoder_layer_backward(dh, layer_cache)
+            dmemory = dmemory + dmemory_layer                  # the memory feeds every decoder layer: sum them
+        else:
+            dh, g = encoder_layer_backward(dh, layer_cache)
+        layer_grads.append(g)
+    grads[stack] = layer_grads[::-1]
+    embed_backward(dh, cache["embed"], grads)
+    return dmemory
+
+
+_NORM = {"encoder": "enc_norm", "decoder": "dec_norm"}
+
+
+def _output_forward(h, params, config):
+    """logits = h W_out + b_out, with W_out = embed^T when tied. Returns logits (B, L, V), cache = {'h'}."""
+    W_out = params["embed"].T if config["tied"] else params["W_out"]              # (D, V)
+    return h @ W_out + params["b_out"], {"h": h}
+
+
+def _output_backward(dlogits, cache, params, config, grads):
+    """dh (B, L, D) of _output_forward; puts the head's gradients into grads."""
+    h = cache["h"]
+    dlogits_rows = dlogits.reshape(-1, dlogits.shape[-1])                        # (B*L, V)
+    dW_out = h.reshape(-1, h.shape[-1]).T @ dlogits_rows                         # (D, V)
+    if config["tied"]:
+        grads["embed"] = dW_out.T              # the output's use of the tied table; embed_backward adds the input's
+        dh = dlogits @ params["embed"]                                           # (B, L, D)
+    else:
+        grads["W_out"], dh = dW_out, dlogits @ params["W_out"].T
+    grads["b_out"] = dlogits_rows.sum(axis=0)                                    # (V,)
+    return dh
+
+
+def transformer_forward(params, config, tokens, src=None, dropout=0.0, rng=None):
+    """Logits (B, T, V) of the model in config['kind'].
+
+    tokens int (B, T): BERT's input, GPT's input, or the encoder-decoder's target shifted right.
+    src int (B, S): the encoder-decoder's source (required there, refused elsewhere).
+    Padding (config['pad_id']) is masked as a key everywhere: in self-attention, and for source padding in
+    cross-attention. Returns logits and cache = {'encoder' (a stack cache, encoder-decoder only),
+    'encoder' or 'decoder' (the stack that makes the logits), 'out', 'config', 'params'}; the per-head
+    attention weights of layer i of a stack are cache[stack]['layers'][i][sublayer]['f']['attn']['weights']
+    with sublayer 'attn' or 'cross_attn'.
+    """
+    config = check_config(config)
+    _check_tokens(tokens, src, params, config)
+    cache = {"config": config, "params": params}
+    memory = memory_mask = None
+    if config["kind"] == "encoder-decoder":                    # the encoder reads the source once
+        memory, cache["encoder"] = _stack_forward(src, params, config, "encoder", dropout=dropout, rng=rng)
+        memory_mask = _padding_mask(src, config)                                 # (B, 1, 1, S)
+    stack = "encoder" if config["kind"] == "encoder" else "decoder"
+    h, cache[stack] = _stack_forward(tokens, params, config, stack, memory, memory_mask, dropout, rng)  # (B, T, D)
+    logits, cache["out"] = _output_forward(h, params, config)                    # (B, T, V)
+    return logits, cache
+
+
+def transformer_backward(dlogits, cache):
+    """The gradient tree of transformer_forward (the params' keys), given dlogits (B, T, V)."""
+    config, params = cache["config"], cache["params"]
+    h = cache["out"]["h"]
+    check_upstream("dlogits", dlogits, h.shape[:-1] + params["b_out"].shape, h.dtype)
+    grads = {}
+    dh = _output_backward(dlogits, cache["out"], params, config, grads)           # (B, T, D)
+    stack = "encoder" if config["kind"] == "encoder" else "decoder"
+    dmemory = _stack_backward(dh, cache[stack], config, stack, grads)            # (B, S, D) or 0
+    if config["kind"] == "encoder-decoder":                    # source and target share the embedding table
+        _stack_backward(dmemory, cache["encoder"], config, "encoder", grads)
+    return {key: grads[key] for key in params}
+
+
+def lm_loss_forward(params, config, tokens, targets, src=None, label_smoothing=0.0, dropout=0.0, rng=None):
+    """Mean cross-entropy of the logits against targets (B, T); targets = -100 are ignored (training.py).
+
+    Returns loss (a float) and cache for lm_loss_backward.
+    """
+    logits, model_cache = transformer_forward(params, config, tokens, src, dropout, rng)
+    loss, loss_cache = cross_entropy_forward(logits, targets, ignore_index=-100, label_smoothing=label_smoothing)
+    return loss, {"model": model_cache, "loss": loss_cache}
+
+
+def lm_loss_backward(cache):
+    """The gradient tree of lm_loss_forward's loss with respect to params."""
+    return transformer_backward(cross_entropy_backward(cache["loss"]), cache["model"])
+
+
+def mask_tokens(tokens, rng, V, mask_id, p=0.15, keep_ids=()):
+    """BERT's masked-token corruption: returns (inputs, targets), both int (B, T).
+
+    Each position is chosen with probability p (never a position whose id is in keep_ids, e.g. padding);
+    a chosen position's target is its token (others get -100, ignored by the loss), and its input
+    becomes mask_id with probability 0.8, a random token with 0.1, and stays itself with 0.1.
+    rng is a numpy Generator; tokens are NumPy ids (data preparation happens on the host).
+    """
+    chosen = (rng.random(tokens.shape) < p) & ~np.isin(tokens, keep_ids)         # (B, T)
+    targets = np.where(chosen, tokens, -100)
+    roll = rng.random(tokens.shape)                                              # which corruption
+    inputs = np.where(chosen & (roll < 0.8), mask_id, tokens)
+    random_tokens = rng.integers(0, V, tokens.shape)
+    inputs = np.where(chosen & (roll >= 0.8) & (roll < 0.9), random_tokens, inputs)
+    return inputs, targets
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation with a key/value cache
+
+
+def _cached_attention(z, params, kv, config, position):
+    """Self-attention of new tokens z (B, n, D) at positions position .. position + n - 1 against every
+    earlier token's cached keys and values, which it extends. kv = {'k', 'v'} (B, H, S, Dh) or empty."""
+    xp = get_xp(z)
+    H = config["n_heads"]
+    q = split_heads(z @ params["W_q"] + params["b_q"], H)                        # (B, H, n, Dh)
+    k = split_heads(z @ params["W_k"] + params["b_k"], H)                        # (B, H, n, Dh)
+    v = split_heads(z @ params["W_v"] + params["b_v"], H)                        # (B, H, n, Dh)
+    if config["positions"] == "rope":                          # rotate by the tokens' true positions
+        q, _ = rope_forward(q, offset=position)
+        k, _ = rope_forward(k, offset=position)
+    kv["k"] = k if "k" not in kv else xp.concatenate([kv["k"], k], axis=2)       # (B, H, S, Dh)
+    kv["v"] = v if "v" not in kv else xp.concatenate([kv["v"], v], axis=2)       # (B, H, S, Dh)
+    n, S = z.shape[1], kv["k"].shape[2]
+    bias = alibi_bias(H, n, S, dtype=z.dtype, xp=xp) if config["positions"] == "alibi" else None   # (H, n, S)
+    # Causal, bottom-right aligned: new query i (position S - n + i) sees keys 0 .. S - n + i.
+    heads, _ = attention_forward(q, kv["k"], kv["v"], causal=True, bias=bias)    # (B, H, n, Dh)
+    return merge_heads(heads) @ params["W_o"] + params["b_o"]                   # (B, n, D)
+
+
+def _layer_step(x, layer, kv, config, position, memory=None, memory_mask=None):
+    """A layer's forward for new tokens only, reading and extending its cache (no backward needed)."""
+    def residual(x, norm, f):                                  # the sublayer rule of _sublayer_forward
+        if config["norm_first"]:
+            return x + f(layer_norm_forward(x, norm["gamma"], norm["beta"])[0])
+        return layer_norm_forward(x + f(x), norm["gamma"], norm["beta"])[0]
+
+    x = residual(x, layer["ln1"], lambda z: _cached_attention(z, layer["attn"], kv, config, position))
+    ff_norm = "ln2"
+    if "cross_attn" in layer:                                  # the memory's keys/values: projected once
+        x = residual(x, layer["ln2"], lambda z: multihead_forward(z, memory, layer["cross_attn"],
+                                                                  config["n_heads"], mask=memory_mask)[0])
+        ff_norm = "ln3"
+    return residual(x, layer[ff_norm], lambda z: feed_forward_forward(z, layer["ff"], config["activation"])[0])
+
+
+def generate(params, config, prompt, n_new, src=None, temperature=0.0, rng=None, use_cache=True):
+    """Continue prompt (B, T0) by n_new tokens, greedily (temperature 0) or by sampling softmax(logits / temp).
+
+    For 'decoder' (GPT) and 'encoder-decoder' (prompt = the start symbol, src = the source). use_cache=True
+    keeps every layer's keys and values so each step runs one new row through the stack; use_cache=False
+    recomputes the whole sequence every step (the reference the cache must equal).
+    Returns tokens (B, T0 + n_new) and the logits of each new token (B, n_new, V).
+    """
+    config = check_config(config)
+    if config["kind"] == "encoder":
+        raise ValueError("generate needs config['kind'] 'decoder' or 'encoder-decoder', got 'encoder'")
+    if temperature < 0 or (temperature > 0 and rng is None):
+        raise ValueError(f"temperature must be 0 (greedy) or > 0 with an rng, got {temperature!r}, rng={rng!r}")
+    xp = get_xp(params["embed"])
+    tokens, all_logits = prompt, []
+    memory = memory_mask = None
+    if use_cache and config["kind"] == "encoder-decoder":      # encode once: the same code as training
+        _check_tokens(prompt, src, params, config)
+        memory = _stack_forward(src, params, config, "encoder")[0]
+        memory_mask = _padding_mask(src, config)
+    kvs = [{} for _ in params["decoder"]]
+    position = 0
+    for _ in range(n_new):
+        if use_cache:
+            new = tokens[:, position:]                         # the whole prompt first, then one token
+            x, _ = embed_forward(new, params, config, offset=position)             # (B, n, D)
+            for layer, kv in zip(params["decoder"], kvs):
+                x = _layer_step(x, layer, kv, config, position, memory, memory_mask)
+            position = tokens.shape[1]
+            if config["norm_first"]:
+                x = layer_norm_forward(x[:, -1:], **params["dec_norm"])[0]
+            logits = _output_forward(x[:, -1:], params, config)[0][:, 0]           # (B, V)
+        else:
+            logits = transformer_forward(params, config, tokens, src)[0][:, -1]    # (B, V)
+        all_logits.append(logits)
+        if temperature == 0:
+            next_token = logits.argmax(axis=-1)                # (B,)
+        else:
+            scaled = logits / logits.dtype.type(temperature)                       # (B, V)
+            probs = xp.exp(scaled - scaled.max(axis=-1, keepdims=True))
+            probs = probs / probs.sum(axis=-1, keepdims=True)                      # (B, V) softmax
+            below = xp.cumsum(probs, axis=-1) < rng.random((probs.shape[0], 1))    # inverse CDF: count entries below u
+            next_token = xp.minimum(below.sum(axis=-1), probs.shape[-1] - 1)
+        tokens = xp.concatenate([tokens, next_token[:, None].astype(tokens.dtype)], axis=1)
+    return tokens, xp.stack(all_logits, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks (below the math they guard)
+
+CONFIG_DEFAULTS = {"kind": "decoder", "n_heads": 4, "F": None, "n_layers": 2, "max_len": 64,
+                   "positions": "learned", "norm_first": True, "activation": "gelu", "tied": False,
+                   "pad_id": None}
+
+
+def check_config(config):
+    """Return config with defaults filled in (F = 4 D) and every field checked; raise naming the field."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    unknown = set(config) - set(CONFIG_DEFAULTS) - {"V", "D"}
+    if unknown:
+        raise ValueError(f"config has unknown fields {sorted(unknown)}; known: {sorted(CONFIG_DEFAULTS)} + V, D")
+    missing = {"V", "D"} - set(config)
+    if missing:
+        raise ValueError(f"config must give {sorted(missing)} (vocabulary size, model width)")
+    config = {**CONFIG_DEFAULTS, **config}
+    if config["F"] is None:
+        config["F"] = 4 * config["D"]
+    for name in ("V", "D", "n_heads", "F", "n_layers", "max_len"):
+        _check_positive_int(f"config['{name}']", config[name])
+    for name, options in (("kind", KINDS), ("positions", POSITIONS), ("activation", ACTIVATIONS)):
+        if config[name] not in options:
+            raise ValueError(f"config['{name}'] must be one of {options}, got {config[name]!r}")
+    for name in ("norm_first", "tied"):
+        if not isinstance(config[name], bool):
+            raise TypeError(f"config['{name}'] must be True or False, got {config[name]!r}")
+    if config["D"] % config["n_heads"]:
+        raise ValueError(f"config['D'] = {config['D']} must be divisible by config['n_heads'] = {config['n_heads']}")
+    if config["positions"] == "rope" and (config["D"] // config["n_heads"]) % 2:
+        raise ValueError(f"positions 'rope' needs an even head width D / n_heads, got {config['D'] // config['n_heads']}")
+    pad = config["pad_id"]
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or not 0 <= pad < config["V"]):
+        raise ValueError(f"config['pad_id'] must be None or an id in [0, {config['V']}), got {pad!r}")
+    return config
+
+
+def _check_tokens(tokens, src, params, config):
+    V = config["V"]
+    if params["embed"].shape != (V, config["D"]):
+        raise ValueError(f"params['embed'] must have shape ({V}, {config['D']}) for this config, "
+                         f"got {params['embed'].shape}")
+    check_ids("tokens", tokens, V)
+    if config["kind"] == "encoder-decoder":
+        if src is None:
+            raise ValueError("src must be given for config['kind'] 'encoder-decoder' (the source ids (B, S))")
+        check_ids("src", src, V)
+        if src.shape[0] != tokens.shape[0]:
+            raise ValueError(f"src must have batch size {tokens.shape[0]} like tokens, got shape {src.shape}")
+    elif src is not None:
+        raise ValueError(f"src must be None for config['kind'] {config['kind']!r} (it has no encoder-decoder)")
+    longest = max(tokens.shape[1], 0 if src is None else src.shape[1])
+    if longest > config["max_len"]:
+        raise ValueError(f"sequences must be at most config['max_len'] = {config['max_len']} long, got {longest}")
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_float(name, x):
+    if not hasattr(x, "dtype") or x.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got {getattr(x, 'dtype', type(x).__name__)}")
+
+
+def _check_layer_norm(x, gamma, beta):
+    _check_float("x", x)
+    if x.ndim < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (..., D) with D >= 1, got {x.shape}")
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        _check_float(name, p)
+        if p.shape != x.shape[-1:]:
+            raise ValueError(f"{name} must have shape ({x.shape[-1]},) to match x {x.shape}, got {p.shape}")
+        if p.dtype != x.dtype:
+            raise TypeError(f"{name} must have dtype {x.dtype} like x, got {p.dtype}")
+
+
+def _check_dout(dout, like):
+    check_upstream("dout", dout, like.shape, like.dtype)
+
+
+def _check_layer_options(x, n_heads, norm_first, activation):
+    _check_float("x", x)
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (B, T, D), got {x.shape}")
+    if not isinstance(norm_first, bool):
+        raise TypeError(f"norm_first must be True or False, got {norm_first!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _check_positive_int("n_heads", n_heads)
