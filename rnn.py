@@ -27,25 +27,17 @@ Gate layouts follow PyTorch, so weights copy across from torch.nn.RNN / LSTM / G
 W_x = weight_ih_l0.T, W_h = weight_hh_l0.T; the RNN's b_h and the LSTM's b are bias_ih + bias_hh; the GRU keeps
 b_x = bias_ih and b_h = bias_hh apart, because b_hn sits inside r * (.).
 
-On top: a character-level language model (embedding, recurrent core, softmax cross-entropy), Adam, gradient
-clipping and sampling, and the measurement of ||d h_T / d h_t|| against T - t.
+On top: a character-level language model (embedding, recurrent core, softmax cross-entropy, trained with
+training.py's clipping and Adam) with sampling, and the measurement of ||d h_T / d h_t|| against T - t.
 
 Shapes: B batch, T time steps, D input width, Hd hidden width, V vocabulary.
-Imports no project file. Runs on NumPy or CuPy arrays unchanged.
+Imports training.py (the params-tree helpers, the embedding, cross-entropy, clipping and Adam every model
+here trains with). Runs on NumPy or CuPy arrays unchanged.
 """
 import numpy as np
 
-
-def get_xp(*arrays):
-    """The array module of the inputs: cupy for CuPy arrays, numpy otherwise.
-
-    rnn.py, attention.py and positional.py each define this helper: they import no project file.
-    """
-    try:
-        import cupy
-    except ImportError:
-        return np
-    return cupy.get_array_module(*arrays)
+from training import (adam_init, adam_step, check_ids, clip_gradients, cross_entropy_backward,
+                      cross_entropy_forward, embedding_backward, embedding_forward, get_xp, log_softmax)
 
 
 def sigmoid(a):
@@ -342,58 +334,6 @@ def cell_backward(cell, dhs, cache, dstate=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training tools: gradient clipping and Adam over a params tree
-
-
-def tree_map(fn, *trees):
-    """Apply fn leaf by leaf to trees of the same structure (nested dicts/lists of arrays)."""
-    if isinstance(trees[0], dict):
-        return {key: tree_map(fn, *(tree[key] for tree in trees)) for key in trees[0]}
-    if isinstance(trees[0], (list, tuple)):
-        return type(trees[0])(tree_map(fn, *items) for items in zip(*trees))
-    return fn(*trees)
-
-
-def tree_leaves(tree):
-    """The arrays of a tree, in a fixed order."""
-    if isinstance(tree, dict):
-        return [leaf for key in sorted(tree) for leaf in tree_leaves(tree[key])]
-    if isinstance(tree, (list, tuple)):
-        return [leaf for item in tree for leaf in tree_leaves(item)]
-    return [tree]
-
-
-def clip_gradients(grads, max_norm):
-    """Rescale the whole gradient tree so its global L2 norm is at most max_norm (Pascanu et al. 2012).
-
-    Returns (clipped grads, the norm before clipping). The training loop calls this between backward
-    and the optimizer, so that backward always returns true gradients.
-    """
-    norm = sum(float((g * g).sum()) for g in tree_leaves(grads)) ** 0.5
-    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
-    return tree_map(lambda g: g * g.dtype.type(scale), grads), norm
-
-
-def adam_init(params):
-    """Adam's state: first and second moment trees of zeros, and the step count."""
-    return {"m": tree_map(lambda p: p * 0, params), "v": tree_map(lambda p: p * 0, params), "t": 0}
-
-
-def adam_step(params, grads, state, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8):
-    """One Adam step (Kingma & Ba 2014, arXiv:1412.6980); returns new (params, state), changes nothing.
-
-    m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2;  p -= lr m_hat / (sqrt(v_hat) + eps)
-    with m_hat = m / (1 - beta1^t), v_hat = v / (1 - beta2^t) correcting the zero start.
-    """
-    t = state["t"] + 1
-    m = tree_map(lambda m, g: beta1 * m + (1 - beta1) * g, state["m"], grads)
-    v = tree_map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state["v"], grads)
-    correct1, correct2 = 1 - beta1 ** t, 1 - beta2 ** t       # m_hat = m / correct1, v_hat = v / correct2
-    update = lambda p, m, v: p - (lr * (m / correct1) / ((v / correct2) ** 0.5 + eps)).astype(p.dtype)
-    return tree_map(update, params, m, v), {"m": m, "v": v, "t": t}
-
-
-# ----------------------------------------------------------------------------------------------------
 # The measurement: how much of d h_T reaches h_t
 
 
@@ -449,72 +389,33 @@ def init_char_lm(V, E, Hd, rng, cell="lstm", dtype=np.float32):
             "W_out": _uniform(rng, (Hd, V), Hd, dtype), "b_out": np.zeros(V, dtype=dtype)}
 
 
-def check_ids(name, ids, V, shape=None):
-    """Raise TypeError/ValueError unless ids is an integer (B, T) array (of `shape`) with values in [0, V)."""
-    if not hasattr(ids, "dtype") or ids.dtype.kind not in "iu":
-        got = getattr(ids, "dtype", type(ids))
-        raise TypeError(f"{name} must be an integer array of character ids, got {got}")
-    if ids.ndim != 2 or (shape is not None and ids.shape != shape):
-        need = "(B, T)" if shape is None else f"(B, T) = {shape}"
-        raise ValueError(f"{name} must have shape {need}, got {ids.shape}")
-    low, high = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
-    if low < 0 or high >= V:
-        raise ValueError(f"{name} must hold ids in [0, {V}), got values in [{low}, {high}]")
-
-
-def log_softmax(logits):
-    """logits - logsumexp(logits) over the last axis, with the row max subtracted so exp() cannot overflow."""
-    xp = get_xp(logits)
-    shifted = logits - logits.max(axis=-1, keepdims=True)      # (..., V) largest entry is 0
-    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def cross_entropy_forward(logits, targets):
-    """loss = -mean log softmax(logits)[targets]; logits (..., V), targets int (...). Returns loss, probs."""
-    xp = get_xp(logits)
-    logp = log_softmax(logits)                                 # (..., V)
-    loss = -float(xp.take_along_axis(logp, targets[..., None], axis=-1).mean())
-    return loss, xp.exp(logp)
-
-
-def cross_entropy_backward(probs, targets):
-    """dlogits = (probs - one_hot(targets)) / N: softmax and cross-entropy together, N = targets.size."""
-    xp = get_xp(probs)
-    return (probs - xp.eye(probs.shape[-1], dtype=probs.dtype)[targets]) / targets.size
-
-
-def embedding_backward(dx, ids, V):
-    """dtable (V, E) for x = table[ids] = one_hot(ids) table: a row used at several positions sums them."""
-    xp = get_xp(dx)
-    return matmul_over_time(xp.eye(V, dtype=dx.dtype)[ids], dx)  # (V, E)
-
-
 def char_lm_forward(ids, targets, params, cell="lstm"):
     """Mean cross-entropy of predicting targets[b, t] (the next character) from ids[b, :t+1].
 
     ids, targets: int (B, T). From a zero state:
-        x = embed[ids] (= one_hot(ids) embed),  hs = core(x),  logits = hs W_out + b_out,
-        loss = -mean log softmax(logits)[targets]
-    Returns loss (a float) and cache = (ids, targets, hs, probs, core_cache, params, cell).
+        x = embed[ids],  hs = core(x),  logits = hs W_out + b_out,  loss = -mean log softmax(logits)[targets]
+    Returns loss (a float) and cache = {'embed': embedding cache, 'core': the cell's cache, 'hs' (B, T, Hd),
+    'loss': cross-entropy cache (its 'probs' (B, T, V) is softmax(logits)), 'params', 'cell'}.
     """
     V = params["embed"].shape[0]
     check_ids("ids", ids, V)
     check_ids("targets", targets, V, ids.shape)
-    xp = get_xp(params["embed"])
-    x = params["embed"][ids]                                   # (B, T, E)
+    x, embed_cache = embedding_forward(ids, params["embed"])   # (B, T, E)
+    xp = get_xp(x)
     state = zero_state(cell, ids.shape[0], params["W_out"].shape[0], xp, x.dtype)
     hs, _, core_cache = cell_forward(cell, x, state, params["core"])  # (B, T, Hd)
-    loss, probs = cross_entropy_forward(hs @ params["W_out"] + params["b_out"], targets)  # probs (B, T, V)
-    return loss, (ids, targets, hs, probs, core_cache, params, cell)
+    loss, loss_cache = cross_entropy_forward(hs @ params["W_out"] + params["b_out"], targets)
+    return loss, {"embed": embed_cache, "core": core_cache, "hs": hs, "loss": loss_cache, "params": params,
+                  "cell": cell}
 
 
 def char_lm_backward(cache):
     """Gradient tree of char_lm_forward's loss with respect to params (same keys)."""
-    ids, targets, hs, probs, core_cache, params, cell = cache
-    dlogits = cross_entropy_backward(probs, targets)           # (B, T, V)
+    params, hs = cache["params"], cache["hs"]
+    dlogits = cross_entropy_backward(cache["loss"])            # (B, T, V)
     dhs = dlogits @ params["W_out"].T                          # (B, T, Hd)
-    dx, _, dcore = cell_backward(cell, dhs, core_cache)        # (B, T, E)
-    return {"embed": embedding_backward(dx, ids, probs.shape[-1]),  # (V, E)
+    dx, _, dcore = cell_backward(cache["cell"], dhs, cache["core"])  # (B, T, E)
+    return {"embed": embedding_backward(dx, cache["embed"]),  # (V, E)
             "core": dcore,
             "W_out": matmul_over_time(hs, dlogits),           # (Hd, V)
             "b_out": dlogits.sum(axis=(0, 1))}                 # (V,)

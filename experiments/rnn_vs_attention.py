@@ -22,7 +22,7 @@
    do the same arithmetic (4 T D^2 = 4 T^2 D), so the difference in time is the cost of doing it in sequence.
 
 Run: python experiments/rnn_vs_attention.py   (about 15 s on an idle 2-core CPU)
-Imports rnn.py and attention.py from the repository root.
+Imports rnn.py, attention.py and training.py from the repository root.
 Shapes: B batch, L sequence length, K symbols, E embedding width, Hd hidden width.
 """
 import os
@@ -34,9 +34,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from attention import attention_backward, attention_forward  # noqa: E402
-from rnn import (adam_init, adam_step, cell_backward, cell_forward, check_ids, clip_gradients,  # noqa: E402
-                 cross_entropy_backward, cross_entropy_forward, embedding_backward, get_xp, init_cell,
-                 init_rnn, matmul_over_time, rnn_forward, zero_state)
+from rnn import cell_backward, cell_forward, init_cell, init_rnn, matmul_over_time, rnn_forward, zero_state  # noqa: E402
+from training import (adam_init, adam_step, check_ids, clip_gradients, cross_entropy_backward,  # noqa: E402
+                      cross_entropy_forward, embedding_backward, embedding_forward, get_xp)
 
 CELL = "gru"
 
@@ -63,12 +63,12 @@ def copy_batch(rng, B, L, K):
     return src, src.copy()
 
 
-def _encode(src, params):
-    """Encoder states (B, L, Hd), the final state tuple and the cache."""
-    xp = get_xp(params["embed"])
+def _encode(x, params):
+    """Encoder states (B, L, Hd), the final state tuple and the cache, for embedded sources x (B, L, E)."""
+    xp = get_xp(x)
     Hd = params["encoder"]["W_h"].shape[0]
-    start = zero_state(CELL, src.shape[0], Hd, xp, params["embed"].dtype)
-    return cell_forward(CELL, params["embed"][src], start, params["encoder"])
+    start = zero_state(CELL, x.shape[0], Hd, xp, x.dtype)
+    return cell_forward(CELL, x, start, params["encoder"])
 
 
 def _readout(dec_hs, enc_hs, attend):
@@ -83,41 +83,46 @@ def _readout(dec_hs, enc_hs, attend):
 def seq2seq_forward(src, tgt, params, attend):
     """Teacher-forced mean cross-entropy of tgt given src; src, tgt int (B, L).
 
-    Returns loss and cache = (src, dec_in, tgt, features, probs, enc_cache, dec_cache, attention_cache,
-    params); probs (B, L, K) is cache[4].
+    Returns loss and cache = {'src_embed', 'dec_embed': embedding caches, 'encoder', 'decoder': the GRUs'
+    caches, 'attn': attention cache (None without attention), 'features' (B, L, Hd or 2Hd), 'loss':
+    cross-entropy cache (its 'probs' (B, L, K) is softmax(logits)), 'params'}.
     """
     K = params["b_out"].shape[0]
     check_ids("src", src, K)                                   # symbols 0..K-1; K is the start symbol
     check_ids("tgt", tgt, K, src.shape)
     xp = get_xp(params["embed"])
     dec_in = xp.concatenate([xp.full((src.shape[0], 1), K), tgt[:, :-1]], axis=1)  # (B, L) start, then tgt
-    enc_hs, enc_final, enc_cache = _encode(src, params)                      # (B, L, Hd)
+    src_x, src_embed = embedding_forward(src, params["embed"])             # (B, L, E)
+    dec_x, dec_embed = embedding_forward(dec_in, params["embed"])          # (B, L, E) the same table
+    enc_hs, enc_final, enc_cache = _encode(src_x, params)                  # (B, L, Hd)
     # The bottleneck: the only path from source to decoder is enc_final (and, with attention, enc_hs).
-    dec_hs, _, dec_cache = cell_forward(CELL, params["embed"][dec_in], enc_final, params["decoder"])
+    dec_hs, _, dec_cache = cell_forward(CELL, dec_x, enc_final, params["decoder"])
     features, attention_cache = _readout(dec_hs, enc_hs, attend)     # (B, L, Hd or 2Hd)
-    loss, probs = cross_entropy_forward(features @ params["W_out"] + params["b_out"], tgt)  # probs (B, L, K)
-    return loss, (src, dec_in, tgt, features, probs, enc_cache, dec_cache, attention_cache, params)
+    loss, loss_cache = cross_entropy_forward(features @ params["W_out"] + params["b_out"], tgt)
+    return loss, {"src_embed": src_embed, "dec_embed": dec_embed, "encoder": enc_cache, "decoder": dec_cache,
+                  "attn": attention_cache, "features": features, "loss": loss_cache, "params": params}
 
 
 def seq2seq_backward(cache):
     """Gradient tree of seq2seq_forward's loss, walking the forward in reverse."""
-    src, dec_in, tgt, features, probs, enc_cache, dec_cache, attention_cache, params = cache
-    xp = get_xp(probs)
+    params, features = cache["params"], cache["features"]
     Hd = params["encoder"]["W_h"].shape[0]
-    dlogits = cross_entropy_backward(probs, tgt)               # (B, L, K)
+    dlogits = cross_entropy_backward(cache["loss"])            # (B, L, K)
+    xp = get_xp(dlogits)
     dfeatures = dlogits @ params["W_out"].T                    # (B, L, Hd or 2Hd)
     ddec_hs = dfeatures[..., :Hd]                              # (B, L, Hd)
-    if attention_cache is None:
+    if cache["attn"] is None:
         denc_hs = xp.zeros_like(ddec_hs)                       # without attention only enc_final is used
     else:
-        dq, dk, dv = attention_backward(dfeatures[..., Hd:], attention_cache)
+        dq, dk, dv = attention_backward(dfeatures[..., Hd:], cache["attn"])
         ddec_hs = ddec_hs + dq                                 # dec_hs is the output's input and the query
         denc_hs = dk + dv                                      # enc_hs served as keys and as values
-    ddec_x, denc_final, ddecoder = cell_backward(CELL, ddec_hs, dec_cache)   # denc_final = d(dec h0)
-    denc_x, _, dencoder = cell_backward(CELL, denc_hs, enc_cache, denc_final)
-    V = params["embed"].shape[0]
-    dembed = embedding_backward(denc_x, src, V) + embedding_backward(ddec_x, dec_in, V)  # shared table
-    return {"embed": dembed, "encoder": dencoder, "decoder": ddecoder,
+    ddec_x, denc_final, ddecoder = cell_backward(CELL, ddec_hs, cache["decoder"])   # denc_final = d(dec h0)
+    denc_x, _, dencoder = cell_backward(CELL, denc_hs, cache["encoder"], denc_final)
+    dembed_src = embedding_backward(denc_x, cache["src_embed"])   # (K + 1, E)
+    dembed_dec = embedding_backward(ddec_x, cache["dec_embed"])   # (K + 1, E)
+    return {"embed": dembed_src + dembed_dec,                  # one table used twice: the gradients add
+            "encoder": dencoder, "decoder": ddecoder,
             "W_out": matmul_over_time(features, dlogits),
             "b_out": dlogits.sum(axis=(0, 1))}
 
@@ -126,7 +131,7 @@ def greedy_decode(src, params, attend):
     """The model's own output (B, L): each step feeds back its most likely symbol (no teacher)."""
     xp = get_xp(params["embed"])
     K = params["b_out"].shape[0]
-    enc_hs, state, _ = _encode(src, params)
+    enc_hs, state, _ = _encode(params["embed"][src], params)
     previous = xp.full(src.shape[0], K)                        # (B,) the start symbol
     outputs = []
     for _ in range(src.shape[1]):

@@ -1,5 +1,5 @@
 """Tests for rnn.py: BPTT gradients, agreement with torch.nn.RNN/LSTM/GRU, causality, the gradient-norm
-measurement, the character model and its training tools."""
+measurement and the character model (training.py's tools have tests/test_training.py)."""
 import os
 import subprocess
 import sys
@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rnn
+import training
 from gradcheck import check_gradients, random_like
 
 CELLS = ["rnn", "lstm", "gru"]
@@ -196,11 +197,9 @@ def test_lstm_forget_bias_shifts_only_the_f_block():
     np.testing.assert_array_equal(shifted["b"] - plain["b"], np.repeat([0.0, 3.0, 0.0, 0.0], Hd))
 
 
-def test_sigmoid_and_log_softmax_stay_finite_for_huge_inputs():
+def test_sigmoid_stays_finite_for_huge_inputs():
     a = np.array([-1e4, 0.0, 1e4], dtype=np.float32)           # exp(1e4) would overflow (an error here)
     np.testing.assert_array_equal(rnn.sigmoid(a), [0.0, 0.5, 1.0])
-    logp = rnn.log_softmax(a)
-    assert logp.dtype == np.float32 and np.isfinite(logp).all() and logp[-1] == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,44 +292,12 @@ def test_an_open_forget_gate_keeps_the_lstm_gradient_alive_where_the_default_ini
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training tools
-
-
-def test_clip_gradients_rescales_to_max_norm_returns_the_old_norm_and_leaves_grads_alone():
-    grads = {"a": np.array([3.0, 0.0]), "b": [np.array([[4.0]])]}
-    clipped, norm = rnn.clip_gradients(grads, max_norm=1.0)
-    assert norm == 5.0
-    np.testing.assert_allclose(clipped["a"], [0.6, 0.0])
-    np.testing.assert_allclose(clipped["b"][0], [[0.8]])
-    assert grads["a"][0] == 3.0                                # the input tree is not modified
-    unclipped, _ = rnn.clip_gradients(grads, max_norm=10.0)
-    np.testing.assert_array_equal(unclipped["a"], grads["a"])
-
-
-def test_adam_matches_torch_adam():
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(10)
-    params = {"w": rng.standard_normal((3, 2)), "b": [rng.standard_normal(2)]}
-    tparams = [torch.tensor(a, requires_grad=True) for a in (params["w"], params["b"][0])]
-    optimizer = torch.optim.Adam(tparams, lr=0.05)
-    state = rnn.adam_init(params)
-    for _ in range(4):
-        grads = {"w": rng.standard_normal((3, 2)), "b": [rng.standard_normal(2)]}
-        params, state = rnn.adam_step(params, grads, state, lr=0.05)
-        tparams[0].grad, tparams[1].grad = torch.tensor(grads["w"]), torch.tensor(grads["b"][0])
-        optimizer.step()
-    # The same float64 formula in a different order of operations: equal to rounding.
-    np.testing.assert_allclose(params["w"], tparams[0].detach().numpy(), rtol=1e-12)
-    np.testing.assert_allclose(params["b"][0], tparams[1].detach().numpy(), rtol=1e-12)
-
-
-# ----------------------------------------------------------------------------------------------------
 # The character language model
 
 
 def tiny_lm(cell, xp, V=5, E=3, Hd=4, B=2, T=4, seed=0, dtype=np.float64):
     rng = np.random.default_rng(seed)
-    params = rnn.tree_map(xp.asarray, rnn.init_char_lm(V, E, Hd, rng, cell, dtype))
+    params = training.tree_map(xp.asarray, rnn.init_char_lm(V, E, Hd, rng, cell, dtype))
     ids, targets = (xp.asarray(rng.integers(0, V, size=(B, T))) for _ in range(2))
     return params, ids, targets
 
@@ -356,14 +323,14 @@ def test_char_lm_training_loss_falls_within_two_hundred_steps(cell):
     chars = sorted(set(text))
     data = np.array([chars.index(c) for c in text])
     params = rnn.init_char_lm(len(chars), 8, 32, rng, cell, np.float32)
-    state = rnn.adam_init(params)
+    state = training.adam_init(params)
     losses = []
     for _ in range(200):
         offsets = rng.integers(0, len(data) - 17, size=16)
         window = np.stack([data[o:o + 17] for o in offsets])
         loss, cache = rnn.char_lm_forward(window[:, :-1], window[:, 1:], params, cell)
-        grads, _ = rnn.clip_gradients(rnn.char_lm_backward(cache), 5.0)
-        params, state = rnn.adam_step(params, grads, state, lr=1e-2)
+        grads, _ = training.clip_gradients(rnn.char_lm_backward(cache), 5.0)
+        params, state = training.adam_step(params, grads, state, lr=1e-2)
         losses.append(loss)
     # From log(21) ~ 3.0 at the start; the seeded runs end near 0.5-0.65, far from the 1.5 threshold.
     assert np.mean(losses[:5]) > 2.5 and np.mean(losses[-10:]) < 1.5
@@ -379,12 +346,12 @@ def test_sampling_is_reproducible_and_stays_in_the_vocabulary(xp):
 @pytest.mark.parametrize("cell", CELLS)
 def test_sampling_carries_the_state_so_it_matches_the_model_run_over_the_whole_sample(cell):
     params, _, _ = tiny_lm(cell, np, V=6, Hd=8, seed=3)
-    params = rnn.tree_map(lambda w: 5 * w, params)             # larger weights: outputs vary with the state
+    params = training.tree_map(lambda w: 5 * w, params)             # larger weights: outputs vary with the state
     params["W_out"] = params["W_out"] * 10                     # and clear winners, no near-ties in the logits
     sample = rnn.sample_chars(params, 2, 12, np.random.default_rng(0), cell, temperature=1e-4)
     ids = np.array([[2] + sample[:-1]])                        # what the sampler fed itself, (1, 12)
     _, cache = rnn.char_lm_forward(ids, np.array([sample]), params, cell)
-    probs = cache[3]                                           # (1, 12, V) from one run over the sequence
+    probs = cache["loss"]["probs"]                             # (1, 12, V) from one run over the sequence
     assert len(set(sample)) > 1                                # the sample depends on the state
     assert probs.argmax(axis=-1)[0].tolist() == sample         # temperature 1e-4 samples the argmax
 

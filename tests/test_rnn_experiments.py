@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rnn
+import training
 from gradcheck import check_gradients
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
@@ -39,7 +40,7 @@ def test_gru_states_stay_in_minus_one_to_one_so_scaled_scores_stay_below_sqrt_hd
     # h_t = (1 - z) n + z h_{t-1} mixes tanh(.) and h_{t-1}: from h0 = 0 it never leaves [-1, 1].
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((3, 20, 4)) * size
-    params = rnn.tree_map(lambda w: w * size, rnn.init_gru(4, 8, rng, np.float64))
+    params = training.tree_map(lambda w: w * size, rnn.init_gru(4, 8, rng, np.float64))
     hs, _ = rnn.gru_forward(x, np.zeros((3, 8)), params)
     assert np.abs(hs).max() <= 1.0
     scores = hs @ hs.swapaxes(1, 2) / np.sqrt(8)               # attention's default scale 1 / sqrt(Hd)
@@ -51,7 +52,7 @@ def test_greedy_decoding_emits_what_teacher_forcing_on_its_own_output_predicts(a
     params, src, _ = tiny_seq2seq(np, attend, K=6, Hd=8, B=5, L=6, seed=1)
     decoded = experiment.greedy_decode(src, params, attend)
     _, cache = experiment.seq2seq_forward(src, decoded, params, attend)
-    probs = cache[4]                                           # (B, L, K)
+    probs = cache["loss"]["probs"]                             # (B, L, K)
     np.testing.assert_array_equal(probs.argmax(axis=-1), decoded)
 
 

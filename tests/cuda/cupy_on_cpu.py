@@ -239,7 +239,18 @@ def _device_function(name, numpy_function):
             _refuse_sequences(args, name)
         return _to_device(numpy_function(*_to_host(args), **_to_host(kwargs)))
     function.__name__ = name
+    if isinstance(numpy_function, np.ufunc):
+        function.at = _ufunc_at(name, numpy_function)
     return function
+
+
+def _ufunc_at(name, ufunc):
+    """cupy.add.at and the like: ufunc.at(a, indices, b) on device arrays, in place on a, every repeated index
+    applied (a scatter-add for add)."""
+    def at(a, indices, b=None):
+        _refuse_host_arrays((a, indices, b), f"{name}.at")
+        ufunc.at(a._data, _to_host(indices), *(() if b is None else (_to_host(b),)))
+    return at
 
 
 def _module_of_device_functions(name, numpy_module, real_module):

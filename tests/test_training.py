@@ -1,0 +1,380 @@
+"""Tests for training.py: the embedding and cross-entropy gradients, cross-entropy = PyTorch's (ignore_index,
+label smoothing), AdamW = torch.optim.AdamW with decay groups, clipping = clip_grad_norm_, the schedule, and
+every bad input refused. Each PyTorch claim is also checked without torch, by hand-computed values."""
+import math
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import training
+from gradcheck import check_gradients
+from helpers import random_array, to_numpy
+
+
+def ids_with_a_repeat(rng, B, T, V, xp=np):
+    """Random ids (B, T) in [0, V) where the first two positions share an id (a row used twice)."""
+    ids = rng.integers(0, V, size=(B, T))
+    ids.reshape(-1)[1] = ids.reshape(-1)[0]
+    return xp.asarray(ids)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The embedding
+
+
+def test_embedding_gradient_matches_finite_differences(xp):
+    rng = np.random.default_rng(0)
+    table = random_array(rng, (5, 3), xp=xp)
+    ids = ids_with_a_repeat(rng, 2, 4, 5, xp)
+    dx = random_array(rng, (2, 4, 3), xp=xp)                   # random upstream gradient
+    x, cache = training.embedding_forward(ids, table)
+    xp.testing.assert_array_equal(x, table[ids])
+    dtable = training.embedding_backward(dx, cache)
+    check_gradients(lambda: float((training.embedding_forward(ids, table)[0] * dx).sum()), table, dtable)
+
+
+def test_embedding_backward_sums_the_gradients_of_a_row_used_twice_and_keeps_float32(xp):
+    table = xp.zeros((4, 2), dtype=np.float32)
+    ids = xp.asarray(np.array([[1, 3, 1]]))
+    dx = xp.asarray(np.array([[[1.0, 2.0], [10.0, 20.0], [100.0, 200.0]]], dtype=np.float32))
+    dtable = training.embedding_backward(dx, training.embedding_forward(ids, table)[1])
+    assert dtable.dtype == np.float32
+    np.testing.assert_array_equal(to_numpy(dtable), [[0, 0], [101, 202], [0, 0], [10, 20]])
+
+
+def test_embedding_refuses_bad_ids_tables_and_upstream_gradients():
+    table = np.zeros((4, 2))
+    with pytest.raises(TypeError, match="ids must be an integer array of token ids, got float64"):
+        training.embedding_forward(np.zeros((1, 2)), table)
+    with pytest.raises(ValueError, match=r"ids must hold ids in \[0, 4\), got values in \[-1, 2\]"):
+        training.embedding_forward(np.array([[-1, 2]]), table)
+    with pytest.raises(ValueError, match=r"ids must have shape \(B, T\), got \(2,\)"):
+        training.embedding_forward(np.array([0, 1]), table)
+    with pytest.raises(TypeError, match="table must be a floating-point array"):
+        training.embedding_forward(np.array([[0, 1]]), np.zeros((4, 2), dtype=np.int64))
+    with pytest.raises(TypeError, match="table must be a floating-point array"):
+        training.embedding_forward(np.array([[0, 1]]), [[0.0, 1.0]] * 4)
+    _, cache = training.embedding_forward(np.array([[0, 1]]), table)
+    with pytest.raises(ValueError, match=r"dx must have shape \(1, 2, 2\) \(the forward output's\), got \(1, 2\)"):
+        training.embedding_backward(np.zeros((1, 2)), cache)
+    with pytest.raises(TypeError, match="dx must have dtype float64 .*, got float32"):
+        training.embedding_backward(np.zeros((1, 2, 2), dtype=np.float32), cache)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cross-entropy
+
+
+def ce_case(rng, xp=np, B=2, T=3, V=4, ignore_index=-100, n_ignored=2, dtype=np.float64):
+    """Random logits (B, T, V) and targets (B, T), the first n_ignored positions set to ignore_index."""
+    logits = random_array(rng, (B, T, V), dtype, xp) * 2
+    targets = rng.integers(0, V, size=(B, T))
+    targets.reshape(-1)[:n_ignored] = ignore_index
+    return logits, xp.asarray(targets)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("ignore_index", [-100, 2], ids=["ignore-100", "ignore-class-2"])
+def test_cross_entropy_gradient_matches_finite_differences(xp, label_smoothing, ignore_index):
+    rng = np.random.default_rng(1)
+    logits, targets = ce_case(rng, xp, ignore_index=ignore_index)
+    dloss = float(rng.standard_normal())                      # random upstream gradient of the scalar loss
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing)
+    _, cache = training.cross_entropy_forward(logits, targets, **options)
+    dlogits = training.cross_entropy_backward(cache, dloss)
+    assert not bool(xp.any(dlogits[0, :2]))                   # ignored positions get no gradient
+    check_gradients(lambda: dloss * training.cross_entropy_forward(logits, targets, **options)[0],
+                    logits, dlogits)
+
+
+def test_label_smoothing_is_pytorchs_eps_over_v_to_every_class_on_a_hand_computed_example():
+    # logits [ln 3, 0]: softmax = [3/4, 1/4]. Target 0, eps = 0.2, V = 2: PyTorch's target distribution is
+    # [1 - eps + eps/V, eps/V] = [0.9, 0.1] (eps/(V-1) would give [0.8, 0.2]).
+    logits = np.array([[math.log(3.0), 0.0]])
+    loss, cache = training.cross_entropy_forward(logits, np.array([0]), label_smoothing=0.2)
+    assert loss == pytest.approx(-(0.9 * math.log(0.75) + 0.1 * math.log(0.25)), rel=1e-15)
+    dlogits = training.cross_entropy_backward(cache)
+    np.testing.assert_allclose(dlogits, [[0.75 - 0.9, 0.25 - 0.1]], rtol=1e-14)   # softmax - target distribution
+
+
+def test_ignored_positions_are_left_out_of_the_mean():
+    rng = np.random.default_rng(2)
+    logits, targets = ce_case(rng, n_ignored=3, B=2, T=4)
+    for eps in (0.0, 0.3):
+        loss, _ = training.cross_entropy_forward(logits, targets, label_smoothing=eps)
+        kept, _ = training.cross_entropy_forward(logits.reshape(-1, 4)[3:], targets.reshape(-1)[3:],
+                                                 label_smoothing=eps)   # the 5 kept positions alone
+        assert loss == pytest.approx(kept, rel=1e-14)
+
+
+def test_cross_entropy_without_smoothing_is_minus_the_mean_log_probability_of_the_target():
+    logits = np.array([[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    loss, _ = training.cross_entropy_forward(logits, np.array([3, 0]))
+    expected = (math.log(4) + (math.log(math.e ** 2 + 3) - 2)) / 2
+    assert loss == pytest.approx(expected, rel=1e-15)
+
+
+def test_every_position_ignored_gives_zero_loss_and_zero_gradient_not_nan(xp):
+    logits = random_array(np.random.default_rng(3), (2, 3, 5), xp=xp)
+    targets = xp.full((2, 3), -100)
+    loss, cache = training.cross_entropy_forward(logits, targets, label_smoothing=0.1)
+    dlogits = training.cross_entropy_backward(cache)
+    assert loss == 0.0 and dlogits.shape == (2, 3, 5) and not bool(xp.any(dlogits))
+
+
+def test_cross_entropy_keeps_float32_and_huge_logits_stay_finite(xp):
+    logits = xp.asarray(np.array([[1e4, 0.0, -1e4], [0.0, 0.0, 0.0]], dtype=np.float32))
+    loss, cache = training.cross_entropy_forward(logits, xp.asarray(np.array([0, 1])), label_smoothing=0.1)
+    dlogits = training.cross_entropy_backward(cache, np.float32(2.0))
+    assert dlogits.dtype == np.float32 and math.isfinite(loss) and bool(xp.all(xp.isfinite(dlogits)))
+
+
+def test_log_softmax_stays_finite_for_huge_inputs_and_keeps_float32():
+    logp = training.log_softmax(np.array([-1e4, 0.0, 1e4], dtype=np.float32))   # exp(1e4) would overflow
+    assert logp.dtype == np.float32 and np.isfinite(logp).all() and logp[-1] == 0.0
+
+
+@given(V=st.integers(1, 6), eps=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+@example(V=1, eps=1.0, seed=0)
+def test_cross_entropy_gradient_rows_sum_to_zero_and_the_loss_is_at_least_the_smoothed_entropy(V, eps, seed):
+    # Each kept row of dlogits is (softmax - q) / N, q the smoothed target distribution: both sum to 1.
+    rng = np.random.default_rng(seed)
+    logits, targets = ce_case(rng, V=V, n_ignored=1)
+    loss, cache = training.cross_entropy_forward(logits, targets, label_smoothing=eps)
+    dlogits = training.cross_entropy_backward(cache)
+    np.testing.assert_allclose(dlogits.sum(axis=-1), 0, atol=1e-15)
+    q = np.full(V, eps / V)
+    q[0] += 1 - eps
+    entropy = -float((q[q > 0] * np.log(q[q > 0])).sum())    # cross-entropy >= entropy of the target
+    assert loss >= entropy - 1e-12
+
+
+def test_cross_entropy_refuses_bad_input():
+    logits, targets = np.zeros((2, 3)), np.array([0, 2])
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 3\) or ignore_index = -100, got 3"):
+        training.cross_entropy_forward(logits, np.array([0, 3]))
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 3\) or ignore_index = -100, got -1"):
+        training.cross_entropy_forward(logits, np.array([-1, 0]))
+    with pytest.raises(TypeError, match="targets must be an integer array, got float64"):
+        training.cross_entropy_forward(logits, targets.astype(np.float64))
+    with pytest.raises(ValueError, match=r"targets must have shape \(2,\) \(logits without V\), got \(3,\)"):
+        training.cross_entropy_forward(logits, np.array([0, 1, 2]))
+    with pytest.raises(TypeError, match="logits must be a floating-point array"):
+        training.cross_entropy_forward(logits.astype(np.int64), targets)
+    with pytest.raises(TypeError, match="logits must be a floating-point array"):
+        training.cross_entropy_forward(np.zeros((2, 0)), targets)
+    for eps in (-0.1, 1.5, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="label_smoothing must be a number in"):
+            training.cross_entropy_forward(logits, targets, label_smoothing=eps)
+    with pytest.raises(TypeError, match="ignore_index must be an integer"):
+        training.cross_entropy_forward(logits, targets, ignore_index=None)
+    _, cache = training.cross_entropy_forward(logits, targets)
+    with pytest.raises(ValueError, match=r"dloss must be a scalar, got shape \(2,\)"):
+        training.cross_entropy_backward(cache, np.ones(2))
+    with pytest.raises(TypeError, match="dloss must be a real number"):
+        training.cross_entropy_backward(cache, "1")
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
+@pytest.mark.parametrize("ignore_index, label_smoothing", [(-100, 0.0), (1, 0.0), (-100, 0.25), (1, 0.25)],
+                         ids=["plain", "ignore", "smoothing", "both"])
+def test_cross_entropy_matches_torch(ignore_index, label_smoothing, dtype, tol):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    logits, targets = ce_case(rng, B=3, T=5, V=6, ignore_index=ignore_index, n_ignored=4, dtype=dtype)
+    loss, cache = training.cross_entropy_forward(logits, targets, ignore_index, label_smoothing)
+    dlogits = training.cross_entropy_backward(cache, 0.7)
+    t_logits = torch.tensor(logits, requires_grad=True)
+    t_loss = torch.nn.functional.cross_entropy(t_logits.reshape(-1, 6), torch.tensor(targets).reshape(-1),
+                                               ignore_index=ignore_index, label_smoothing=label_smoothing)
+    (0.7 * t_loss).backward()
+    # The same sums in another order: float64 agrees to rounding, float32 to a few eps32 (1.2e-7) of |loss|.
+    assert loss == pytest.approx(t_loss.item(), rel=tol)
+    np.testing.assert_allclose(dlogits, t_logits.grad.numpy(), rtol=tol, atol=tol * 0.7 / 11)
+    assert dlogits.dtype == dtype
+
+
+# ----------------------------------------------------------------------------------------------------
+# Clipping
+
+
+def test_clip_gradients_rescales_to_max_norm_returns_the_old_norm_and_leaves_grads_alone(xp):
+    grads = {"a": xp.asarray(np.array([3.0, 0.0])), "b": [xp.asarray(np.array([[4.0]], dtype=np.float32))]}
+    clipped, norm = training.clip_gradients(grads, max_norm=1.0)
+    assert norm == 5.0
+    np.testing.assert_allclose(to_numpy(clipped["a"]), [0.6, 0.0])
+    np.testing.assert_allclose(to_numpy(clipped["b"][0]), [[0.8]], rtol=1e-7)
+    assert clipped["b"][0].dtype == np.float32
+    assert float(grads["a"][0]) == 3.0                        # the input tree is not modified
+    unclipped, _ = training.clip_gradients(grads, max_norm=10.0)
+    np.testing.assert_array_equal(to_numpy(unclipped["a"]), to_numpy(grads["a"]))
+    zero, zero_norm = training.clip_gradients({"a": xp.zeros(3)}, 1.0)   # norm 0: no division by zero
+    assert zero_norm == 0.0 and not bool(xp.any(zero["a"]))
+
+
+def test_clip_gradients_matches_torch_clip_grad_norm():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    grads = {"w": rng.standard_normal((3, 4)), "b": [rng.standard_normal(4)]}
+    tensors = [torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.float64)),
+               torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))]
+    tensors[0].grad, tensors[1].grad = torch.tensor(grads["w"]), torch.tensor(grads["b"][0])
+    t_norm = torch.nn.utils.clip_grad_norm_(tensors, max_norm=1.0)
+    clipped, norm = training.clip_gradients(grads, max_norm=1.0)
+    assert norm == pytest.approx(t_norm.item(), rel=1e-14)
+    # torch divides by norm + 1e-6: a relative difference of 1e-6 / norm in the clipped values.
+    for ours, theirs in zip((clipped["w"], clipped["b"][0]), tensors):
+        np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-6 / norm * 1.01 + 1e-15)
+
+
+@pytest.mark.parametrize("max_norm", [0, -1.0, float("nan"), None, True])
+def test_clip_gradients_refuses_a_max_norm_that_is_not_positive(max_norm):
+    with pytest.raises(ValueError, match="max_norm must be a positive number"):
+        training.clip_gradients({"a": np.ones(2)}, max_norm)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adam and AdamW
+
+
+def model_like_params(rng, dtype=np.float64):
+    """A tree with every kind of leaf: matrices and a table (decay), biases and LayerNorm gamma/beta (no decay)."""
+    return {"embed": rng.standard_normal((5, 3)).astype(dtype),
+            "layers": [{"W": rng.standard_normal((3, 3)).astype(dtype), "b": rng.standard_normal(3).astype(dtype),
+                        "ln": {"gamma": (1 + 0.1 * rng.standard_normal(3)).astype(dtype),
+                               "beta": rng.standard_normal(3).astype(dtype)}}]}
+
+
+def test_weight_decay_mask_decays_matrices_and_tables_not_biases_or_layer_norm():
+    mask = training.weight_decay_mask(model_like_params(np.random.default_rng(0)))
+    assert mask == {"embed": True, "layers": [{"W": True, "b": False, "ln": {"gamma": False, "beta": False}}]}
+
+
+def test_first_adam_step_moves_every_parameter_by_about_lr_against_its_gradient():
+    rng = np.random.default_rng(6)
+    params = model_like_params(rng)
+    grads = training.tree_map(lambda p: rng.choice([-1, 1], p.shape) * rng.uniform(0.5, 2, p.shape), params)
+    new, state = training.adam_step(params, grads, training.adam_init(params), lr=0.01)
+    # m_hat = g and v_hat = g^2 after one step, so p moves by lr * g / (|g| + eps): |g| >= 0.5 puts that
+    # within lr * 2e-8 of lr * sign(g).
+    for p, g, q in zip(*(training.tree_leaves(t) for t in (params, grads, new))):
+        np.testing.assert_allclose(q - p, -0.01 * np.sign(g), rtol=1e-7)
+    assert state["t"] == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_weight_decay_with_zero_gradients_shrinks_exactly_by_one_minus_lr_wd_and_only_decayed_leaves(xp, dtype):
+    params = training.tree_map(xp.asarray, model_like_params(np.random.default_rng(7), dtype))
+    zeros = training.tree_map(lambda p: p * 0, params)
+    decay = training.weight_decay_mask(params)
+    new, _ = training.adam_step(params, zeros, training.adam_init(params), lr=0.1, weight_decay=0.5, decay=decay)
+    for p, q, d in zip(*(training.tree_leaves(t) for t in (params, new, decay))):
+        assert q.dtype == dtype
+        # m = v = 0, so the Adam update is 0 / (0 + eps) = 0: only the decay p * (1 - lr wd) remains.
+        np.testing.assert_array_equal(to_numpy(q), to_numpy(p * (1 - 0.1 * 0.5) if d else p))
+
+
+def test_adam_step_changes_nothing_it_is_given_and_keeps_float32(xp):
+    rng = np.random.default_rng(8)
+    params = training.tree_map(xp.asarray, model_like_params(rng, np.float32))
+    grads = training.tree_map(lambda p: p * 0.5 + 1, params)
+    state = training.adam_init(params)
+    before = [to_numpy(a).copy() for a in training.tree_leaves((params, grads, state["m"], state["v"]))]
+    new, new_state = training.adam_step(params, grads, state, lr=0.1, weight_decay=0.1)
+    after = [to_numpy(a) for a in training.tree_leaves((params, grads, state["m"], state["v"]))]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after)) and state["t"] == 0
+    assert all(leaf.dtype == np.float32 for leaf in training.tree_leaves((new, new_state["m"], new_state["v"])))
+
+
+def test_adam_refuses_grads_that_do_not_mirror_params():
+    params = {"W": np.zeros((2, 2)), "b": np.zeros(2)}
+    state = training.adam_init(params)
+    with pytest.raises(ValueError, match=r"trees must have the same structure: keys \['W', 'b'\], got \['W'\]"):
+        training.adam_step(params, {"W": np.zeros((2, 2))}, state)
+    with pytest.raises(ValueError, match=r"grads must mirror params leaf by leaf: need float64 \(2,\), got float64 \(3,\)"):
+        training.adam_step(params, {"W": np.zeros((2, 2)), "b": np.zeros(3)}, state)
+    with pytest.raises(ValueError, match=r"grads must mirror params leaf by leaf: need float64 \(2,\), got float32"):
+        training.adam_step(params, {"W": np.zeros((2, 2)), "b": np.zeros(2, dtype=np.float32)}, state)
+    with pytest.raises(ValueError, match="a list of length 2, got length 1"):
+        training.tree_map(lambda a, b: a, [1, 2], [1])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adam_matches_torch_adamw_step_for_step_with_decay_groups(dtype, weight_decay):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    params = model_like_params(rng, dtype)
+    decay = training.weight_decay_mask(params)
+    leaves, flags = training.tree_leaves(params), training.tree_leaves(decay)
+    tensors = [torch.tensor(p, requires_grad=True) for p in leaves]
+    groups = [{"params": [t for t, d in zip(tensors, flags) if d], "weight_decay": weight_decay},
+              {"params": [t for t, d in zip(tensors, flags) if not d], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=0.05, betas=(0.8, 0.99), eps=1e-6, foreach=False)
+    state = training.adam_init(params)
+    steps = 6
+    for _ in range(steps):
+        grads = training.tree_map(lambda p: rng.standard_normal(p.shape).astype(dtype), params)
+        params, state = training.adam_step(params, grads, state, lr=0.05, beta1=0.8, beta2=0.99, eps=1e-6,
+                                           weight_decay=weight_decay, decay=decay)
+        for t, g in zip(tensors, training.tree_leaves(grads)):
+            t.grad = torch.tensor(g)
+        optimizer.step()
+    # The same operations in the same order; torch's CPU kernels may fuse a multiply-add (lerp_, addcmul_),
+    # so each step can differ by a few roundings of |p| and of the update (<= lr * 3): steps * 8 eps * |p|.
+    eps = np.finfo(dtype).eps
+    for ours, theirs in zip(training.tree_leaves(params), tensors):
+        assert ours.dtype == dtype
+        np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=0, atol=steps * 8 * eps * 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The learning-rate schedule
+
+
+def test_schedule_warms_up_linearly_then_decays_along_a_cosine_to_min_lr():
+    lr = lambda step: training.lr_schedule(step, max_lr=1.0, warmup_steps=10, total_steps=110, min_lr=0.1)
+    assert lr(0) == 0.0 and lr(5) == 0.5 and lr(10) == 1.0     # warm-up from 0 to max_lr
+    assert lr(60) == pytest.approx(0.55, rel=1e-15)            # half-way through the cosine: (max + min) / 2
+    assert lr(35) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2, rel=1e-15)
+    assert lr(110) == 0.1 and lr(1000) == 0.1                  # min_lr from total_steps on
+    values = [lr(step) for step in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))     # never rises after warm-up
+    assert training.lr_schedule(0, 0.3, 0, 10) == 0.3          # no warm-up: starts at max_lr
+    assert training.lr_schedule(5, 0.3, 5, 5) == 0.0           # warm-up straight into the end
+
+
+@pytest.mark.parametrize("args, message", [
+    ((-1, 1.0, 10, 100), "step must be an integer >= 0, got -1"),
+    ((1.5, 1.0, 10, 100), "step must be an integer >= 0, got 1.5"),
+    ((1, 1.0, -2, 100), "warmup_steps must be an integer >= 0, got -2"),
+    ((1, 1.0, 10, 5), "total_steps must be >= warmup_steps = 10, got 5"),
+    ((1, 1.0, 10, 100, 2.0), r"min_lr must be in \[0, max_lr = 1.0\], got 2.0"),
+    ((1, 1.0, 10, 100, -0.1), r"min_lr must be in \[0, max_lr = 1.0\], got -0.1"),
+])
+def test_schedule_refuses_bad_input(args, message):
+    with pytest.raises(ValueError, match=message):
+        training.lr_schedule(*args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# get_xp and check_ids
+
+
+def test_get_xp_gives_numpy_without_importing_cupy_and_the_array_module_of_device_arrays(xp, monkeypatch):
+    assert training.get_xp(xp.zeros(2)) is xp
+    monkeypatch.setitem(sys.modules, "cupy", None)             # as if cupy were never imported
+    assert training.get_xp(np.zeros(2)) is np
+
+
+def test_check_ids_names_the_argument_and_what_it_needs():
+    with pytest.raises(TypeError, match="targets must be an integer array of token ids, got bool"):
+        training.check_ids("targets", np.zeros((1, 2), dtype=bool), 3)
+    with pytest.raises(TypeError, match="ids must be an integer array of token ids, got list"):
+        training.check_ids("ids", [[0, 1]], 3)
+    with pytest.raises(ValueError, match=r"ids must have shape \(B, T\) = \(1, 3\), got \(1, 2\)"):
+        training.check_ids("ids", np.zeros((1, 2), dtype=int), 3, shape=(1, 3))
+    training.check_ids("ids", np.zeros((0, 2), dtype=int), 3)   # an empty batch is fine
