@@ -18,12 +18,18 @@ Backward, with dweights the gradient flowing into `weights`:
 Masks are boolean and True means "may attend". Causal means query i may attend key j iff
 j <= i + (S - T): aligned at the bottom-right, so the last query sees every key (with T < S the
 queries are the newest T positions of a longer sequence, as in cached decoding). A query row with no
-allowed key returns zeros and passes zero gradient, never NaN.
+allowed key returns zeros and passes zero gradient, never NaN. A key that no query may attend (padding)
+changes nothing whatever its k and v hold, NaN and inf included: its k and v rows are set to 0 before
+the products, since a weight of 0 times NaN would still be NaN. A key masked for some queries only is
+excluded from their rows exactly as long as its v is finite (0 * inf = NaN in weights V).
 
 Shapes: q (..., T, Dk), k (..., S, Dk), v (..., S, Dv); any leading batch/head axes that broadcast.
+Bad input raises ValueError or TypeError naming the argument, what it got and what it needs.
 Imports no project file. Runs on NumPy or CuPy arrays unchanged.
 """
 import math
+import numbers
+import sys
 
 import numpy as np
 
@@ -31,13 +37,10 @@ import numpy as np
 def get_xp(*arrays):
     """The array module of the inputs: cupy for CuPy arrays, numpy otherwise.
 
-    rnn.py, attention.py and positional.py each define this helper: they import no project file.
+    attention.py, positional.py and training.py each define this helper: they import no project file.
     """
-    try:
-        import cupy
-    except ImportError:
-        return np
-    return cupy.get_array_module(*arrays)
+    cupy = sys.modules.get("cupy")  # no CuPy array exists unless cupy was imported; a failed import costs ~50 us
+    return np if cupy is None else cupy.get_array_module(*arrays)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -51,6 +54,7 @@ def softmax(x, axis=-1):
     denominator) but keeps exp() from overflowing: the largest exponent is exp(0) = 1.
     A row that is entirely -inf (no allowed entry) gives zeros instead of 0/0 = NaN.
     """
+    check_float_array("x", x, "(..., S)")
     xp = get_xp(x)
     if x.shape[axis] == 0:                                     # no entries (S = 0): nothing to normalise
         return x.copy()
@@ -67,58 +71,91 @@ def softmax_backward(dy, y, axis=-1):
     The Jacobian of softmax is diag(y) - y y^T; applied to dy it gives the line above without
     ever building the S x S matrix. Rows where y is all zeros (no allowed entry) get zero gradient.
     """
+    check_float_array("y", y, "(..., S)")
+    check_upstream("dy", dy, y)
     return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
 
 
 # ----------------------------------------------------------------------------------------------------
-# Masks and input checks
+# Masks
 
 
 def causal_mask(T, S=None, xp=np):
     """Boolean (T, S): query i may attend key j iff j <= i + (S - T) (bottom-right aligned)."""
+    check_size("T", T, 0)
     S = T if S is None else S
+    check_size("S", S, 0)
     i = xp.arange(T)[:, None]                                  # (T, 1) query positions
     j = xp.arange(S)[None, :]                                  # (1, S) key positions
     return j <= i + (S - T)
 
 
-def _check_float(name, x):
-    if not hasattr(x, "dtype") or x.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating-point array, got {getattr(x, 'dtype', type(x))}")
+# ----------------------------------------------------------------------------------------------------
+# Attention
 
 
-def check_attention_inputs(q, k, v, mask=None, bias=None):
-    """Raise ValueError/TypeError naming the argument, the shape it got and the shape it needs.
+def attention_forward(q, k, v, mask=None, causal=False, bias=None, scale=None):
+    """out = softmax(q k^T * scale + bias, masked) v.
 
-    Shared by every attention implementation in the project (flash.py uses it too).
+    q (..., T, Dk), k (..., S, Dk), v (..., S, Dv); leading axes broadcast, Dk >= 1.
+    mask: bool, broadcastable to (..., T, S) (the leading axes of q, k, v; a mask cannot add any),
+      True = may attend. causal: True or False, AND-ed with mask.
+    bias: float, broadcastable to (..., T, S) like mask, added to the scores (ALiBi uses it); cast to
+      q's dtype, so a float64 table cannot upcast float32 attention.
+    scale: a finite number > 0; defaults to 1 / sqrt(Dk) (the query/key width, not Dv).
+    Returns out (..., T, Dv) and cache = {'q', 'k', 'v', 'weights', 'scale'}: the inputs (k and v with
+    the keys no query may attend set to 0), the weights and the scale used.
+    The attention weights (..., T, S), for plots, are cache['weights']: non-negative, each row with an
+    allowed key sums to 1, rows with none are all zero.
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_float(name, x)
-        if x.ndim < 2:
-            raise ValueError(f"{name} must have shape (..., length, width), got {x.shape}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_attention_inputs(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale)
+    xp = get_xp(q, k, v)
     T, S = q.shape[-2], k.shape[-2]
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k must have shape (..., S, {q.shape[-1]}) to match q {q.shape}, got {k.shape}")
-    if v.shape[-2] != S:
-        raise ValueError(f"v must have shape (..., {S}, Dv) to match k {k.shape}, got {v.shape}")
-    try:
-        lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    except ValueError:
-        raise ValueError(f"leading axes of q {q.shape}, k {k.shape}, v {v.shape} do not broadcast") from None
-    for name, x, kind in (("mask", mask, "b"), ("bias", bias, "f")):
-        if x is None:
-            continue
-        if not hasattr(x, "dtype"):
-            raise TypeError(f"{name} must be an array broadcastable to (..., T, S), got {type(x).__name__}")
-        if x.dtype.kind != kind:
-            need = "boolean (True = may attend)" if kind == "b" else "floating-point"
-            raise TypeError(f"{name} must be {need}, got dtype {x.dtype}")
-        try:
-            np.broadcast_shapes(x.shape, lead + (T, S))
-        except ValueError:
-            raise ValueError(f"{name} must broadcast to (..., T, S) = {lead + (T, S)}, got {x.shape}") from None
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+    allowed = mask
+    if causal:
+        allowed = causal_mask(T, S, xp) if allowed is None else allowed & causal_mask(T, S, xp)
+    if mask is not None:
+        # Keys that no query may attend: zero their k and v, so NaN or inf there cannot reach out or the
+        # gradients through 0 * NaN = NaN (their weight is 0 anyway). Causal alone leaves none: the last
+        # query sees every key.
+        attended = xp.broadcast_to(allowed, allowed.shape[:-2] + (T, S)).any(axis=-2)   # (..., S)
+        k, v = zero_unattended_keys(k, attended), zero_unattended_keys(v, attended)
+    scores = (q @ xp.swapaxes(k, -1, -2)) * scale              # (..., T, S)
+    if bias is not None:
+        scores = scores + bias.astype(scores.dtype, copy=False)   # a float64 table must not upcast float32
+    if allowed is not None:
+        scores = xp.where(allowed, scores, -xp.inf)            # masked keys get exp(-inf) = 0 weight
+    weights = softmax(scores, axis=-1)                         # (..., T, S)
+    out = weights @ v                                          # (..., T, Dv)
+    cache = {"q": q, "k": k, "v": v, "weights": weights, "scale": scale}
+    return out, cache
+
+
+def attention_backward(dout, cache):
+    """dq, dk, dv of attention_forward, given dout (..., T, Dv) of the output's shape and dtype.
+
+    Masked entries have weight 0, so softmax_backward gives them dscores = 0: masked keys and empty
+    rows receive no gradient without any extra masking here.
+    """
+    if not isinstance(cache, dict) or set(cache) != {"q", "k", "v", "weights", "scale"}:
+        raise TypeError(f"cache must be the dict attention_forward returned, got {describe(cache)}")
+    q, k, v, weights, scale = cache["q"], cache["k"], cache["v"], cache["weights"], cache["scale"]
+    check_upstream("dout", dout, q, shape=weights.shape[:-1] + v.shape[-1:])
+    xp = get_xp(dout)
+    weights_t = xp.swapaxes(weights, -1, -2)                   # (..., S, T)
+    dv = weights_t @ dout                                      # (..., S, Dv)  out = weights v
+    dweights = dout @ xp.swapaxes(v, -1, -2)                   # (..., T, S)
+    dscores = softmax_backward(dweights, weights, axis=-1)     # (..., T, S)  weights = softmax(scores)
+    dq = (dscores @ k) * scale                                 # (..., T, Dk) scores = q k^T * scale
+    dk = (xp.swapaxes(dscores, -1, -2) @ q) * scale            # (..., S, Dk)
+    # Leading axes that were broadcast in the forward (say one k shared by all heads) sum back.
+    return sum_to_shape(dq, q.shape), sum_to_shape(dk, k.shape), sum_to_shape(dv, v.shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Broadcasting helpers
 
 
 def sum_to_shape(g, shape):
@@ -131,56 +168,122 @@ def sum_to_shape(g, shape):
     return g
 
 
+def zero_unattended_keys(x, attended):
+    """x (..., S, width) with the rows of keys that no query attends set to 0.
+
+    attended (..., S) bool. Where x is shared across a leading axis (size 1 there, or no such axis),
+    a row is kept if a query anywhere along that axis attends it, so x keeps its own shape.
+    """
+    xp = get_xp(x)
+    lead = x.shape[:-1]                                        # (..., S)
+    attended = attended.reshape((1,) * (len(lead) - attended.ndim) + attended.shape)  # at least x's axes
+    attended = sum_to_shape(attended, lead) > 0                # any() over the axes x is shared across
+    return xp.where(attended[..., None], x, x.dtype.type(0))   # (..., S, width)
+
+
 # ----------------------------------------------------------------------------------------------------
-# Attention
+# Input checks: every public function above calls these first. Errors read
+# "{name} must be {what it needs}, got {what it got}".
 
 
-def attention_forward(q, k, v, mask=None, causal=False, bias=None, scale=None):
-    """out = softmax(q k^T * scale + bias, masked) v.
+def describe(x):
+    """What a bad argument is, for an error message: an array's module, dtype and shape; a list's or
+    a tuple's length; anything else's repr."""
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        return f"{type(x).__module__.split('.')[0]} array of dtype {x.dtype}, shape {tuple(x.shape)}"
+    if isinstance(x, (list, tuple, dict)):
+        return f"{type(x).__name__} of length {len(x)}"
+    text = repr(x)
+    return text if len(text) <= 60 else f"{type(x).__name__} {text[:50]}..."
 
-    q (..., T, Dk), k (..., S, Dk), v (..., S, Dv); leading axes broadcast.
-    mask: bool, broadcastable to (..., T, S), True = may attend. causal: AND-ed with mask.
-    bias: float, broadcastable to (..., T, S), added to the scores (ALiBi uses it).
-    scale: defaults to 1 / sqrt(Dk).
-    Returns out (..., T, Dv) and cache = {'q', 'k', 'v', 'weights', 'scale'}.
-    The attention weights (..., T, S), for plots, are cache['weights']: non-negative, each row with an
-    allowed key sums to 1, rows with none are all zero.
+
+def check_size(name, value, minimum):
+    """A length, width or count: an integer (not a bool) >= minimum."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {describe(value)}")
+
+
+def check_float_array(name, x, need, like=None, like_name=None):
+    """x must be a floating-point array of the shape written `need`; with `like` (called `like_name`),
+    also of like's dtype and on like's array module."""
+    if not hasattr(x, "dtype") or not hasattr(x, "shape") or x.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array {need}, got {describe(x)}")
+    if like is not None:
+        check_same_array_module(name, x, like, like_name)
+        if x.dtype != like.dtype:
+            raise TypeError(f"{name} must have dtype {like.dtype} ({like_name}'s), got {x.dtype}")
+
+
+def check_same_array_module(name, x, like, like_name):
+    """x must live where `like` does (NumPy or CuPy): no function here moves data between devices."""
+    if get_xp(x) is not get_xp(like):
+        raise TypeError(f"{name} must be a {get_xp(like).__name__} array like {like_name}, got {describe(x)}")
+
+
+def check_upstream(name, d, like, shape=None):
+    """The upstream gradient d must have exactly the forward output's shape and `like`'s dtype and
+    array module: a wrong shape would broadcast silently or sum an axis away, another dtype would turn
+    float32 gradients into float64 ones."""
+    shape = like.shape if shape is None else shape
+    if not hasattr(d, "dtype") or not hasattr(d, "shape"):
+        raise TypeError(f"{name} must be an array of dtype {like.dtype}, got {describe(d)}")
+    check_same_array_module(name, d, like, "the forward's inputs")
+    if d.dtype != like.dtype:
+        raise TypeError(f"{name} must have dtype {like.dtype} (the forward's), got {d.dtype}")
+    if tuple(d.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the forward output's), got {tuple(d.shape)}")
+
+
+def check_flag(name, value):
+    """An on/off option must be True or False: an array or a number there is a mistake."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {describe(value)}")
+
+
+def check_attention_inputs(q, k, v, mask=None, bias=None, causal=False, scale=None):
+    """Raise ValueError/TypeError naming the argument, what it got and what it needs.
+
+    Shared by every attention implementation in the project (flash.py uses it too).
     """
-    check_attention_inputs(q, k, v, mask, bias)
-    xp = get_xp(q, k, v)
+    check_float_array("q", q, "(..., T, Dk)")
+    check_float_array("k", k, "(..., S, Dk)", like=q, like_name="q")
+    check_float_array("v", v, "(..., S, Dv)", like=q, like_name="q")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim < 2:
+            raise ValueError(f"{name} must have shape (..., length, width), got {x.shape}")
     T, S = q.shape[-2], k.shape[-2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-
-    scores = (q @ xp.swapaxes(k, -1, -2)) * scale              # (..., T, S)
-    if bias is not None:
-        scores = scores + bias.astype(scores.dtype, copy=False)   # a float64 table must not upcast float32
-    allowed = mask
-    if causal:
-        allowed = causal_mask(T, S, xp) if allowed is None else allowed & causal_mask(T, S, xp)
-    if allowed is not None:
-        scores = xp.where(allowed, scores, -xp.inf)            # masked keys get exp(-inf) = 0 weight
-    weights = softmax(scores, axis=-1)                         # (..., T, S)
-    out = weights @ v                                          # (..., T, Dv)
-    cache = {"q": q, "k": k, "v": v, "weights": weights, "scale": scale}
-    return out, cache
-
-
-def attention_backward(dout, cache):
-    """dq, dk, dv of attention_forward, given dout (..., T, Dv).
-
-    Masked entries have weight 0, so softmax_backward gives them dscores = 0: masked keys and empty
-    rows receive no gradient without any extra masking here.
-    """
-    q, k, v, weights, scale = cache["q"], cache["k"], cache["v"], cache["weights"], cache["scale"]
-    xp = get_xp(dout)
-    weights_t = xp.swapaxes(weights, -1, -2)                   # (..., S, T)
-    dv = weights_t @ dout                                      # (..., S, Dv)  out = weights v
-    dweights = dout @ xp.swapaxes(v, -1, -2)                   # (..., T, S)
-    dscores = softmax_backward(dweights, weights, axis=-1)     # (..., T, S)  weights = softmax(scores)
-    dq = (dscores @ k) * scale                                 # (..., T, Dk) scores = q k^T * scale
-    dk = (xp.swapaxes(dscores, -1, -2) @ q) * scale            # (..., S, Dk)
-    # Leading axes that were broadcast in the forward (say one k shared by all heads) sum back.
-    return sum_to_shape(dq, q.shape), sum_to_shape(dk, k.shape), sum_to_shape(dv, v.shape)
+    if q.shape[-1] == 0:
+        raise ValueError(f"q must have a width Dk >= 1 (shape (..., T, Dk)), got {q.shape}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have shape (..., S, {q.shape[-1]}) to match q {q.shape}, got {k.shape}")
+    if v.shape[-2] != S:
+        raise ValueError(f"v must have shape (..., {S}, Dv) to match k {k.shape}, got {v.shape}")
+    try:
+        lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ValueError(f"leading axes of q {q.shape}, k {k.shape}, v {v.shape} do not broadcast") from None
+    for name, x, kind in (("mask", mask, "b"), ("bias", bias, "f")):
+        if x is None:
+            continue
+        need = "boolean (True = may attend)" if kind == "b" else "floating-point"
+        if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+            raise TypeError(f"{name} must be a {need} array broadcastable to (..., T, S), got {describe(x)}")
+        check_same_array_module(name, x, q, "q")
+        if x.dtype.kind != kind:
+            raise TypeError(f"{name} must be {need}, got dtype {x.dtype}")
+        target = lead + (T, S)
+        try:
+            fits = np.broadcast_shapes(x.shape, target) == target
+        except ValueError:
+            fits = False
+        if not fits:   # a mask or bias may not add a leading axis that q, k, v do not have
+            raise ValueError(f"{name} must broadcast to (..., T, S) = {target}, got {x.shape}")
+    check_flag("causal", causal)
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a number (or None for 1 / sqrt(Dk)), got {describe(scale)}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -32,41 +32,23 @@ ALiBi, attention with linear biases (Press et al. 2022, arXiv:2108.12409), added
 Shapes: x (..., T, D) for sinusoidal/learned, x (..., T, Dh) for RoPE (Dh even), bias (H, T, S).
 Tables are computed in float64 and cast to their `dtype` argument (pass your data's dtype), and RoPE
 casts its cos/sin to x's dtype, so float32 in gives float32 out.
+Bad input raises ValueError or TypeError naming the argument, what it got and what it needs.
 Imports no project file. Runs on NumPy or CuPy arrays unchanged.
 """
+import math
+import numbers
+import sys
+
 import numpy as np
 
 
 def get_xp(*arrays):
     """The array module of the inputs: cupy for CuPy arrays, numpy otherwise.
 
-    rnn.py, attention.py and positional.py each define this helper: they import no project file.
+    attention.py, positional.py and training.py each define this helper: they import no project file.
     """
-    try:
-        import cupy
-    except ImportError:
-        return np
-    return cupy.get_array_module(*arrays)
-
-
-def _check_size(name, value, minimum):
-    """An integer argument (a length, a width, a head count) of at least `minimum`."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_float_dtype(dtype):
-    if np.dtype(dtype).kind != "f":
-        raise TypeError(f"dtype must be a floating-point dtype, got {np.dtype(dtype)}")
-
-
-def _check_sequence(name, x, need):
-    """x must be a float array of shape (..., T, width); `need` is that shape, written out for errors."""
-    if not hasattr(x, "dtype") or x.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating-point array of shape {need}, "
-                        f"got {getattr(x, 'dtype', type(x).__name__)}")
-    if x.ndim < 2:
-        raise ValueError(f"{name} must have shape {need}, got {x.shape}")
+    cupy = sys.modules.get("cupy")  # no CuPy array exists unless cupy was imported; a failed import costs ~50 us
+    return np if cupy is None else cupy.get_array_module(*arrays)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,6 +64,7 @@ def sinusoidal_encoding(T, D, base=10000.0, dtype=np.float32, xp=np):
     """
     _check_size("T", T, 0)
     _check_size("D", D, 1)
+    _check_base(base)
     _check_float_dtype(dtype)
     column = xp.arange(D)                                      # (D,)
     two_i = column - column % 2                                # (D,) 0, 0, 2, 2, 4, 4, ...
@@ -106,26 +89,28 @@ def init_learned_positions(max_len, D, rng, dtype=np.float32):
     _check_size("max_len", max_len, 1)
     _check_size("D", D, 1)
     _check_float_dtype(dtype)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (numpy.random.default_rng(seed)), got {_got(rng)}")
     return (0.02 * rng.standard_normal((max_len, D))).astype(dtype)   # (max_len, D)
 
 
 def learned_position_forward(x, table):
     """out = x + table[:T]: row t of the table is added to the token at position t.
 
-    x (..., T, D), table (max_len, D) with T <= max_len and the same dtype as x.
-    Returns out (..., T, D) and cache = table.shape (backward needs only where to put the gradient).
+    x (..., T, D), table (max_len, D) with T <= max_len, the same dtype as x and on x's array module.
+    Returns out (..., T, D) and cache = {'x_shape', 'table_shape', 'dtype'}: where the gradient goes
+    (the backward needs no array, only shapes: out is linear in both inputs with coefficient 1).
     """
     _check_sequence("x", x, "(..., T, D)")
-    _check_sequence("table", table, "(max_len, D)")
+    _check_sequence("table", table, "(max_len, D)", like=x)
     T, D = x.shape[-2:]
     if table.ndim != 2 or table.shape[1] != D:
         raise ValueError(f"table must have shape (max_len, {D}) to match x {x.shape}, got {table.shape}")
     if T > table.shape[0]:
         raise ValueError(f"x has T={T} positions (shape {x.shape}) but table holds only "
                          f"max_len={table.shape[0]} (shape {table.shape})")
-    if table.dtype != x.dtype:
-        raise TypeError(f"table must have x's dtype {x.dtype}, got {table.dtype}")
-    return x + table[:T], table.shape                          # (..., T, D)
+    cache = {"x_shape": x.shape, "table_shape": table.shape, "dtype": x.dtype}
+    return x + table[:T], cache                                # (..., T, D)
 
 
 def learned_position_backward(dout, cache):
@@ -134,11 +119,12 @@ def learned_position_backward(dout, cache):
     One table row feeds every sequence of the batch at that position, so its gradient is the sum
     over the batch. Rows beyond T were not used and get zero gradient.
     """
-    table_shape = cache
+    _check_cache(cache, ("x_shape", "table_shape", "dtype"), "learned_position_forward")
+    _check_upstream(dout, cache["x_shape"], cache["dtype"])
     xp = get_xp(dout)
-    T, D = dout.shape[-2:]
-    dtable = xp.zeros(table_shape, dtype=dout.dtype)           # (max_len, D)
-    dtable[:T] = dout.reshape(-1, T, D).sum(axis=0)            # (T, D) sum over the batch
+    T = dout.shape[-2]
+    dtable = xp.zeros(cache["table_shape"], dtype=dout.dtype)  # (max_len, D)
+    dtable[:T] = dout.sum(axis=tuple(range(dout.ndim - 2)))    # (T, D) sum over the batch (T = 0 too)
     return dout.copy(), dtable                                 # a copy: callers may add into dx
 
 
@@ -158,25 +144,28 @@ def _rotate_pairs(x, cos, sin):
 def rope_forward(x, offset=0, base=10000.0):
     """Rotate the pair (x[2i], x[2i+1]) in row t by theta_i = (offset + t) * base^(-2i/Dh).
 
-    x (..., T, Dh) with Dh even: queries or keys, any leading batch/head axes. `offset` is the
-    position of row 0, so the new rows of cached decoding are rotated as if the sequence were whole.
-    The angles are computed in float64 and only their cos/sin cast to x.dtype: computed in float32
-    the angle itself would be off by ~1e-3 to 1e-2 radians at position 10^5 (more for wider heads,
-    whose slowest pairs need the most digits), whereas this way float32
-    RoPE agrees with float64 RoPE to 1e-5 there.
-    Returns out (..., T, Dh) and cache = (cos, sin), each (T, Dh/2) in x.dtype.
+    x (..., T, Dh) with Dh even (>= 2): queries or keys, any leading batch/head axes. `offset` (an
+    integer >= 0) is the position of row 0, so the new rows of cached decoding are rotated as if the
+    sequence were whole. base: a finite number > 0.
+    The angles are computed in float64 and only their cos/sin cast to x.dtype. A float32 angle could
+    not be right however it were computed: near position 10^5 the fast pairs' angles (3e4 to 1e5 rad)
+    lie where float32 numbers are 2^-9 to 2^-7 apart, so rounding alone moves them by up to ~1e-3 rad
+    (Dh = 16) to ~4e-3 rad (Dh >= 64), whereas this way float32 RoPE agrees with float64 RoPE to 1e-5.
+    Returns out (..., T, Dh) and cache = {'cos', 'sin', 'x_shape'}: cos and sin (T, Dh/2) in x.dtype,
+    the rotation backward undoes, and x's shape (the shape dout must have).
     """
     _check_sequence("x", x, "(..., T, Dh)")
     T, Dh = x.shape[-2:]
-    if Dh % 2:
-        raise ValueError(f"x must have an even head width Dh (RoPE rotates pairs), got shape {x.shape}")
+    if Dh % 2 or Dh == 0:
+        raise ValueError(f"x must have an even head width Dh >= 2 (RoPE rotates pairs), got shape {x.shape}")
     _check_size("offset", offset, 0)
+    _check_base(base)
     xp = get_xp(x)
     inv_freq = base ** (-xp.arange(0, Dh, 2, dtype=xp.float64) / Dh)      # (Dh/2,) base^(-2i/Dh)
     position = offset + xp.arange(T, dtype=xp.float64)                     # (T,)
     angles = position[:, None] * inv_freq                                  # (T, Dh/2) float64
     cos, sin = xp.cos(angles).astype(x.dtype), xp.sin(angles).astype(x.dtype)  # (T, Dh/2) each
-    return _rotate_pairs(x, cos, sin), (cos, sin)
+    return _rotate_pairs(x, cos, sin), {"cos": cos, "sin": sin, "x_shape": x.shape}
 
 
 def rope_backward(dout, cache):
@@ -184,8 +173,9 @@ def rope_backward(dout, cache):
 
     The forward is linear, out = R x with R a rotation, so dx = R^T dout, and R^T = R^-1.
     """
-    cos, sin = cache
-    return _rotate_pairs(dout, cos, -sin)                      # (..., T, Dh)
+    _check_cache(cache, ("cos", "sin", "x_shape"), "rope_forward")
+    _check_upstream(dout, cache["x_shape"], cache["cos"].dtype, like=cache["cos"])
+    return _rotate_pairs(dout, cache["cos"], -cache["sin"])    # (..., T, Dh)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,7 +198,7 @@ def alibi_slopes(H, dtype=np.float32):
     def power_of_two_slopes(n):
         return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
 
-    P = 1 << (H.bit_length() - 1)                              # largest power of two <= H
+    P = 1 << (int(H).bit_length() - 1)                         # largest power of two <= H (NumPy ints too)
     slopes = power_of_two_slopes(P) + power_of_two_slopes(2 * P)[0::2][:H - P]
     return np.asarray(slopes, dtype=dtype)                     # (H,)
 
@@ -229,6 +219,71 @@ def alibi_bias(H, T, S, dtype=np.float32, xp=np):
     distance = xp.abs(query_position - key_position)           # (T, S) integers
     # slope * (-distance) rather than -(slope * distance): the aligned diagonal is then +0.0, not -0.0.
     return (slopes[:, None, None] * -distance).astype(dtype)   # (H, T, S)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks (below the math they guard). Errors read "{name} must be {need}, got {got}".
+
+
+def _got(x):
+    """An argument as an error message shows it: an array's dtype and shape, a list's length, else repr."""
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        return f"{type(x).__module__.split('.')[0]} array of dtype {x.dtype}, shape {tuple(x.shape)}"
+    return f"{type(x).__name__} of length {len(x)}" if isinstance(x, (list, tuple, dict)) else repr(x)[:60]
+
+
+def _check_size(name, value, minimum):
+    """A length, width, head count or position: an integer (not a bool) >= minimum."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {_got(value)}")
+
+
+def _check_base(base):
+    """The frequency base: a finite number > 0 (base^(-2i/D) is then a finite positive frequency)."""
+    if isinstance(base, bool) or not isinstance(base, numbers.Real):
+        raise TypeError(f"base must be a number, got {_got(base)}")
+    if not (math.isfinite(base) and base > 0):
+        raise ValueError(f"base must be a finite number > 0, got {base!r}")
+
+
+def _check_float_dtype(dtype):
+    try:
+        kind = np.dtype(dtype).kind
+    except TypeError:
+        raise TypeError(f"dtype must be a floating-point dtype, got {_got(dtype)}") from None
+    if kind != "f":
+        raise TypeError(f"dtype must be a floating-point dtype, got {np.dtype(dtype)}")
+
+
+def _check_sequence(name, x, need, like=None):
+    """x must be a float array of shape (..., T, width) (`need`, written out for errors); with `like`
+    (the array x), also of like's dtype and array module."""
+    if not hasattr(x, "dtype") or not hasattr(x, "shape") or x.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array {need}, got {_got(x)}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have shape {need}, got {x.shape}")
+    if like is not None and get_xp(x) is not get_xp(like):
+        raise TypeError(f"{name} must be a {get_xp(like).__name__} array like x, got {_got(x)}")
+    if like is not None and x.dtype != like.dtype:
+        raise TypeError(f"{name} must have dtype {like.dtype} (x's), got {x.dtype}")
+
+
+def _check_cache(cache, fields, forward):
+    if not isinstance(cache, dict) or set(cache) != set(fields):
+        raise TypeError(f"cache must be the dict {forward} returned, got {_got(cache)}")
+
+
+def _check_upstream(dout, shape, dtype, like=None):
+    """dout must have exactly the forward output's shape and dtype (and `like`'s array module): a wrong
+    shape would broadcast silently or sum an axis away, another dtype would turn float32 into float64."""
+    if not hasattr(dout, "dtype") or not hasattr(dout, "shape"):
+        raise TypeError(f"dout must be an array of dtype {dtype}, got {_got(dout)}")
+    if like is not None and get_xp(dout) is not get_xp(like):
+        raise TypeError(f"dout must be a {get_xp(like).__name__} array like the forward's inputs, got {_got(dout)}")
+    if dout.dtype != dtype:
+        raise TypeError(f"dout must have dtype {dtype} (the forward's), got {dout.dtype}")
+    if tuple(dout.shape) != tuple(shape):
+        raise ValueError(f"dout must have shape {tuple(shape)} (the forward output's), got {tuple(dout.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------------
