@@ -36,7 +36,7 @@ here trains with). Runs on NumPy or CuPy arrays unchanged.
 """
 import numpy as np
 
-from training import (adam_init, adam_step, check_ids, clip_gradients, cross_entropy_backward,
+from training import (adam_init, adam_step, check_ids, check_upstream, clip_gradients, cross_entropy_backward,
                       cross_entropy_forward, embedding_backward, embedding_forward, get_xp, log_softmax)
 
 
@@ -47,7 +47,7 @@ def sigmoid(a):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Parameters and input checks
+# Parameters
 
 
 def _uniform(rng, shape, Hd, dtype):
@@ -62,6 +62,7 @@ def _uniform(rng, shape, Hd, dtype):
 
 def init_rnn(D, Hd, rng, dtype=np.float32):
     """{'W_xh' (D, Hd), 'W_hh' (Hd, Hd), 'b_h' (Hd,)}, PyTorch's U(-1/sqrt(Hd), 1/sqrt(Hd))."""
+    _check_init(D, Hd, rng, dtype)
     return {"W_xh": _uniform(rng, (D, Hd), Hd, dtype), "W_hh": _uniform(rng, (Hd, Hd), Hd, dtype),
             "b_h": _uniform(rng, (Hd,), Hd, dtype)}
 
@@ -72,6 +73,9 @@ def init_lstm(D, Hd, rng, dtype=np.float32, forget_bias=0.0):
     forget_bias is added to the f block of b: a positive value starts f = sigmoid(.) near 1, so the cell
     keeps its contents (Gers et al. 2000; Jozefowicz et al. 2015 recommend 1). PyTorch's init is 0.
     """
+    _check_init(D, Hd, rng, dtype)
+    if not isinstance(forget_bias, (int, float)) or isinstance(forget_bias, bool) or not np.isfinite(forget_bias):
+        raise TypeError(f"forget_bias must be a finite number, got {forget_bias!r}")
     b = _uniform(rng, (4 * Hd,), Hd, dtype)
     b[Hd:2 * Hd] += forget_bias
     return {"W_x": _uniform(rng, (D, 4 * Hd), Hd, dtype), "W_h": _uniform(rng, (Hd, 4 * Hd), Hd, dtype),
@@ -80,37 +84,9 @@ def init_lstm(D, Hd, rng, dtype=np.float32, forget_bias=0.0):
 
 def init_gru(D, Hd, rng, dtype=np.float32):
     """{'W_x' (D, 3Hd), 'W_h' (Hd, 3Hd), 'b_x' (3Hd,), 'b_h' (3Hd,)}, gates r, z, n; PyTorch's init."""
+    _check_init(D, Hd, rng, dtype)
     return {"W_x": _uniform(rng, (D, 3 * Hd), Hd, dtype), "W_h": _uniform(rng, (Hd, 3 * Hd), Hd, dtype),
             "b_x": _uniform(rng, (3 * Hd,), Hd, dtype), "b_h": _uniform(rng, (3 * Hd,), Hd, dtype)}
-
-
-def _check_inputs(x, h0, params, shapes, c0=None):
-    """Raise ValueError/TypeError naming the argument, the shape it got and the shape it needs.
-
-    shapes(D, Hd) -> {key: shape} gives the parameter shapes for input width D and hidden width Hd.
-    """
-    arrays = [("x", x), ("h0", h0)] + ([("c0", c0)] if c0 is not None else [])
-    for name, a in arrays:
-        if not hasattr(a, "dtype") or a.dtype.kind != "f":
-            raise TypeError(f"{name} must be a floating-point array, got {getattr(a, 'dtype', type(a))}")
-        if a.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {a.dtype} but x has {x.dtype}: use one dtype throughout")
-    if x.ndim != 3 or x.shape[1] == 0:
-        raise ValueError(f"x must have shape (B, T, D) with T >= 1, got {x.shape}")
-    B, T, D = x.shape
-    for name, a in arrays[1:]:
-        if a.ndim != 2 or a.shape[0] != B or a.shape != h0.shape:
-            raise ValueError(f"{name} must have shape (B, Hd) with B = {B} from x, got {a.shape}")
-    Hd = h0.shape[1]
-    for key, shape in shapes(D, Hd).items():
-        got = params.get(key)
-        if got is None:
-            raise ValueError(f"params is missing {key!r}, which needs shape {shape}")
-        if got.shape != shape:
-            raise ValueError(f"params[{key!r}] must have shape {shape} for D = {D} (from x) and "
-                             f"Hd = {Hd} (from h0), got {got.shape}")
-        if got.dtype != x.dtype:
-            raise TypeError(f"params[{key!r}] has dtype {got.dtype} but x has {x.dtype}")
 
 
 def _previous_states(h0, hs):
@@ -121,7 +97,8 @@ def _previous_states(h0, hs):
 
 def matmul_over_time(a, b):
     """sum over B and T of a^T b: (B, T, P), (B, T, Q) -> (P, Q), a weight gradient summed over all steps."""
-    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+    steps = a.shape[0] * a.shape[1]                            # B T (a -1 could not be solved for P = 0)
+    return a.reshape(steps, a.shape[-1]).T @ b.reshape(steps, b.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,7 +109,8 @@ def rnn_forward(x, h0, params):
     """h_t = tanh(x_t W_xh + h_{t-1} W_hh + b_h), t = 1..T.
 
     x (B, T, D), h0 (B, Hd), params {'W_xh' (D, Hd), 'W_hh' (Hd, Hd), 'b_h' (Hd,)}.
-    Returns hs (B, T, Hd) (the last state is hs[:, -1]) and cache = (x, h0, hs, params).
+    Returns hs (B, T, Hd) (the last state is hs[:, -1]) and cache = {'x', 'h0', 'hs', 'params'}: the
+    inputs and every state, which are all BPTT needs (tanh' = 1 - h^2 comes from the states).
     """
     _check_inputs(x, h0, params, lambda D, Hd: {"W_xh": (D, Hd), "W_hh": (Hd, Hd), "b_h": (Hd,)})
     xp = get_xp(x)
@@ -143,7 +121,7 @@ def rnn_forward(x, h0, params):
     for t in range(x.shape[1]):                                # the sequential part: step t needs h_{t-1}
         h = xp.tanh(x_part[:, t] + h @ W_hh)                   # (B, Hd)
         hs[:, t] = h
-    return hs, (x, h0, hs, params)
+    return hs, {"x": x, "h0": h0, "hs": hs, "params": params}
 
 
 def rnn_backward(dhs, cache):
@@ -151,7 +129,9 @@ def rnn_backward(dhs, cache):
 
     With a_t = x_t W_xh + h_{t-1} W_hh + b_h:  da_t = dh_t * (1 - h_t^2),  dh_{t-1} += da_t W_hh^T.
     """
-    x, h0, hs, params = cache
+    _check_cache(cache, "rnn_forward", {"x", "h0", "hs", "params"})
+    x, h0, hs, params = cache["x"], cache["h0"], cache["hs"], cache["params"]
+    check_upstream("dhs", dhs, hs.shape, hs.dtype)
     xp = get_xp(dhs)
     da = xp.empty_like(hs)                                     # (B, T, Hd) gradient of the pre-activation a_t
     dh_next = xp.zeros_like(h0)                                # (B, Hd) what step t+1 sends back to h_t
@@ -176,8 +156,8 @@ def lstm_forward(x, h0, c0, params):
         c_t = f * c_{t-1} + i * g;   h_t = o * tanh(c_t)
 
     x (B, T, D), h0 and c0 (B, Hd), params {'W_x' (D, 4Hd), 'W_h' (Hd, 4Hd), 'b' (4Hd,)}.
-    Returns hs (B, T, Hd), c_T (B, Hd) and cache = (x, h0, c0, hs, cs, gates, params), where cs (B, T, Hd)
-    holds every c_t and gates (B, T, 4Hd) the activated i, f, g, o.
+    Returns hs (B, T, Hd), c_T (B, Hd) and cache = {'x', 'h0', 'c0', 'hs', 'cs', 'gates', 'params'}, where
+    cs (B, T, Hd) holds every c_t and gates (B, T, 4Hd) the activated i, f, g, o.
     """
     _check_inputs(x, h0, params, lambda D, Hd: {"W_x": (D, 4 * Hd), "W_h": (Hd, 4 * Hd), "b": (4 * Hd,)}, c0)
     xp = get_xp(x)
@@ -196,7 +176,7 @@ def lstm_forward(x, h0, c0, params):
         h = o * xp.tanh(c)                                     # (B, Hd)
         hs[:, t], cs[:, t] = h, c
         gates[:, t] = xp.concatenate([i, f, g, o], axis=1)
-    return hs, c, (x, h0, c0, hs, cs, gates, params)
+    return hs, c, {"x": x, "h0": h0, "c0": c0, "hs": hs, "cs": cs, "gates": gates, "params": params}
 
 
 def lstm_backward(dhs, cache, dc_T=None):
@@ -206,7 +186,11 @@ def lstm_backward(dhs, cache, dc_T=None):
     The cell path dc_{t-1} = dc_t * f is a product of gates, not of W_h: with f near 1 it neither
     vanishes nor explodes (the "constant error carousel").
     """
-    x, h0, c0, hs, cs, gates, params = cache
+    _check_cache(cache, "lstm_forward", {"x", "h0", "c0", "hs", "cs", "gates", "params"})
+    x, h0, c0, hs, cs, gates, params = (cache[k] for k in ("x", "h0", "c0", "hs", "cs", "gates", "params"))
+    check_upstream("dhs", dhs, hs.shape, hs.dtype)
+    if dc_T is not None:
+        check_upstream("dc_T", dc_T, c0.shape, c0.dtype)
     xp = get_xp(dhs)
     T, Hd = x.shape[1], h0.shape[1]
     da = xp.empty_like(gates)                                  # (B, T, 4Hd) gradient of the pre-activations
@@ -241,8 +225,8 @@ def gru_forward(x, h0, params):
         n = tanh(x_t W_xn + b_xn + r * (h W_hn + b_hn)),   h_t = (1 - z) * n + z * h_{t-1}
 
     x (B, T, D), h0 (B, Hd), params {'W_x' (D, 3Hd), 'W_h' (Hd, 3Hd), 'b_x' (3Hd,), 'b_h' (3Hd,)}.
-    Returns hs (B, T, Hd) and cache = (x, h0, hs, gates, h_n, params): gates (B, T, 3Hd) are the activated
-    r, z, n and h_n (B, T, Hd) the term h_{t-1} W_hn + b_hn that r multiplies.
+    Returns hs (B, T, Hd) and cache = {'x', 'h0', 'hs', 'gates', 'h_ns', 'params'}: gates (B, T, 3Hd) are
+    the activated r, z, n and h_ns (B, T, Hd) the terms h_{t-1} W_hn + b_hn that r multiplies.
     """
     _check_inputs(x, h0, params, lambda D, Hd: {"W_x": (D, 3 * Hd), "W_h": (Hd, 3 * Hd),
                                                  "b_x": (3 * Hd,), "b_h": (3 * Hd,)})
@@ -262,7 +246,7 @@ def gru_forward(x, h0, params):
         h = (1 - z) * n + z * h                                # (B, Hd)
         hs[:, t], h_ns[:, t] = h, h_part[:, 2 * Hd:]
         gates[:, t] = xp.concatenate([r, z, n], axis=1)
-    return hs, (x, h0, hs, gates, h_ns, params)
+    return hs, {"x": x, "h0": h0, "hs": hs, "gates": gates, "h_ns": h_ns, "params": params}
 
 
 def gru_backward(dhs, cache):
@@ -271,7 +255,9 @@ def gru_backward(dhs, cache):
     The x-side and h-side pre-activations get the same gradient for r and z; for n the h side gets it
     multiplied by r, since n = tanh(x-part + r * h-part).
     """
-    x, h0, hs, gates, h_ns, params = cache
+    _check_cache(cache, "gru_forward", {"x", "h0", "hs", "gates", "h_ns", "params"})
+    x, h0, hs, gates, h_ns, params = (cache[k] for k in ("x", "h0", "hs", "gates", "h_ns", "params"))
+    check_upstream("dhs", dhs, hs.shape, hs.dtype)
     xp = get_xp(dhs)
     T, Hd = x.shape[1], h0.shape[1]
     h_prevs = _previous_states(h0, hs)                         # (B, T, Hd)
@@ -298,17 +284,20 @@ def gru_backward(dhs, cache):
 
 def init_cell(cell, D, Hd, rng, dtype=np.float32):
     """Parameters of cell 'rnn', 'lstm' or 'gru' (see init_rnn, init_lstm, init_gru)."""
-    return {"rnn": init_rnn, "lstm": init_lstm, "gru": init_gru}[cell](D, Hd, rng, dtype)
+    return {"rnn": init_rnn, "lstm": init_lstm, "gru": init_gru}[_check_cell(cell)](D, Hd, rng, dtype)
 
 
 def zero_state(cell, B, Hd, xp=np, dtype=np.float32):
-    """The all-zero initial state tuple for a batch of B sequences."""
-    n = 2 if cell == "lstm" else 1
-    return tuple(xp.zeros((B, Hd), dtype=dtype) for _ in range(n))
+    """The all-zero initial state tuple for a batch of B sequences: (h0,), or (h0, c0) for the LSTM."""
+    _check_count("B", B, 0)
+    _check_count("Hd", Hd, 1)
+    return tuple(xp.zeros((B, Hd), dtype=dtype) for _ in range(2 if _check_cell(cell) == "lstm" else 1))
 
 
 def cell_forward(cell, x, state, params):
-    """Run cell over x (B, T, D) from `state`. Returns hs (B, T, Hd), the final state tuple, cache."""
+    """Run cell over x (B, T, D) from `state`. Returns hs (B, T, Hd), the final state tuple and the
+    cell's cache (rnn_forward's, lstm_forward's or gru_forward's)."""
+    _check_state(cell, state)
     if cell == "lstm":
         hs, c_T, cache = lstm_forward(x, state[0], state[1], params)
         return hs, (hs[:, -1], c_T), cache
@@ -324,6 +313,11 @@ def cell_backward(cell, dhs, cache, dstate=None):
     joins dhs[:, -1] (one array used twice: the gradients add).
     """
     if dstate is not None:
+        _check_state(cell, dstate, "dstate")
+        hs = cache["hs"] if isinstance(cache, dict) and "hs" in cache else None
+        if hs is not None:                                     # else the cell's backward names the bad cache
+            check_upstream("dhs", dhs, hs.shape, hs.dtype)
+            check_upstream("dstate[0]", dstate[0], hs[:, -1].shape, hs.dtype)
         dhs = dhs.copy()                                       # never modify the caller's array
         dhs[:, -1] += dstate[0]
     if cell == "lstm":
@@ -347,6 +341,11 @@ def hidden_jacobian_norms(cell, x, params):
     Computed by backward itself on Hd copies of the sequence: copy a starts by sending e_a back from h_T,
     and after k single steps backwards it holds row a of J_k, d h_T[a] / d h_{T-k}.
     """
+    _check_cell(cell)
+    if not hasattr(x, "dtype") or x.dtype.kind != "f" or x.ndim != 2:
+        raise ValueError(f"x must be a floating-point array (T, D), got {_describe(x)}")
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
     xp = get_xp(x)
     T, D = x.shape
     Hd = params["W_hh" if cell == "rnn" else "W_h"].shape[0]
@@ -388,6 +387,8 @@ def grammar_text(rng, n_sentences):
 
 def init_char_lm(V, E, Hd, rng, cell="lstm", dtype=np.float32):
     """{'embed' (V, E), 'core': <cell params>, 'W_out' (Hd, V), 'b_out' (V,)}."""
+    _check_count("V", V, 1)
+    _check_count("E", E, 1)
     return {"embed": (0.1 * rng.standard_normal((V, E))).astype(dtype),
             "core": init_cell(cell, E, Hd, rng, dtype),
             "W_out": _uniform(rng, (Hd, V), Hd, dtype), "b_out": np.zeros(V, dtype=dtype)}
@@ -401,7 +402,7 @@ def char_lm_forward(ids, targets, params, cell="lstm"):
     Returns loss (a float) and cache = {'embed': embedding cache, 'core': the cell's cache, 'hs' (B, T, Hd),
     'loss': cross-entropy cache (its 'probs' (B, T, V) is softmax(logits)), 'params', 'cell'}.
     """
-    V = params["embed"].shape[0]
+    V = _check_char_lm(params)
     check_ids("ids", ids, V)
     check_ids("targets", targets, V, ids.shape)
     x, embed_cache = embedding_forward(ids, params["embed"])   # (B, T, E)
@@ -426,7 +427,17 @@ def char_lm_backward(cache):
 
 
 def sample_chars(params, first_id, n, rng, cell="lstm", temperature=1.0):
-    """n character ids drawn one at a time, each fed back as the next input (the state carries over)."""
+    """n character ids drawn one at a time, each fed back as the next input (the state carries over).
+
+    Each id is drawn from softmax(logits / temperature): temperature -> 0 picks the most likely one.
+    """
+    V = _check_char_lm(params)
+    _check_count("n", n, 0)
+    _check_count("first_id", first_id, 0)
+    if first_id >= V:
+        raise ValueError(f"first_id must be in [0, {V}), got {first_id}")
+    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     xp = get_xp(params["embed"])
     Hd = params["W_out"].shape[0]
     state = zero_state(cell, 1, Hd, xp, params["embed"].dtype)
@@ -438,6 +449,110 @@ def sample_chars(params, first_id, n, rng, cell="lstm", temperature=1.0):
         below = xp.cumsum(xp.exp(logp)) < rng.random()         # inverse CDF: count entries below u
         ids.append(min(int(below.sum()), logp.shape[0] - 1))
     return ids[1:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks (below the math they guard): ValueError / TypeError "{name} must be {need}, got {got}"
+
+
+def _describe(a):
+    """What a bad argument was, for an error message: dtype and shape of an array, else its type."""
+    return f"{a.dtype} array of shape {a.shape}" if hasattr(a, "dtype") and hasattr(a, "shape") else type(a).__name__
+
+
+def _check_count(name, value, low):
+    """A size or count: a Python or NumPy integer (not a bool) >= low."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_cell(cell):
+    if cell not in ("rnn", "lstm", "gru"):
+        raise ValueError(f"cell must be 'rnn', 'lstm' or 'gru', got {cell!r}")
+    return cell
+
+
+def _check_init(D, Hd, rng, dtype):
+    """The arguments every init_* takes: D >= 0 (an empty input is allowed), Hd >= 1, a Generator, a float dtype."""
+    _check_count("D", D, 0)
+    _check_count("Hd", Hd, 1)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+    if not isinstance(dtype, (type, np.dtype)) or np.dtype(dtype).kind != "f":
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}")
+
+
+def _check_state(cell, state, name="state"):
+    """A state (or its gradient) is a tuple: (h,) for 'rnn' and 'gru', (h, c) for 'lstm'."""
+    n = 2 if _check_cell(cell) == "lstm" else 1
+    if not isinstance(state, (tuple, list)) or len(state) != n:
+        got = f"length {len(state)}" if isinstance(state, (tuple, list)) else type(state).__name__
+        raise ValueError(f"{name} must be a tuple of {n} arrays for {cell!r} ({'(h, c)' if n == 2 else '(h,)'}), "
+                         f"got {got}")
+
+
+def _check_inputs(x, h0, params, shapes, c0=False):
+    """The arguments of rnn_forward, lstm_forward (with c0) and gru_forward.
+
+    shapes(D, Hd) -> {key: shape} gives the parameter shapes for input width D and hidden width Hd.
+    c0 is False for the cells that have no cell state.
+    """
+    arrays = [("x", x), ("h0", h0)] + ([("c0", c0)] if c0 is not False else [])
+    for name, a in arrays:
+        if not hasattr(a, "dtype") or a.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating-point array, got {_describe(a) if a is not None else None}")
+    for name, a in arrays[1:]:
+        if a.dtype != x.dtype:
+            raise TypeError(f"{name} must have dtype {x.dtype} (x's), got {a.dtype}")
+    if x.ndim != 3 or x.shape[1] == 0:
+        raise ValueError(f"x must have shape (B, T, D) with T >= 1, got {x.shape}")
+    B, _, D = x.shape
+    if h0.ndim != 2 or h0.shape[0] != B or h0.shape[1] == 0:
+        raise ValueError(f"h0 must have shape (B, Hd) with B = {B} from x and Hd >= 1, got {h0.shape}")
+    if c0 is not False and c0.shape != h0.shape:
+        raise ValueError(f"c0 must have shape (B, Hd) = {h0.shape} (h0's), got {c0.shape}")
+    Hd = h0.shape[1]
+    needed = shapes(D, Hd)
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict with keys {sorted(needed)}, got {type(params).__name__}")
+    if set(params) != set(needed):
+        raise ValueError(f"params must have the keys {sorted(needed)}, got {sorted(map(str, params))}")
+    for key, shape in needed.items():
+        got = params[key]
+        if not hasattr(got, "dtype") or not hasattr(got, "shape"):
+            raise TypeError(f"params[{key!r}] must be an array of shape {shape}, got {type(got).__name__}")
+        if got.shape != shape:
+            raise ValueError(f"params[{key!r}] must have shape {shape} for D = {D} (from x) and "
+                             f"Hd = {Hd} (from h0), got {got.shape}")
+        if got.dtype != x.dtype:
+            raise TypeError(f"params[{key!r}] must have dtype {x.dtype} (x's), got {got.dtype}")
+
+
+def _check_cache(cache, forward, keys):
+    """A backward's cache must be the dict its own forward returned (another cell's has other keys)."""
+    if not isinstance(cache, dict) or set(cache) != keys:
+        got = f"keys {sorted(cache)}" if isinstance(cache, dict) else type(cache).__name__
+        raise TypeError(f"cache must be the dict {forward} returned (keys {sorted(keys)}), got {got}")
+
+
+def _check_char_lm(params):
+    """The char model's own parameters (the core's are checked by its cell); returns V."""
+    keys = {"embed", "core", "W_out", "b_out"}
+    if not isinstance(params, dict) or set(params) != keys:
+        got = f"keys {sorted(map(str, params))}" if isinstance(params, dict) else type(params).__name__
+        raise TypeError(f"params must be init_char_lm's dict (keys {sorted(keys)}), got {got}")
+    embed, W_out, b_out = params["embed"], params["W_out"], params["b_out"]
+    if not hasattr(embed, "shape") or embed.ndim != 2:
+        raise ValueError(f"params['embed'] must be an array (V, E), got {_describe(embed)}")
+    V = embed.shape[0]
+    if not hasattr(W_out, "shape") or W_out.ndim != 2 or W_out.shape[1] != V:
+        raise ValueError(f"params['W_out'] must be an array (Hd, V) with V = {V}, got {_describe(W_out)}")
+    if not hasattr(b_out, "shape") or b_out.shape != (V,):
+        raise ValueError(f"params['b_out'] must be an array of shape ({V},), got {_describe(b_out)}")
+    for key in ("W_out", "b_out"):
+        if params[key].dtype != embed.dtype:
+            raise TypeError(f"params[{key!r}] must have dtype {embed.dtype} (embed's), got {params[key].dtype}")
+    return V
 
 
 # ----------------------------------------------------------------------------------------------------

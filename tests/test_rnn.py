@@ -209,27 +209,120 @@ def test_sigmoid_stays_finite_for_huge_inputs():
 @pytest.mark.parametrize("cell", CELLS)
 def test_bad_inputs_raise_errors_naming_the_argument_and_shapes(cell):
     x, state, params = make_inputs(np, cell)
+    first_key = sorted(params)[0]
     with pytest.raises(ValueError, match=r"x must have shape \(B, T, D\).*\(2, 3\)"):
         run_forward(cell, x[:, 0], state, params)
     with pytest.raises(ValueError, match=r"h0 must have shape \(B, Hd\).*\(4,\)"):
         run_forward(cell, x, (state[0][0],) + state[1:], params)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(B, Hd\) with B = 2 from x and Hd >= 1, got \(2, 0\)"):
+        run_forward(cell, x, tuple(s[:, :0] for s in state), params)
     wide = tuple(np.zeros((2, 5)) for _ in state)               # Hd = 5 but the params are for Hd = 4
     with pytest.raises(ValueError, match=r"must have shape .* Hd = 5 \(from h0\), got"):
         run_forward(cell, x, wide, params)
     with pytest.raises(TypeError, match="x must be a floating-point array, got int64"):
         run_forward(cell, x.astype(np.int64), state, params)
-    with pytest.raises(TypeError, match="h0 has dtype float32 but x has float64"):
+    with pytest.raises(TypeError, match=r"h0 must have dtype float64 \(x's\), got float32"):
         run_forward(cell, x, (state[0].astype(np.float32),) + state[1:], params)
-    with pytest.raises(ValueError, match="params is missing"):
+    with pytest.raises(TypeError, match=r"params\['.*'\] must have dtype float64 \(x's\), got float32"):
+        run_forward(cell, x, state, {k: v.astype(np.float32) for k, v in params.items()})
+    with pytest.raises(ValueError, match=r"params must have the keys \[.*\], got \[\]"):
         run_forward(cell, x, state, {})
+    with pytest.raises(ValueError, match=r"params must have the keys .*, got .*'extra'"):
+        run_forward(cell, x, state, dict(params, extra=np.zeros(1)))
+    with pytest.raises(TypeError, match=r"params must be a dict with keys .*, got list"):
+        run_forward(cell, x, state, list(params.values()))
+    with pytest.raises(TypeError, match=rf"params\['{first_key}'\] must be an array of shape .*, got list"):
+        run_forward(cell, x, state, dict(params, **{first_key: params[first_key].tolist()}))
     with pytest.raises(ValueError, match=r"T >= 1"):
         run_forward(cell, x[:, :0], state, params)
 
 
-def test_lstm_rejects_a_cell_state_of_another_shape():
+def test_lstm_rejects_a_missing_or_misshapen_cell_state():
     x, (h0, c0), params = make_inputs(np, "lstm")
-    with pytest.raises(ValueError, match=r"c0 must have shape \(B, Hd\)"):
+    with pytest.raises(ValueError, match=r"c0 must have shape \(B, Hd\) = \(2, 4\) \(h0's\), got \(2, 3\)"):
         rnn.lstm_forward(x, h0, c0[:, :3], params)
+    with pytest.raises(TypeError, match="c0 must be a floating-point array, got None"):
+        rnn.lstm_forward(x, h0, None, params)
+    with pytest.raises(TypeError, match=r"c0 must have dtype float64 \(x's\), got float32"):
+        rnn.lstm_forward(x, h0, c0.astype(np.float32), params)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_backward_refuses_an_upstream_gradient_of_another_shape_or_dtype_or_another_cells_cache(cell):
+    x, state, params = make_inputs(np, cell)
+    hs, final, cache = rnn.cell_forward(cell, x, state, params)
+    backward = {"rnn": rnn.rnn_backward, "lstm": rnn.lstm_backward, "gru": rnn.gru_backward}[cell]
+    with pytest.raises(ValueError, match=r"dhs must have shape \(2, 3, 4\) \(the forward output's\), got \(2, 3, 1\)"):
+        backward(hs[..., :1], cache)                           # would broadcast silently
+    with pytest.raises(ValueError, match=r"dhs must have shape \(2, 3, 4\) .*, got \(1, 2, 3, 4\)"):
+        backward(hs[None], cache)                              # an extra axis
+    with pytest.raises(TypeError, match="dhs must have dtype float64 .*, got float32"):
+        backward(hs.astype(np.float32), cache)                 # would return float32 + float64 = float64
+    with pytest.raises(TypeError, match="dhs must be an array of dtype float64, got list"):
+        backward(hs.tolist(), cache)
+    with pytest.raises(ValueError, match=r"dstate\[0\] must have shape \(2, 4\) .*, got \(4,\)"):
+        rnn.cell_backward(cell, hs, cache, (final[0][0],) + final[1:])
+    with pytest.raises(ValueError, match="dstate must be a tuple of"):
+        rnn.cell_backward(cell, hs, cache, final[0])
+    other = "gru" if cell != "gru" else "rnn"
+    _, _, other_cache = rnn.cell_forward(other, x, rnn.zero_state(other, 2, 4, np, np.float64),
+                                         rnn.init_cell(other, 3, 4, np.random.default_rng(0), np.float64))
+    with pytest.raises(TypeError, match=r"cache must be the dict .*_forward returned"):
+        backward(hs, other_cache)
+    with pytest.raises(TypeError, match=r"cache must be the dict .*_forward returned .*, got tuple"):
+        backward(hs, tuple(cache.values()))
+
+
+def test_lstm_backward_refuses_a_final_cell_gradient_of_another_shape_or_dtype():
+    x, (h0, c0), params = make_inputs(np, "lstm")
+    hs, c_T, cache = rnn.lstm_forward(x, h0, c0, params)
+    with pytest.raises(ValueError, match=r"dc_T must have shape \(2, 4\) .*, got \(4,\)"):
+        rnn.lstm_backward(hs, cache, c_T[0])
+    with pytest.raises(TypeError, match="dc_T must have dtype float64 .*, got float32"):
+        rnn.lstm_backward(hs, cache, c_T.astype(np.float32))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_an_empty_input_width_d_0_runs_forward_and_backward(cell):
+    # D = 0 is a valid (if useless) input: the state evolves from h0 and the biases alone.
+    x, state, params = make_inputs(np, cell, D=0)
+    hs = run_forward(cell, x, state, params)
+    dx, _, grads = run_backward(cell, x, state, params, [np.ones_like(out) for out in hs])
+    assert dx.shape == (2, 3, 0) and grads[sorted(params)[0]].shape == params[sorted(params)[0]].shape
+
+
+@pytest.mark.parametrize("init", [rnn.init_rnn, rnn.init_lstm, rnn.init_gru])
+def test_init_refuses_sizes_that_are_not_counts_and_rngs_and_dtypes_of_the_wrong_kind(init):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="Hd must be an integer >= 1, got 0"):
+        init(3, 0, rng)
+    with pytest.raises(ValueError, match="D must be an integer >= 0, got -1"):
+        init(-1, 4, rng)
+    with pytest.raises(ValueError, match="Hd must be an integer >= 1, got 2.5"):
+        init(3, 2.5, rng)
+    with pytest.raises(ValueError, match="Hd must be an integer >= 1, got True"):
+        init(3, True, rng)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        init(3, 4, 0)
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype, got <class 'numpy.int32'>"):
+        init(3, 4, rng, np.int32)
+    assert init(0, 4, rng)[sorted(init(0, 4, rng))[0]].dtype == np.float32   # D = 0 is allowed
+
+
+def test_cell_names_and_state_sizes_are_checked():
+    with pytest.raises(ValueError, match="cell must be 'rnn', 'lstm' or 'gru', got 'LSTM'"):
+        rnn.init_cell("LSTM", 3, 4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="cell must be 'rnn', 'lstm' or 'gru', got 'transformer'"):
+        rnn.zero_state("transformer", 2, 4)
+    with pytest.raises(ValueError, match="B must be an integer >= 0, got -1"):
+        rnn.zero_state("gru", -1, 4)
+    x, state, params = make_inputs(np, "lstm")
+    with pytest.raises(ValueError, match=r"state must be a tuple of 2 arrays for 'lstm' \(\(h, c\)\), got length 1"):
+        rnn.cell_forward("lstm", x, state[:1], params)
+    with pytest.raises(ValueError, match=r"x must be a floating-point array \(T, D\), got float64 array of shape \(2, 3, 3\)"):
+        rnn.hidden_jacobian_norms("lstm", x, params)
+    with pytest.raises(TypeError, match="forget_bias must be a finite number, got nan"):
+        rnn.init_lstm(3, 4, np.random.default_rng(0), forget_bias=float("nan"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -381,3 +474,22 @@ def test_demo_runs_and_checks_its_measurements(tmp_path):
                             capture_output=True, text=True, timeout=300, env=dict(os.environ, MPLBACKEND="Agg"))
     assert result.returncode == 0, result.stderr
     assert "How much gradient reaches h_t from h_T" in result.stdout
+
+
+def test_char_lm_and_sampling_refuse_bad_params_and_arguments():
+    params, ids, targets = tiny_lm("gru", np)
+    with pytest.raises(TypeError, match=r"params must be init_char_lm's dict .*, got list"):
+        rnn.char_lm_forward(ids, targets, list(params.values()), "gru")
+    with pytest.raises(ValueError, match=r"params\['W_out'\] must be an array \(Hd, V\) with V = 5, got float64 array of shape \(4, 4\)"):
+        rnn.char_lm_forward(ids, targets, dict(params, W_out=params["W_out"][:, :4]), "gru")
+    with pytest.raises(TypeError, match=r"params\['b_out'\] must have dtype float64 \(embed's\), got float32"):
+        rnn.char_lm_forward(ids, targets, dict(params, b_out=params["b_out"].astype(np.float32)), "gru")
+    with pytest.raises(ValueError, match=r"first_id must be in \[0, 5\), got 5"):
+        rnn.sample_chars(params, 5, 3, np.random.default_rng(0), "gru")
+    with pytest.raises(ValueError, match="n must be an integer >= 0, got -1"):
+        rnn.sample_chars(params, 0, -1, np.random.default_rng(0), "gru")
+    for temperature in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+            rnn.sample_chars(params, 0, 3, np.random.default_rng(0), "gru", temperature=temperature)
+    with pytest.raises(ValueError, match="V must be an integer >= 1, got 0"):
+        rnn.init_char_lm(0, 3, 4, np.random.default_rng(0))
