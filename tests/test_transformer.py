@@ -1,0 +1,487 @@
+"""Tests for transformer.py: every backward against finite differences, the properties a transformer must
+have (permutation equivariance without positions, no information from the future, padding changes nothing,
+cached generation equals recomputation), the exact GELU's erf, dtypes, the CuPy path and bad input.
+
+The PyTorch cross-checks live in test_transformer_torch.py; every claim here holds without torch.
+"""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import example, given, strategies as st
+
+import transformer as tf
+from gradcheck import check_directional_derivative, check_gradients
+from helpers import ROOT, random_array, run_demo, to_numpy
+from training import adam_init, adam_step, tree_leaves, tree_map
+
+EPS64 = np.finfo(np.float64).eps
+
+
+def make_model(kind, positions, seed=0, norm_first=True, tied=False, pad_id=None, xp=np, dtype=np.float64,
+               activation="gelu", B=2, T=5, S=6, V=11, D=8, H=2, n_layers=2):
+    """config, params (on xp), tokens (B, T) and src (B, S) (None unless encoder-decoder). Ids avoid 0 (pad)."""
+    rng = np.random.default_rng(seed)
+    config = {"kind": kind, "V": V, "D": D, "n_heads": H, "F": 12, "n_layers": n_layers, "max_len": 12,
+              "positions": positions, "norm_first": norm_first, "activation": activation, "tied": tied,
+              "pad_id": pad_id}
+    params = tf.init_transformer(config, rng, dtype)
+    params = tree_map(lambda p: xp.asarray(p + 0.1 * rng.standard_normal(p.shape).astype(dtype)), params)
+    tokens = xp.asarray(rng.integers(1, V, (B, T)))
+    src = xp.asarray(rng.integers(1, V, (B, S))) if kind == "encoder-decoder" else None
+    return config, params, tokens, src
+
+
+def logits_of(params, config, tokens, src=None):
+    return tf.transformer_forward(params, config, tokens, src)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# erf and the activations
+
+
+def test_erf_matches_math_erf_to_float64_rounding():
+    x = np.linspace(-9, 9, 180_001)
+    reference = np.array([math.erf(v) for v in x])
+    # erf is within [-1, 1]: a few units of float64 rounding at 1 (2.2e-16) is the best one can ask.
+    assert np.abs(tf.erf(x) - reference).max() <= 2 * EPS64
+    reference_c = np.array([math.erfc(v) for v in x])
+    # erfc keeps its relative accuracy in the tail (erfc(9) = 4e-37), where 1 - erf would be 0. The fits
+    # are below 1e-16; exp(-x^2) turns the rounding of x^2 (relative eps) into a relative x^2 eps.
+    relative = np.abs(tf.erfc(x) - reference_c) / reference_c
+    assert np.all(relative <= (x * x + 32) * EPS64)
+
+
+def test_erf_at_its_pieces_boundaries_and_special_values():
+    for v in (0.0, 1.0 - 1e-12, 1.0, 4.0 - 1e-12, 4.0, -1.0, -4.0, 30.0, -30.0):
+        assert abs(float(tf.erf(np.array(v))) - math.erf(v)) <= 2 * EPS64, v
+    assert tf.erf(np.array(np.inf)) == 1 and tf.erf(np.array(-np.inf)) == -1
+
+
+def test_gelu_is_x_times_the_normal_cdf_and_tanh_is_gpt2s_formula():
+    x = np.linspace(-10, 10, 4001)
+    exact = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x])
+    np.testing.assert_allclose(tf.activation_forward(x, "gelu")[0], exact, rtol=1e-14, atol=4 * EPS64)
+    approx = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    np.testing.assert_allclose(tf.activation_forward(x, "gelu_tanh")[0], approx, rtol=1e-15, atol=0)
+    gap = np.abs(tf.activation_forward(x, "gelu")[0] - tf.activation_forward(x, "gelu_tanh")[0])
+    # The two GELUs differ by up to ~4.7e-4 (PITFALLS.md): a 1e-4 comparison tells which one is used.
+    assert 4e-4 < gap.max() < 5e-4
+
+
+def test_gelu_backward_at_three_is_phi_plus_x_times_density():
+    # A published NumPy ViT shipped a GELU backward of -16 at x = 3; the true value is about 1.0119.
+    x = np.array([3.0, -3.0, 0.0])
+    _, cache = tf.activation_forward(x, "gelu")
+    phi = lambda v: 0.5 * (1 + math.erf(v / math.sqrt(2)))
+    density = lambda v: math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
+    expected = [phi(v) + v * density(v) for v in x]
+    np.testing.assert_allclose(tf.activation_backward(np.ones(3), cache), expected, rtol=1e-14)
+    assert abs(expected[0] - 1.0119) < 1e-4
+
+
+@pytest.mark.parametrize("kind", tf.ACTIVATIONS)
+def test_activation_gradients_match_finite_differences(kind):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 7)) * 3
+    x[np.abs(x) < 1e-3] = 0.5                                  # ReLU's kink: keep finite differences away
+    dout = rng.standard_normal(x.shape)
+    dx = tf.activation_backward(dout, tf.activation_forward(x, kind)[1])
+    check_gradients(lambda: float((tf.activation_forward(x, kind)[0] * dout).sum()), [x], [dx])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layer norm, dropout, feed-forward
+
+
+def test_layer_norm_gradients_match_finite_differences_with_a_random_upstream_gradient():
+    rng = np.random.default_rng(0)
+    x, gamma, beta = rng.standard_normal((2, 3, 6)), rng.standard_normal(6), rng.standard_normal(6)
+    dout = rng.standard_normal(x.shape)                        # all ones would cancel the sum(dy * xhat) term
+    out, cache = tf.layer_norm_forward(x, gamma, beta)
+    grads = tf.layer_norm_backward(dout, cache)
+    check_gradients(lambda: float((tf.layer_norm_forward(x, gamma, beta)[0] * dout).sum()), [x, gamma, beta],
+                    list(grads))
+
+
+def test_layer_norm_normalises_each_row_and_survives_a_large_mean_in_float32():
+    rng = np.random.default_rng(0)
+    D = 64
+    x = (2000 + rng.standard_normal((4, D))).astype(np.float32)   # |mean| >> std
+    out, _ = tf.layer_norm_forward(x, np.ones(D, np.float32), np.zeros(D, np.float32))
+    assert out.dtype == np.float32
+    x64 = x.astype(np.float64)
+    truth = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    # Two-pass statistics: the error is float32 rounding of values near 2000 (eps32 * 2000 * log2(D) / std),
+    # about 1e-3. E[x^2] - E[x]^2 would lose eps32 * 2000^2 = 0.5 of a unit variance instead.
+    bound = 8 * np.finfo(np.float32).eps * 2002 * math.log2(D)
+    assert np.abs(out - truth).max() < bound
+
+
+def test_dropout_is_seeded_inverted_and_its_backward_uses_the_same_mask():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 100))
+    out, cache = tf.dropout_forward(x, 0.25, np.random.default_rng(7))
+    again, _ = tf.dropout_forward(x, 0.25, np.random.default_rng(7))
+    np.testing.assert_array_equal(out, again)                  # the seed fixes the mask
+    kept = cache["keep"]
+    assert abs(kept.mean() - 0.75) < 5 * math.sqrt(0.75 * 0.25 / kept.size)   # 5 sigma of a binomial
+    np.testing.assert_allclose(out[kept], x[kept] / 0.75)
+    assert np.all(out[~kept] == 0)
+    dout = rng.standard_normal(x.shape)
+    np.testing.assert_allclose(tf.dropout_backward(dout, cache), dout * kept / 0.75)
+    assert tf.dropout_forward(x, 0.0, np.random.default_rng(7))[0] is x    # p = 0: the identity
+
+
+@pytest.mark.parametrize("activation", tf.ACTIVATIONS)
+def test_feed_forward_gradients_match_finite_differences(activation):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 4))
+    params = tf.init_feed_forward(4, 6, rng, np.float64)
+    dout = rng.standard_normal(x.shape)
+    dx, grads = tf.feed_forward_backward(dout, tf.feed_forward_forward(x, params, activation)[1])
+    check_gradients(lambda: float((tf.feed_forward_forward(x, params, activation)[0] * dout).sum()),
+                    [x, params], [dx, grads])
+
+
+def test_feed_forward_with_dropout_gradients_match_finite_differences():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 4))
+    params = tf.init_feed_forward(4, 6, rng, np.float64)
+    dout = rng.standard_normal(x.shape)
+    forward = lambda: tf.feed_forward_forward(x, params, "gelu", 0.5, np.random.default_rng(3))  # same mask
+    dx, grads = tf.feed_forward_backward(dout, forward()[1])
+    check_gradients(lambda: float((forward()[0] * dout).sum()), [x, params], [dx, grads])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoder and decoder layers
+
+
+LAYER_OPTIONS = [
+    dict(norm_first=True), dict(norm_first=False), dict(norm_first=True, activation="relu"),
+    dict(norm_first=False, activation="gelu_tanh"), dict(causal=True, rope=True), dict(norm_first=False, alibi=True),
+    dict(mask=True), dict(norm_first=True, dropout=0.3),
+]
+
+
+def layer_kwargs(options, rng, B, T, H):
+    kwargs = {k: v for k, v in options.items() if k not in ("alibi", "mask")}
+    if options.get("alibi"):
+        from positional import alibi_bias
+        kwargs["bias"] = alibi_bias(H, T, T, dtype=np.float64)
+    if options.get("mask"):
+        keep = np.ones((B, 1, 1, T), bool)
+        keep[0, ..., -2:] = False                              # the first sequence's last two tokens are padding
+        kwargs["mask"] = keep
+    if "dropout" in kwargs:
+        kwargs["rng_seed"] = 5
+    return kwargs
+
+
+@pytest.mark.parametrize("options", LAYER_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_encoder_layer_gradients_match_finite_differences(options):
+    rng = np.random.default_rng(0)
+    B, T, D, H = 2, 4, 4, 2
+    x = rng.standard_normal((B, T, D))
+    params = tree_map(lambda p: p + 0.1 * rng.standard_normal(p.shape), tf.init_encoder_layer(D, 6, rng, np.float64))
+    kwargs = layer_kwargs(options, rng, B, T, H)
+    seed = kwargs.pop("rng_seed", None)
+    forward = lambda: tf.encoder_layer_forward(x, params, H, **kwargs,
+                                               rng=None if seed is None else np.random.default_rng(seed))
+    dout = rng.standard_normal(x.shape)
+    dx, grads = tf.encoder_layer_backward(dout, forward()[1])
+    check_gradients(lambda: float((forward()[0] * dout).sum()), [x, params], [dx, grads])
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_decoder_layer_gradients_match_finite_differences(norm_first, with_masks):
+    rng = np.random.default_rng(1)
+    B, T, S, D, H = 2, 3, 4, 4, 2
+    y, memory = rng.standard_normal((B, T, D)), rng.standard_normal((B, S, D))
+    params = tree_map(lambda p: p + 0.1 * rng.standard_normal(p.shape), tf.init_decoder_layer(D, 6, rng, np.float64))
+    kwargs = {"norm_first": norm_first}
+    if with_masks:
+        memory_keep = np.ones((B, 1, 1, S), bool)
+        memory_keep[1, ..., -1] = False                        # source padding
+        kwargs.update(memory_mask=memory_keep, tgt_mask=np.ones((B, 1, 1, T), bool), rope=True)
+    dout = rng.standard_normal(y.shape)
+    dy, dmemory, grads = tf.decoder_layer_backward(dout, tf.decoder_layer_forward(y, memory, params, H, **kwargs)[1])
+    loss = lambda: float((tf.decoder_layer_forward(y, memory, params, H, **kwargs)[0] * dout).sum())
+    check_gradients(loss, [y, memory, params], [dy, dmemory, grads])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole models
+
+
+MODEL_CASES = [(kind, positions) for kind in tf.KINDS for positions in tf.POSITIONS]
+
+
+@pytest.mark.parametrize("kind,positions", MODEL_CASES)
+def test_model_gradients_along_a_random_direction(kind, positions):
+    for tied, norm_first in ((False, True), (True, False)):
+        config, params, tokens, src = make_model(kind, positions, norm_first=norm_first, tied=tied, pad_id=0)
+        tokens[0, -1] = 0                                      # a padded target position
+        if src is not None:
+            src[1, -2:] = 0                                    # and padded source positions
+        rng = np.random.default_rng(3)
+        logits, cache = tf.transformer_forward(params, config, tokens, src)
+        dlogits = rng.standard_normal(logits.shape)
+        grads = tf.transformer_backward(dlogits, cache)
+        assert [g.shape for g in tree_leaves(grads)] == [p.shape for p in tree_leaves(params)]
+        loss = lambda: float((logits_of(params, config, tokens, src) * dlogits).sum())
+        check_directional_derivative(loss, params, grads, rng)
+
+
+def test_small_model_gradients_match_finite_differences_entry_by_entry():
+    config, params, tokens, src = make_model("encoder-decoder", "learned", tied=True, B=1, T=3, S=3, D=4, n_layers=1)
+    targets = np.array([[2, -100, 5]])                         # one ignored position
+    loss, cache = tf.lm_loss_forward(params, config, tokens, targets, src, label_smoothing=0.1)
+    grads = tf.lm_loss_backward(cache)
+    check_gradients(lambda: tf.lm_loss_forward(params, config, tokens, targets, src, label_smoothing=0.1)[0],
+                    params, grads)
+
+
+def test_a_tied_table_gets_the_sum_of_its_output_and_input_gradients():
+    config, params, tokens, _ = make_model("decoder", "rope", tied=True)
+    untied_config = dict(config, tied=False)
+    untied = dict(params, W_out=params["embed"].T.copy())      # the same function, two separate arrays
+    dlogits = np.random.default_rng(0).standard_normal((2, 5, config["V"]))
+    np.testing.assert_allclose(logits_of(params, config, tokens), logits_of(untied, untied_config, tokens))
+    tied_grads = tf.transformer_backward(dlogits, tf.transformer_forward(params, config, tokens)[1])
+    untied_grads = tf.transformer_backward(dlogits, tf.transformer_forward(untied, untied_config, tokens)[1])
+    output_use, input_use = untied_grads["W_out"].T, untied_grads["embed"]
+    assert np.abs(output_use).max() > 0.1 and np.abs(input_use).max() > 0.1      # both uses contribute
+    np.testing.assert_allclose(tied_grads["embed"], output_use + input_use, rtol=1e-12, atol=1e-14)
+
+
+def test_the_memory_gradient_is_the_sum_over_every_decoder_layer():
+    config, params, tokens, src = make_model("encoder-decoder", "none", n_layers=3)
+    _, cache = tf.transformer_forward(params, config, tokens, src)
+    layer_caches = cache["decoder"]["layers"]
+    dmemory_each = []
+    dh = np.random.default_rng(0).standard_normal((2, 5, 8))
+    for layer_cache in reversed(layer_caches):
+        dh, dmemory, _ = tf.decoder_layer_backward(dh, layer_cache)
+        dmemory_each.append(dmemory)
+    grads = {}
+    total = tf._stack_backward(np.random.default_rng(0).standard_normal((2, 5, 8)),
+                               dict(cache["decoder"], norm=None), config, "decoder", grads)
+    assert all(np.abs(d).max() > 1e-3 for d in dmemory_each)   # every layer reads the memory
+    np.testing.assert_allclose(total, sum(dmemory_each), rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Properties
+
+
+@given(seed=st.integers(0, 2**16), T=st.integers(1, 6))
+@example(seed=0, T=1)                                           # one token
+@example(seed=1, T=6)
+def test_encoder_without_positions_is_permutation_equivariant(seed, T):
+    config, params, tokens, _ = make_model("encoder", "none", seed=seed, T=T)
+    perm = np.random.default_rng(seed).permutation(T)
+    # Permuting the tokens permutes the logits: nothing in the stack knows where a token sits.
+    np.testing.assert_allclose(logits_of(params, config, tokens[:, perm]), logits_of(params, config, tokens)[:, perm],
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned", "rope", "alibi"])
+def test_every_positional_scheme_breaks_permutation_equivariance(positions):
+    config, params, _, _ = make_model("encoder", positions)
+    tokens = np.array([[1, 2, 3, 4, 5]])
+    perm = np.array([1, 0, 2, 3, 4])
+    gap = np.abs(logits_of(params, config, tokens[:, perm]) - logits_of(params, config, tokens)[:, perm]).max()
+    assert gap > 1e-4
+
+
+GENERATING = [(kind, positions) for kind in ("decoder", "encoder-decoder") for positions in tf.POSITIONS]
+
+
+@pytest.mark.parametrize("kind,positions", GENERATING)
+@given(seed=st.integers(0, 2**16), position=st.integers(0, 4))
+@example(seed=0, position=0)
+@example(seed=0, position=4)
+def test_future_tokens_change_no_earlier_logit(kind, positions, seed, position):
+    config, params, tokens, src = make_model(kind, positions, seed=seed)
+    changed = tokens.copy()
+    changed[:, position:] = np.random.default_rng(seed + 1).integers(1, config["V"], changed[:, position:].shape)
+    before, after = logits_of(params, config, tokens, src), logits_of(params, config, changed, src)
+    # Future keys get weight exp(-inf) = 0 exactly, so the earlier rows are bit-for-bit the same.
+    np.testing.assert_array_equal(before[:, :position], after[:, :position])
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder-decoder"])
+def test_future_positions_get_exactly_zero_gradient_from_earlier_logits(kind):
+    config, params, _, src = make_model(kind, "learned")
+    tokens = np.array([[1, 2, 3, 7, 8], [2, 3, 1, 9, 10]])     # ids 7..10 occur only at positions 3 and 4
+    if src is not None:
+        src = np.array([[1, 2, 3], [4, 5, 6]])                 # the source uses positions 0..2 and ids 1..6 only
+    dlogits = np.random.default_rng(0).standard_normal((2, 5, config["V"]))
+    dlogits[:, 3:] = 0                                         # a loss on positions 0, 1, 2 only
+    grads = tf.transformer_backward(dlogits, tf.transformer_forward(params, config, tokens, src)[1])
+    assert np.all(grads["pos"][3:] == 0) and np.all(grads["embed"][7:11] == 0)
+    assert np.abs(grads["pos"][:3]).min() > 0
+
+
+@pytest.mark.parametrize("kind,positions", MODEL_CASES)
+def test_padding_changes_nothing_that_is_not_padding(kind, positions):
+    config, params, tokens, src = make_model(kind, positions, pad_id=0)
+    pad = np.zeros((2, 3), tokens.dtype)
+    if kind == "encoder-decoder":                              # pad the source: the target's logits stay
+        padded = logits_of(params, config, tokens, np.concatenate([src, pad], axis=1))
+        np.testing.assert_allclose(padded, logits_of(params, config, tokens, src), rtol=1e-12, atol=1e-12)
+    padded = logits_of(params, config, np.concatenate([tokens, pad], axis=1), src)      # (B, T + 3, V)
+    np.testing.assert_allclose(padded[:, :5], logits_of(params, config, tokens, src), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,positions", GENERATING)
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_cached_generation_equals_recomputation(kind, positions, norm_first):
+    config, params, tokens, src = make_model(kind, positions, norm_first=norm_first)
+    prompt = tokens[:, :3] if kind == "decoder" else tokens[:, :1]
+    n_new = config["max_len"] - prompt.shape[1]                # up to the last position the table holds
+    cached, cached_logits = tf.generate(params, config, prompt, n_new, src=src)
+    full, full_logits = tf.generate(params, config, prompt, n_new, src=src, use_cache=False)
+    np.testing.assert_array_equal(cached, full)
+    scale = np.abs(full_logits).max()
+    # The same sums in another order: rounding of a few ulp of the largest logit, nothing more.
+    assert np.abs(cached_logits - full_logits).max() <= 1e3 * EPS64 * scale
+
+
+def test_sampling_is_seeded_and_follows_the_temperature():
+    config, params, tokens, _ = make_model("decoder", "rope")
+    a, _ = tf.generate(params, config, tokens[:, :2], 6, temperature=1.0, rng=np.random.default_rng(4))
+    b, _ = tf.generate(params, config, tokens[:, :2], 6, temperature=1.0, rng=np.random.default_rng(4))
+    np.testing.assert_array_equal(a, b)
+    greedy, _ = tf.generate(params, config, tokens[:, :2], 6)
+    cold, _ = tf.generate(params, config, tokens[:, :2], 6, temperature=1e-6, rng=np.random.default_rng(4))
+    np.testing.assert_array_equal(cold, greedy)                # temperature -> 0 is greedy
+
+
+def test_mask_tokens_chooses_15_percent_then_80_10_10():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, 50, (400, 250))
+    tokens[:, -10:] = 0                                        # padding is never chosen
+    inputs, targets = tf.mask_tokens(tokens, rng, V=50, mask_id=3, keep_ids=(0,))
+    chosen = targets != -100
+    n = (tokens != 0).sum()
+    assert not chosen[:, -10:].any()
+    assert abs(chosen.sum() / n - 0.15) < 5 * math.sqrt(0.15 * 0.85 / n)   # 5 sigma
+    np.testing.assert_array_equal(targets[chosen], tokens[chosen])
+    np.testing.assert_array_equal(inputs[~chosen], tokens[~chosen])
+    masked, kept = (inputs[chosen] == 3).mean(), (inputs[chosen] == tokens[chosen]).mean()
+    m = chosen.sum()
+    assert abs(masked - 0.8) < 5 * math.sqrt(0.16 / m)
+    # kept: the 10 % that stay, plus random tokens that happened to draw themselves (1 / V of 10 %).
+    assert abs(kept - (0.1 + 0.1 / 50)) < 5 * math.sqrt(0.09 / m)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dtypes, the CuPy path, training
+
+
+def test_float32_stays_float32_through_a_whole_training_step():
+    for kind in tf.KINDS:
+        config, params, tokens, src = make_model(kind, "alibi", dtype=np.float32, tied=True)
+        loss, cache = tf.lm_loss_forward(params, config, tokens, tokens, src, label_smoothing=0.1)
+        assert cache["model"]["out"]["h"].dtype == np.float32
+        grads = tf.lm_loss_backward(cache)
+        new_params, _ = adam_step(params, grads, adam_init(params), lr=1e-3, weight_decay=0.1)
+        assert all(x.dtype == np.float32 for x in tree_leaves(grads) + tree_leaves(new_params))
+        assert np.isfinite(loss)
+
+
+@pytest.mark.parametrize("kind", tf.KINDS)
+def test_the_same_code_runs_on_every_array_module(xp, kind):
+    config, params, tokens, src = make_model(kind, "rope", pad_id=0)
+    xp_params = tree_map(xp.asarray, params)
+    xp_src = None if src is None else xp.asarray(src)
+    logits, cache = tf.transformer_forward(xp_params, config, xp.asarray(tokens), xp_src)
+    np.testing.assert_allclose(to_numpy(logits), logits_of(params, config, tokens, src), rtol=1e-10, atol=1e-12)
+    dlogits = random_array(np.random.default_rng(0), logits.shape, np.float64, xp)
+    grads = tf.transformer_backward(dlogits, cache)
+    expected = tf.transformer_backward(to_numpy(dlogits), tf.transformer_forward(params, config, tokens, src)[1])
+    for g, e in zip(tree_leaves(grads), tree_leaves(expected)):
+        np.testing.assert_allclose(to_numpy(g), e, rtol=1e-9, atol=1e-12)
+    if kind != "encoder":
+        prompt = xp.asarray(tokens[:, :1])
+        out, _ = tf.generate(xp_params, config, prompt, 4, src=xp_src)
+        np.testing.assert_array_equal(to_numpy(out), tf.generate(params, config, tokens[:, :1], 4, src=src)[0])
+
+
+@pytest.mark.slow
+def test_demo_reverses_held_out_sequences_and_its_cross_attention_is_the_mirror(tmp_path):
+    result = run_demo(ROOT / "transformer.py", "--figures", tmp_path, timeout=600, cwd=tmp_path)
+    # The demo itself asserts exact match >= 0.99 and anti-diagonal cross-attention mass > 0.5.
+    assert "held-out exact-match accuracy on 1000 sequences" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_tokens_are_refused_with_a_clear_message():
+    config, params, tokens, _ = make_model("decoder", "learned")
+    with pytest.raises(ValueError, match=r"tokens must hold ids in \[0, 11\), got values in \[\d+, 11\]"):
+        logits_of(params, config, np.where(tokens == tokens[0, 0], 11, tokens))
+    with pytest.raises(TypeError, match="tokens must be an integer array"):
+        logits_of(params, config, tokens.astype(np.float64))
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        logits_of(params, config, tokens[0])
+    with pytest.raises(ValueError, match="at most config\\['max_len'\\] = 12 long, got 13"):
+        logits_of(params, config, np.ones((1, 13), np.int64))
+    with pytest.raises(ValueError, match="src must be None"):
+        logits_of(params, config, tokens, tokens)
+    ed_config, ed_params, ed_tokens, _ = make_model("encoder-decoder", "none")
+    with pytest.raises(ValueError, match="src must be given"):
+        logits_of(ed_params, ed_config, ed_tokens)
+    with pytest.raises(ValueError, match="positions must be < max_len"):
+        tf.generate(params, config, tokens, 9)                 # the 13th position would be fed in
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (dict(D=10, n_heads=4), ValueError, r"config\['D'\] = 10 must be divisible by config\['n_heads'\] = 4"),
+    (dict(kind="gpt"), ValueError, r"config\['kind'\] must be one of"),
+    (dict(positions="relative"), ValueError, r"config\['positions'\] must be one of"),
+    (dict(activation="swish"), ValueError, r"config\['activation'\] must be one of"),
+    (dict(n_layers=0), ValueError, r"config\['n_layers'\] must be a positive integer, got 0"),
+    (dict(V=2.5), ValueError, r"config\['V'\] must be a positive integer, got 2.5"),
+    (dict(norm_first="yes"), TypeError, r"config\['norm_first'\] must be True or False"),
+    (dict(pad_id=11), ValueError, r"config\['pad_id'\] must be None or an id in \[0, 11\)"),
+    (dict(D=6, n_heads=2, positions="rope"), ValueError, "needs an even head width"),
+    (dict(heads=2), ValueError, "config has unknown fields"),
+])
+def test_bad_configs_are_refused_naming_the_field(change, error, message):
+    config = {"V": 11, "D": 8, **change}
+    with pytest.raises(error, match=message):
+        tf.init_transformer(config, np.random.default_rng(0))
+
+
+def test_bad_layer_inputs_are_refused():
+    rng = np.random.default_rng(0)
+    params = tf.init_encoder_layer(8, 16, rng, np.float64)
+    x = rng.standard_normal((2, 3, 8))
+    with pytest.raises(ValueError, match=r"D = 8 .* must be divisible by n_heads = 3"):
+        tf.encoder_layer_forward(x, params, 3)
+    with pytest.raises(ValueError, match="x must have shape \\(B, T, D\\)"):
+        tf.encoder_layer_forward(x[0], params, 2)
+    with pytest.raises(TypeError, match="x must be a floating-point array"):
+        tf.encoder_layer_forward(x.astype(np.int64), params, 2)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        tf.encoder_layer_forward(x, params, 2, activation="elu")
+    with pytest.raises(ValueError, match="memory must have shape \\(2, S, 8\\)"):
+        tf.decoder_layer_forward(x, x[..., :4], tf.init_decoder_layer(8, 16, rng, np.float64), 2)
+    with pytest.raises(ValueError, match=r"gamma must have shape \(8,\) to match x"):
+        tf.layer_norm_forward(x, np.ones(4), np.zeros(8))
+    with pytest.raises(TypeError, match="gamma must have dtype float64 like x"):
+        tf.layer_norm_forward(x, np.ones(8, np.float32), np.zeros(8))
+    out, cache = tf.encoder_layer_forward(x, params, 2)
+    with pytest.raises(ValueError, match=r"dout must have shape \(2, 3, 8\)"):
+        tf.encoder_layer_backward(out[:, :2], cache)
+    with pytest.raises(TypeError, match="dout must have dtype float64"):
+        tf.encoder_layer_backward(out.astype(np.float32), cache)
+    with pytest.raises(ValueError, match=r"dropout p must be in \[0, 1\), got 1.0"):
+        tf.dropout_forward(x, 1.0, rng)
