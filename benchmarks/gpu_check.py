@@ -203,6 +203,19 @@ def sanitizer_result(text, state):
     return {"status": "clean", "errors": 0, "detail": detail}
 
 
+def sanitizer_sections(text):
+    """sanitizer.txt cut into {tool: its output}: each run starts with a line '== tool: command'."""
+    sections, tool = {}, None
+    for line in text.splitlines(keepends=True):
+        marker = re.match(r"== (\w+): ", line)
+        if marker:
+            tool = marker.group(1)
+            sections.setdefault(tool, "")
+        elif tool is not None:
+            sections[tool] += line
+    return sections
+
+
 def bench_headline(report, T=HEADLINE_T, Dhs=HEADLINE_DH):
     """From bench_flash_gpu.py's JSON report: {Dh: {'fwd' | 'fwd+bwd': {'flash', 'sdpa', 'ratio'}}} for the
     non-causal rows at length T (None where a number is missing)."""
@@ -299,13 +312,11 @@ def find_sanitizer(path=None, roots=None, sites=None):
     return None
 
 
-def sanitizer_argv(sanitizer, tool, python):
+def sanitizer_argv(sanitizer, tool, python, padding=False):
+    """The command line: `tool` on sanitize-target. With padding, memcheck puts 64 KiB after every allocation,
+    so a read or write past an array's end is caught even where the next array would start right there."""
     target = [python, os.path.join(HERE, "gpu_check.py"), "sanitize-target"]
-    if tool == "memcheck":
-        # Padding after every allocation: a read or write past an array's end lands in it and is caught,
-        # even where the next array would otherwise start right there.
-        return [sanitizer, "--tool", "memcheck", "--padding", "65536", "--print-limit", "20", *target]
-    return [sanitizer, "--tool", "racecheck", "--print-limit", "20", *target]
+    return [sanitizer, "--tool", tool, *(["--padding", "65536"] if padding else []), "--print-limit", "20", *target]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,7 +350,14 @@ def orchestrate(args):
                 steps[step.name] = {"status": "not run", "rc": None, "seconds": 0, "limit": limit, "tail": []}
                 say(f"not run: only {limit:.0f} s left of the budget")
                 continue
-            steps[step.name] = run_named_step(step.name, limit, args, paths, env, log, say)
+            try:
+                if step.name in ("memcheck", "racecheck"):
+                    steps[step.name] = run_sanitizer(step.name, limit, args, paths, env, log, say)
+                else:
+                    steps[step.name] = STEP_RUNNERS[step.name](limit, args, paths, env, log, say)
+            except Exception as error:  # a bug here must not cost the other steps
+                say(f"gpu_check could not run {step.name}: {type(error).__name__}: {error}")
+                steps[step.name] = {"status": "failed", "rc": None, "seconds": 0, "limit": limit, "tail": []}
             result = steps[step.name]
             if step.name == "info" and result["rc"] == NO_GPU:
                 result["status"] = "no GPU"
@@ -351,57 +369,75 @@ def orchestrate(args):
                 write_json(paths["summary.json"], {"no_gpu": message, "steps": steps})
                 say(f"GPU CHECK: {message} Nothing was checked (exit status {NO_GPU}).")
                 return NO_GPU
-        return finish(paths, steps, time.monotonic() - start, say)
+        try:
+            return finish(paths, steps, time.monotonic() - start, say)
+        except Exception as error:  # the steps' own files are all there; say so rather than die silently
+            say(f"GPU CHECK: could not summarise ({type(error).__name__}: {error}); the steps' outputs are in {out}")
+            return 1
 
 
-def run_named_step(name, limit, args, paths, env, log, say):
-    python = args.python
-    if name == "info":
-        with open(paths["info.txt"], "w") as info:
-            return run_step([python, os.path.join(HERE, "gpu_check.py"), "info"], limit, [log, info], env=env)
-    if name == "tests":
-        argv = [python, "-m", "pytest", "-m", "gpu", "-v", "-p", "pytest_time_budget", "-p", "no:randomly",
-                f"--junitxml={paths['tests.xml']}", "-o", "junit_family=xunit2"]
-        if args.pytest_timeout_available:
-            argv += ["--timeout", "60"]                         # a hung test fails alone instead of eating the budget
-        test_env = {**env, "GPU_CHECK_TEST_BUDGET": f"{max(1.0, limit - 25):.0f}",
-                    "PYTHONPATH": os.pathsep.join(filter(None, [HERE, env.get("PYTHONPATH")]))}
-        with open(paths["tests.txt"], "w") as tests:
-            result = run_step(argv, limit, [log, tests], echo=False, env=test_env)
-        for line in result["tail"][-12:]:
-            say(line)
-        if result["rc"] == 1 or (result["rc"] == 2 and "time budget:" in read_text(paths["tests.txt"])):
-            result["status"] = "ok"                            # it ran; failures and the budget are in the counts
-        return result
-    if name == "bench":
-        table = max(10.0, limit - 50)                          # the longest-T search gets 30 s after it, 20 s spare
-        argv = [python, os.path.join(HERE, "bench_flash_gpu.py"), "--json", paths["bench.json"],
-                "--text", paths["bench.txt"], "--first-T", str(HEADLINE_T), "--table-budget", f"{table:.0f}",
-                "--longest-budget", "30", "--longest-cap", "131072"]
-        result = run_step(argv, limit, [log], env=env)
-        for name_ in ("bench.json", "bench.txt"):
-            partial = paths[name_] + ".partial"
-            if os.path.exists(partial):                         # killed mid-write: keep the last whole file
-                os.remove(partial)
-        return result
-    # memcheck, racecheck
+def run_info(limit, args, paths, env, log, say):
+    with open(paths["info.txt"], "w") as info:
+        return run_step([args.python, os.path.join(HERE, "gpu_check.py"), "info"], limit, [log, info], env=env)
+
+
+def run_tests(limit, args, paths, env, log, say):
+    """pytest -m gpu, verbose (one line a test, for tests_from_log), stopping itself 25 s before the limit."""
+    argv = [args.python, "-m", "pytest", "-m", "gpu", "-v", "-p", "pytest_time_budget", "-p", "no:randomly",
+            f"--junitxml={paths['tests.xml']}", "-o", "junit_family=xunit2"]
+    if args.pytest_timeout:
+        argv += ["--timeout", "60"]                            # a hung test fails alone instead of eating the budget
+    test_env = {**env, "GPU_CHECK_TEST_BUDGET": f"{max(1.0, limit - 25):.0f}",
+                "PYTHONPATH": os.pathsep.join(filter(None, [HERE, env.get("PYTHONPATH")]))}
+    with open(paths["tests.txt"], "w") as tests:
+        result = run_step(argv, limit, [log, tests], echo=False, env=test_env)
+    for line in result["tail"][-12:]:
+        say(line)
+    if result["rc"] == 1 or (result["rc"] == 2 and "time budget:" in read_text(paths["tests.txt"])):
+        result["status"] = "ok"                                # it ran; failures and the budget are in the counts
+    return result
+
+
+def run_bench(limit, args, paths, env, log, say):
+    """The benchmark, T = 4096 first; its table stops 50 s before the limit, the longest-T search 20 s before."""
+    table = max(10.0, limit - 50)
+    argv = [args.python, os.path.join(HERE, "bench_flash_gpu.py"), "--json", paths["bench.json"],
+            "--text", paths["bench.txt"], "--first-T", str(HEADLINE_T), "--warmup", "1", "--repeats", "3",
+            "--table-budget", f"{table:.0f}", "--longest-budget", "30", "--longest-cap", "131072"]
+    result = run_step(argv, limit, [log], env=env)
+    for name in ("bench.json", "bench.txt"):
+        partial = paths[name] + ".partial"
+        if os.path.exists(partial):                            # killed mid-write: the last whole file stays
+            os.remove(partial)
+    return result
+
+
+def run_sanitizer(tool, limit, args, paths, env, log, say):
+    """compute-sanitizer's `tool` on sanitize-target; its verdict is read from the output in finish()."""
     sanitizer = args.sanitizer or find_sanitizer()
     with open(paths["sanitizer.txt"], "a") as text:
         if sanitizer is None:
-            message = "compute-sanitizer not found (not on PATH, not under /usr/local/cuda*): skipped\n"
-            text.write(f"== {name}: {message}")
-            say(message.strip())
-            return {"status": "ok", "rc": None, "seconds": 0, "limit": limit, "tail": [message.strip()],
-                    "sanitizer": "missing"}
-        text.write(f"== {name}: {' '.join(sanitizer_argv(sanitizer, name, python))}\n")
-        result = run_step(sanitizer_argv(sanitizer, name, python), limit, [log, text], echo=False, env=env)
+            message = "compute-sanitizer not found (not on PATH, not in a CUDA folder): skipped"
+            text.write(f"== {tool}: {message}\n")
+            say(message)
+            return {"status": "ok", "rc": None, "seconds": 0, "limit": limit, "tail": [message], "sanitizer": "missing"}
+        start = time.monotonic()
+        for padding in ((True, False) if tool == "memcheck" else (False,)):
+            argv = sanitizer_argv(sanitizer, tool, args.python, padding)
+            text.write(f"== {tool}: {' '.join(argv)}\n")
+            result = run_step(argv, limit - (time.monotonic() - start), [log, text], echo=False, env=env)
+            said = "\n".join(result["tail"])
+            if not (padding and "padding" in said.lower() and "SUMMARY" not in said and result["status"] != "timed out"):
+                break                                          # (an older sanitizer without --padding: once more without)
     for line in result["tail"][-6:]:
         say(line)
-    # The sanitizer's verdict is read from its output in finish(); the step itself is ok if it ran.
     result["sanitizer"] = "timed out" if result["status"] == "timed out" else "ran"
     if result["status"] == "failed":
-        result["status"] = "ok"
+        result["status"] = "ok"                                # it ran: errors, refusals are in its output
     return result
+
+
+STEP_RUNNERS = {"info": run_info, "tests": run_tests, "bench": run_bench}
 
 
 def finish(paths, steps, seconds, say):
@@ -409,14 +445,9 @@ def finish(paths, steps, seconds, say):
     tests = tests_result(paths["tests.xml"], log_text) if "tests" in steps and steps["tests"]["status"] != "not run" else None
     report = read_json(paths["bench.json"])
     headline = bench_headline(report)
-    sanitizer_text = read_text(paths["sanitizer.txt"])
-    sanitizers = {}
-    for tool in ("memcheck", "racecheck"):
-        if tool not in steps:
-            continue
-        step = steps[tool]
-        section = sanitizer_text.split(f"== {tool}:", 1)[1] if f"== {tool}:" in sanitizer_text else ""
-        sanitizers[tool] = sanitizer_result(section, step.get("sanitizer", step["status"]))
+    sections = sanitizer_sections(read_text(paths["sanitizer.txt"]))
+    sanitizers = {tool: sanitizer_result(sections.get(tool, ""), steps[tool].get("sanitizer", steps[tool]["status"]))
+                  for tool in ("memcheck", "racecheck") if tool in steps}
     gpu = (report or {}).get("meta", {}).get("gpu") or first_match(r"^GPU: (.*)$", read_text(paths["info.txt"]))
     line = summary_line(gpu, tests, headline, sanitizers, steps, seconds)
     ok = passed(tests, sanitizers, steps)
@@ -615,7 +646,8 @@ def main(argv=None):
     if args.command == "sanitize-target":
         return sanitize_target()
     import importlib.util
-    args.pytest_timeout_available = importlib.util.find_spec("pytest_timeout") is not None
+    # pytest-timeout, where the steps' Python is this one and has it (the H200 image does)
+    args.pytest_timeout = args.python == sys.executable and importlib.util.find_spec("pytest_timeout") is not None
     return orchestrate(args)
 
 

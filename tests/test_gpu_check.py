@@ -366,3 +366,28 @@ def test_the_sanitizer_s_target_passes_its_own_checks_on_correct_kernels(monkeyp
     assert gpu_check.sanitize_target(head_widths=(40,)) == 0   # (128 too on a GPU; on a CPU it only costs time)
     out = capsys.readouterr().out
     assert out.strip().endswith("SANITIZE TARGET OK") and "WRONG" not in out
+
+
+FAKE_SANITIZER = """#!/bin/sh
+# compute-sanitizer as an older one without --padding would answer, with the target's OK line and a summary
+case "$*" in *padding*) echo "Unrecognized option: --padding"; exit 1;; esac
+echo "SANITIZE TARGET OK"
+case "$*" in
+  *racecheck*) echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)";;
+  *) echo "========= ERROR SUMMARY: 0 errors";;
+esac
+"""
+
+
+def test_memcheck_runs_again_without_padding_where_it_is_unknown_and_each_tool_reads_its_own_output(tmp_path):
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(FAKE_SANITIZER)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    status = gpu_check.main(["--out", str(out), "--only", "memcheck", "racecheck", "--sanitizer", str(fake)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sanitizers"]["memcheck"]["status"] == "clean"
+    assert summary["sanitizers"]["racecheck"] == {"status": "errors", "errors": 1,
+                                                  "detail": "RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"}
+    assert status == 1                                        # a race is a failure
+    assert (out / "sanitizer.txt").read_text().count("== memcheck: ") == 2
