@@ -33,20 +33,116 @@ Semantics are attention.py's: causal means query i may attend key j iff j <= i +
 gradient. Extra memory beyond inputs and outputs is O(T) for m, l, lse and O(block_q * block_k) for one
 tile of scores, never O(T * S).
 
-Shapes: q (..., T, Dh), k (..., S, Dh), v (..., S, Dh). NumPy arrays (and CuPy float64 ones) take the
-tiled NumPy path below; CuPy float32 arrays run the CUDA kernels of the GPU section (Dh up to 128),
-built for sm_80 (A100) and sm_90 (H100, H200). With Dh > 64 a block needs 92 to 150 KiB of shared
-memory, more than consumer GPUs (sm_86, sm_89: 99 KiB) give one, so there keep Dh <= 64.
-tests/cuda runs the same kernels on a CPU.
-Imports attention.py (check_attention_inputs, get_xp, sum_to_shape; the demo also attention_forward).
+Accuracy in float32 (u = 2^-24; tests/test_flash.py checks both bounds on inputs built to meet them):
+- Huge logits. Rounding a score s moves its weight by a factor up to about exp(c u |s|), so with scores
+  in the thousands out is exact only to about 2 max|V| (8 u max|s| + (S + 4) u), for flash and full
+  attention alike (the CUDA kernels' base-2 exponentials account for the 8).
+- Saturated logits. When one key of a row wins by a wide margin, softmax is one-hot: O_i = V_j*, and the
+  exact dS_ij = P_ij (dP_ij - delta_i) is 0 because dP_ij* = dO_i . V_j* and delta_i = dO_i . O_i are the
+  same number. In floating point they are two sums of Dh products rounded in different orders, so their
+  difference leaves a residue of up to about 2 Dh u sum_d |dO_id| max|V|, and dQ_i = scale sum_j dS_ij K_j
+  multiplies it by scale |K|:
+      |dq_i - exact dq_i| <= scale max|K| (2 Dh + 4) u sum_d |dO_id| max|V|    (the exact dq_i is ~0)
+  and likewise dK_j by scale |Q|. dq is then exact in absolute terms only; its relative error is
+  unbounded. This is the price of taking delta from O (one pass over dO and O, no second pass over the
+  keys); the official FlashAttention-2 computes delta = rowsum(dO * O) the same way and behaves the same.
+  Full attention (attention.py) takes delta from the rounded dP itself and does not show it.
+
+Shapes: q (..., T, Dh), k (..., S, Dh), v (..., S, Dv). NumPy arrays (and CuPy float64 ones) take the
+tiled loops below; CuPy float32 arrays run the CUDA kernels of the appendix (Dv = Dh <= 128), built for
+sm_80 (A100) and sm_90 (H100, H200). With Dh > 64 a block needs 92 to 150 KiB of shared memory, more than
+consumer GPUs (sm_86, sm_89: 99 KiB) give one, so there keep Dh <= 64. tests/cuda runs the same kernels on
+a CPU. Imports attention.py (get_xp, sum_to_shape and its input checks; the demo also attention_forward).
 """
 import collections
 import functools
 import math
+import string
 
 import numpy as np
 
-from attention import check_attention_inputs, get_xp, sum_to_shape
+from attention import check_attention_inputs, check_size, check_upstream, describe, get_xp, sum_to_shape
+
+# ----------------------------------------------------------------------------------------------------
+# The algorithm: the equations above, loop for loop (NumPy, or CuPy float64 on a GPU).
+
+
+def _flash_forward_tiled(q, k, v, causal, scale, block_q, block_k):
+    """The forward of the module docstring: out and lse, one query tile Q_i at a time.
+
+    q (..., T, Dh), k (..., S, Dh), v (..., S, Dv), leading axes broadcast; block_q, block_k any positive
+    tile sizes (the last tile of each sequence may be partial).
+    Returns out (..., T, Dv) and lse (..., T); a row with no allowed key gets out = 0 and lse = -inf.
+    Besides out and lse it holds, per query tile, m and l (block_q,), O (block_q, Dv) and one tile of
+    scores S_ij (block_q, block_k): never T x S.
+    """
+    xp = get_xp(q)
+    T, S = q.shape[-2], k.shape[-2]
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    out = xp.zeros(lead + (T, v.shape[-1]), dtype=q.dtype)    # (..., T, Dv)
+    lse = xp.zeros(lead + (T,), dtype=q.dtype)                 # (..., T)
+    for r0 in range(0, T, block_q):
+        r1 = min(r0 + block_q, T)                              # the last tile may be partial
+        Q_i = q[..., r0:r1, :]                                 # (..., bq, Dh)
+        m = xp.full(lead + (r1 - r0,), -np.inf, dtype=q.dtype)  # (..., bq) running row max
+        l = xp.zeros(lead + (r1 - r0,), dtype=q.dtype)         # (..., bq) running row sum
+        O = xp.zeros(lead + (r1 - r0, v.shape[-1]), dtype=q.dtype)  # (..., bq, Dv) unnormalised
+        for c0 in range(0, S, block_k):
+            if causal and _tile_is_future(r1, c0, T, S):
+                break                                          # every later tile is further in the future
+            c1 = min(c0 + block_k, S)
+            K_j, V_j = k[..., c0:c1, :], v[..., c0:c1, :]      # (..., bk, Dh), (..., bk, Dv)
+            S_ij = _tile_scores(Q_i, K_j, r0, c0, T, S, causal, scale)  # (..., bq, bk)
+            m_new = xp.maximum(m, S_ij.max(axis=-1))           # (..., bq)
+            # A row that has seen only -inf so far keeps m_new = -inf; shifting by 0 instead keeps
+            # exp(-inf - 0) = 0 where exp(-inf - (-inf)) would be NaN.
+            m_safe = xp.where(xp.isneginf(m_new), 0, m_new)    # (..., bq)
+            P_ij = xp.exp(S_ij - m_safe[..., None])            # (..., bq, bk)
+            alpha = xp.exp(m - m_safe)                         # (..., bq) 0 on the first tile
+            l = alpha * l + P_ij.sum(axis=-1)                  # (..., bq)
+            O = alpha[..., None] * O + P_ij @ V_j              # (..., bq, Dv)
+            m = m_new
+        empty = l == 0                                         # rows with no allowed key
+        out[..., r0:r1, :] = O / xp.where(empty, 1, l)[..., None]  # O_i = O / l
+        lse[..., r0:r1] = xp.where(empty, -xp.inf, m + xp.log(xp.where(empty, 1, l)))  # lse_i = m + log(l)
+    return out, lse
+
+
+def _flash_backward_tiled(dout, q, k, v, out, lse, causal, scale, block_q, block_k):
+    """The backward of the module docstring: dq, dk, dv, recomputing each tile's P from lse.
+
+    dout, out (..., T, Dv) and lse (..., T) have the forward's broadcast leading axes; q, k, v are the
+    forward's inputs. Key tiles outside, query tiles inside (the order of the dK, dV kernel): dK_j and dV_j
+    are finished tile by tile, dQ_i gathers a term from every key tile.
+    Returns dq (..., T, Dh), dk (..., S, Dh), dv (..., S, Dv) with out's leading axes; the caller sums the
+    axes that were broadcast.
+    """
+    xp = get_xp(dout)
+    T, S = q.shape[-2], k.shape[-2]
+    lead = out.shape[:-2]
+    dq = xp.zeros(lead + q.shape[-2:], dtype=q.dtype)          # (..., T, Dh)
+    dk = xp.zeros(lead + k.shape[-2:], dtype=k.dtype)          # (..., S, Dh)
+    dv = xp.zeros(lead + v.shape[-2:], dtype=v.dtype)          # (..., S, Dv)
+    delta = (dout * out).sum(axis=-1)                          # (..., T) rowsum(dO * O)
+    # A row with no allowed key (causal with T > S: flash takes no mask, so that is the only way) has
+    # lse = -inf and every S_ij = -inf; shifting it by 0 gives P = exp(-inf) = 0 instead of NaN.
+    lse_safe = xp.where(xp.isneginf(lse), 0, lse)              # (..., T)
+    for c0 in range(0, S, block_k):
+        c1 = min(c0 + block_k, S)
+        K_j, V_j = k[..., c0:c1, :], v[..., c0:c1, :]          # (..., bk, Dh), (..., bk, Dv)
+        for r0 in range(0, T, block_q):
+            r1 = min(r0 + block_q, T)
+            if causal and _tile_is_future(r1, c0, T, S):
+                continue                                       # this query tile sees none of these keys
+            Q_i, dO_i = q[..., r0:r1, :], dout[..., r0:r1, :]  # (..., bq, Dh), (..., bq, Dv)
+            S_ij = _tile_scores(Q_i, K_j, r0, c0, T, S, causal, scale)  # (..., bq, bk) recomputed
+            P = xp.exp(S_ij - lse_safe[..., r0:r1, None])      # (..., bq, bk) = forward's softmax
+            dv[..., c0:c1, :] += xp.swapaxes(P, -1, -2) @ dO_i  # (..., bk, Dv)
+            dP = dO_i @ xp.swapaxes(V_j, -1, -2)               # (..., bq, bk)
+            dS = P * (dP - delta[..., r0:r1, None])            # (..., bq, bk)
+            dq[..., r0:r1, :] += (dS @ K_j) * scale            # (..., bq, Dh)
+            dk[..., c0:c1, :] += (xp.swapaxes(dS, -1, -2) @ Q_i) * scale  # (..., bk, Dh)
+    return dq, dk, dv
 
 
 def _tile_scores(Q_i, K_j, r0, c0, T, S, causal, scale):
@@ -66,90 +162,126 @@ def _tile_is_future(r1, c0, T, S):
     return c0 > (r1 - 1) + (S - T)
 
 
-def _check_blocks(block_q, block_k):
-    for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
-            raise ValueError(f"{name} must be a positive integer, got {b!r}")
+# ----------------------------------------------------------------------------------------------------
+# The public functions: attention.py's contract. NumPy arrays (and CuPy float64) run the loops above,
+# CuPy float32 arrays the CUDA kernels of the appendix.
+
+
+def flash_attention_forward(q, k, v, causal=False, scale=None, block_q=128, block_k=128):
+    """out = softmax(q k^T * scale, causal) v, computed tile by tile (see the module docstring).
+
+    q (..., T, Dh), k (..., S, Dh), v (..., S, Dv); leading axes broadcast. causal: True or False.
+    scale: a positive number, 1 / sqrt(Dh) by default.
+    block_q, block_k: tile sizes of the tiled loops (positive integers; T and S need not be multiples of
+    them). CuPy float32 inputs run the CUDA kernels instead, with their own 64 x 64 tiles; they need
+    Dv = Dh <= 128 (ValueError otherwise). CuPy float64 inputs run the tiled loops on the GPU; other
+    CuPy dtypes raise TypeError.
+    Returns out (..., T, Dv) and cache, a dict:
+        'q', 'k', 'v'   the inputs, as given (the backward recomputes the scores from them)
+        'out'           the output (..., T, Dv), for delta = rowsum(dout * out)
+        'lse'           (..., T) the per-row log-sum-exp of the scores, the only statistic the backward
+                        needs (T numbers, not the T x S weights); -inf on rows with no allowed key
+        'causal', 'scale', 'block_q', 'block_k'   the options, so the backward tiles the same way
+    """
+    _check_forward_inputs(q, k, v, causal, scale, block_q, block_k)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _uses_kernels(q):
+        out, lse = _flash_forward_cuda(q, k, v, bool(causal), scale)
+    else:
+        out, lse = _flash_forward_tiled(q, k, v, bool(causal), scale, block_q, block_k)
+    cache = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "causal": bool(causal), "scale": scale,
+             "block_q": block_q, "block_k": block_k}
+    return out, cache
+
+
+def flash_attention_backward(dout, cache):
+    """dq, dk, dv of flash_attention_forward, by recomputing each tile's probabilities from lse.
+
+    dout: the gradient of out, with out's shape, dtype and array module (ValueError / TypeError otherwise).
+    """
+    fields = {"q", "k", "v", "out", "lse", "causal", "scale", "block_q", "block_k"}
+    if not isinstance(cache, dict) or set(cache) != fields:
+        raise TypeError(f"cache must be the dict flash_attention_forward returned, got {describe(cache)}")
+    q, k, v, out = cache["q"], cache["k"], cache["v"], cache["out"]
+    check_upstream("dout", dout, out)
+    if _uses_kernels(q):
+        dq, dk, dv = _flash_backward_cuda(dout, q, k, v, out, cache["lse"], cache["causal"], cache["scale"])
+    else:
+        dq, dk, dv = _flash_backward_tiled(dout, q, k, v, out, cache["lse"], cache["causal"],
+                                           cache["scale"], cache["block_q"], cache["block_k"])
+    # Leading axes that were broadcast in the forward (one k shared by all heads, say) sum back.
+    return sum_to_shape(dq, q.shape), sum_to_shape(dk, k.shape), sum_to_shape(dv, v.shape)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The NumPy path: the algorithm above, loop for loop.
+# Input checks: ValueError / TypeError "{name} must be {need}, got {got}". attention.py checks what
+# every attention function takes; these add what flash's options and its CUDA kernels need.
 
 
-def _flash_forward_numpy(q, k, v, causal, scale, block_q, block_k):
-    xp = get_xp(q)
-    T, S = q.shape[-2], k.shape[-2]
-    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    out = xp.zeros(lead + (T, v.shape[-1]), dtype=q.dtype)    # (..., T, Dh)
-    lse = xp.zeros(lead + (T,), dtype=q.dtype)                 # (..., T)
-    for r0 in range(0, T, block_q):
-        r1 = min(r0 + block_q, T)                              # the last tile may be partial
-        Q_i = q[..., r0:r1, :]                                 # (..., bq, Dh)
-        m = xp.full(lead + (r1 - r0,), -np.inf, dtype=q.dtype)  # (..., bq) running row max
-        l = xp.zeros(lead + (r1 - r0,), dtype=q.dtype)         # (..., bq) running row sum
-        O = xp.zeros(lead + (r1 - r0, v.shape[-1]), dtype=q.dtype)  # (..., bq, Dh) unnormalised
-        for c0 in range(0, S, block_k):
-            if causal and _tile_is_future(r1, c0, T, S):
-                break                                          # every later tile is further in the future
-            c1 = min(c0 + block_k, S)
-            K_j, V_j = k[..., c0:c1, :], v[..., c0:c1, :]      # (..., bk, Dh)
-            S_ij = _tile_scores(Q_i, K_j, r0, c0, T, S, causal, scale)  # (..., bq, bk)
-            m_new = xp.maximum(m, S_ij.max(axis=-1))           # (..., bq)
-            # A row that has seen only -inf so far keeps m_new = -inf; shifting by 0 instead keeps
-            # exp(-inf - 0) = 0 where exp(-inf - (-inf)) would be NaN.
-            m_safe = xp.where(xp.isneginf(m_new), 0, m_new)    # (..., bq)
-            P_ij = xp.exp(S_ij - m_safe[..., None])            # (..., bq, bk)
-            alpha = xp.exp(m - m_safe)                         # (..., bq) 0 on the first tile
-            l = alpha * l + P_ij.sum(axis=-1)                  # (..., bq)
-            O = alpha[..., None] * O + P_ij @ V_j              # (..., bq, Dh)
-            m = m_new
-        empty = l == 0                                         # rows with no allowed key
-        out[..., r0:r1, :] = O / xp.where(empty, 1, l)[..., None]
-        lse[..., r0:r1] = xp.where(empty, -xp.inf, m + xp.log(xp.where(empty, 1, l)))
-    return out, lse
+def _uses_kernels(q):
+    """True for CuPy float32 arrays, the CUDA kernels' input; CuPy float64 runs the tiled loops."""
+    return get_xp(q) is not np and q.dtype == np.float32
 
 
-def _flash_backward_numpy(dout, q, k, v, out, lse, causal, scale, block_q, block_k):
-    xp = get_xp(dout)
-    T, S = q.shape[-2], k.shape[-2]
-    lead = out.shape[:-2]
-    dq = xp.zeros(lead + q.shape[-2:], dtype=q.dtype)          # (..., T, Dh)
-    dk = xp.zeros(lead + k.shape[-2:], dtype=k.dtype)          # (..., S, Dh)
-    dv = xp.zeros(lead + v.shape[-2:], dtype=v.dtype)          # (..., S, Dh)
-    delta = (dout * out).sum(axis=-1)                          # (..., T) rowsum(dO * O)
-    # A row with no allowed key (causal with T > S: flash takes no mask, so that is the only way) has
-    # lse = -inf and every S_ij = -inf; shifting it by 0 gives P = exp(-inf) = 0 instead of NaN.
-    lse_safe = xp.where(xp.isneginf(lse), 0, lse)              # (..., T)
-    for c0 in range(0, S, block_k):
-        c1 = min(c0 + block_k, S)
-        K_j, V_j = k[..., c0:c1, :], v[..., c0:c1, :]          # (..., bk, Dh)
-        for r0 in range(0, T, block_q):
-            r1 = min(r0 + block_q, T)
-            if causal and _tile_is_future(r1, c0, T, S):
-                continue                                       # this query tile sees none of these keys
-            Q_i, dO_i = q[..., r0:r1, :], dout[..., r0:r1, :]  # (..., bq, Dh)
-            S_ij = _tile_scores(Q_i, K_j, r0, c0, T, S, causal, scale)  # (..., bq, bk) recomputed
-            P = xp.exp(S_ij - lse_safe[..., r0:r1, None])      # (..., bq, bk) = forward's softmax
-            dv[..., c0:c1, :] += xp.swapaxes(P, -1, -2) @ dO_i  # (..., bk, Dh)
-            dP = dO_i @ xp.swapaxes(V_j, -1, -2)               # (..., bq, bk)
-            dS = P * (dP - delta[..., r0:r1, None])            # (..., bq, bk)
-            dq[..., r0:r1, :] += (dS @ K_j) * scale            # (..., bq, Dh)
-            dk[..., c0:c1, :] += (xp.swapaxes(dS, -1, -2) @ Q_i) * scale  # (..., bk, Dh)
-    return dq, dk, dv
+def _check_forward_inputs(q, k, v, causal, scale, block_q, block_k):
+    """attention.py's checks (arrays, shapes, dtypes, causal, scale), the tile sizes, and what the CUDA
+    kernels need of CuPy inputs."""
+    check_attention_inputs(q, k, v, causal=causal, scale=scale)
+    check_size("block_q", block_q, 1)
+    check_size("block_k", block_k, 1)
+    if get_xp(q) is not np:
+        if q.dtype not in (np.float32, np.float64):
+            raise TypeError(f"q must be float32 (the CUDA kernels) or float64 (the tiled loops) as a CuPy "
+                            f"array, got {q.dtype}")
+        if q.dtype == np.float32:
+            _check_kernel_inputs(q, k, v)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The GPU path: the same algorithm as CUDA kernels, for CuPy float32 arrays.
+def _check_kernel_inputs(q, k, v):
+    """What the CUDA kernels take beyond the contract: Dv = Dh <= 128, lengths within CUDA's grid."""
+    Dh, widest = q.shape[-1], KERNEL_HEAD_WIDTHS[-1]
+    if Dh > widest:
+        raise ValueError(f"q must have a head width Dh <= {widest} for the CUDA kernels (CuPy float32; "
+                         f"float64 runs the tiled loops), got Dh = {Dh} in shape {q.shape}")
+    if v.shape[-1] != Dh:
+        raise ValueError(f"v must have q's head width {Dh} for the CUDA kernels (CuPy float32), got shape "
+                         f"{v.shape}")
+    longest = _MAX_TILES * _TILE                               # one block per tile on the grid's y axis
+    for name, n in (("q", q.shape[-2]), ("k", k.shape[-2])):
+        if n > longest:
+            raise ValueError(f"{name} must have at most {longest} rows for the CUDA kernels ({_MAX_TILES} "
+                             f"tiles of {_TILE}, CUDA's grid limit), got {n}")
+
+
+# ====================================================================================================
+# Appendix: the GPU path. The same algorithm as CUDA kernels, for CuPy float32 arrays.
 #
-# FLASH_KERNEL_SOURCE holds every kernel; _forward_launches and _backward_launches say how to run them
-# (which kernel, grid, block, arguments, shared memory) without running anything, so that the same plan
-# runs on a GPU through CuPy (_run_on_gpu) and on a CPU through the C++ shim in tests/cuda, which checks
-# the kernels where there is no GPU. The kernels take (BH, T, Dh) C-contiguous float32 arrays: the
-# public functions flatten the leading axes into BH = batch * heads.
+# New to CUDA? Read tests/cuda/example_kernels.cu first (four small kernels: a block reduction, a
+# warp-per-row softmax, a shared-memory transpose, float4 loads), with the GPU-model table at the top of
+# tests/cuda/cuda_shim.h beside it: what a grid, a block, a thread, shared memory, a barrier and a warp
+# shuffle are, and how the CPU imitates each.
+#
+# _KERNEL_TEMPLATE holds every kernel. The sizes the launch plans depend on (_TILE, _THREADS, _PAD,
+# KERNEL_HEAD_WIDTHS) are Python constants written into it, so FLASH_KERNEL_SOURCE, the source that is
+# compiled, and the launch plans cannot disagree; the source's static_asserts check that the sizes fit its
+# thread layout. _forward_launches and _backward_launches say how to run the kernels (which kernel, grid,
+# block, arguments, shared memory) without running anything, so that the same plan runs on a GPU through
+# CuPy (_run_on_gpu) and on a CPU through the C++ shim in tests/cuda, which checks the kernels where there
+# is no GPU. The kernels take (BH, T, Dh) C-contiguous float32 arrays: the wrappers at the end flatten the
+# leading axes into BH = batch * heads.
 
-FLASH_KERNEL_SOURCE = r"""
+_TILE = 64                               # rows of every query and key tile (BLOCK_Q = BLOCK_K)
+_THREADS = 256                           # threads per block
+_PAD = 4                                 # floats added to every shared-memory row (bank conflicts)
+KERNEL_HEAD_WIDTHS = (32, 64, 96, 128)   # compiled widths; Dh runs on the smallest one >= Dh
+_MAX_TILES = 65535                       # CUDA's limit on gridDim.y, where the tiles of a sequence go
+
+_KERNEL_TEMPLATE = string.Template(r"""
 // flash.py's CUDA kernels: the algorithm of the module docstring, float32, one symbol for one symbol.
 // Compiled by NVRTC (cupy.RawModule) with no headers; tests/cuda compiles the same text as C++ for a CPU.
+// The sizes written as numbers here ($TILE-row tiles, $THREADS threads, head widths $WIDTHS) come
+// from flash.py's Python constants; the comments describe those sizes.
+// New to CUDA: read tests/cuda/example_kernels.cu and the table at the top of tests/cuda/cuda_shim.h first.
 //
 // Forward, one thread block per (batch*head, 64-row query tile Q_i):
 //     m = -inf, l = 0, O = 0
@@ -170,30 +302,30 @@ FLASH_KERNEL_SOURCE = r"""
 // 16 groups of GROUP = 16 lanes (half a warp), and group g owns rows 4g .. 4g + 3 (ROWS = 4).
 //   - A 64 x 64 score-like tile (S, P, dP, dS) is register-tiled: a thread holds its 4 rows x 4 columns,
 //     column = lane + 16 c. The 16 lanes of a group read 16 different rows of the other operand, whose
-//     shared-memory rows are padded by 4 floats so those reads fall in different banks.
+//     shared-memory rows are padded by PAD floats so those reads fall in different banks.
 //   - A 64 x Dh output-like tile (O, dQ, dK, dV) is register-tiled the same way: 4 rows x HEAD / 16
 //     columns, in chunks of VEC adjacent columns (chunk c starts at column (lane + 16 c) * VEC) so they
 //     move as float4 (or float2).
 //   - A row's max and sum are combined across the 16 lanes of its group with warp shuffles.
 // Scores are kept in base 2 (exp(x) = exp2(x * log2 e), one hardware instruction), so m is in base-2
-// units; lse is written in natural-log units, as the NumPy path's.
+// units; lse is written in natural-log units, as the tiled loops'.
 //
-// Sizes: kernels are compiled for HEAD in {32, 64, 96, 128}; a head width Dh <= 128 runs on the smallest
-// HEAD >= Dh with the extra columns zero in shared memory (they add 0 to Q K^T and are never written
-// out). Any T, S: a partial tile is zero-filled on load and masked. Causal is bottom-right aligned: query
-// i may attend key j iff j <= i + (S - T).
+// Sizes: kernels are compiled for each HEAD in $WIDTHS; a head width Dh <= the widest runs on the
+// smallest HEAD >= Dh with the extra columns zero in shared memory (they add 0 to Q K^T and are never
+// written out). Any T, S: a partial tile is zero-filled on load and masked. Causal is bottom-right
+// aligned: query i may attend key j iff j <= i + (S - T).
 
 #ifndef SHARED_MEMORY
 #define SHARED_MEMORY(name) extern __shared__ __align__(16) float name[]
 #endif
 
-constexpr int BLOCK_Q = 64;             // query rows per tile
-constexpr int BLOCK_K = 64;             // key rows per tile
-constexpr int THREADS = 256;            // threads per block (8 warps)
+// From flash.py: rows of a query tile and of a key tile, threads per block (8 warps), and the floats that
+// pad every shared-memory row (so that the 16 lanes of a group read 16 different banks).
+constexpr int BLOCK_Q = $TILE, BLOCK_K = $TILE, THREADS = $THREADS, PAD = $PAD;
 constexpr int GROUP = 16;               // lanes sharing the same rows
 constexpr int ROWS = 4;                 // rows per thread: (THREADS / GROUP) * ROWS = 64
 constexpr int COLS_S = 4;               // score columns per thread: GROUP * COLS_S = 64
-constexpr int P_STRIDE = BLOCK_K + 4;   // padded row of the shared P (or dS) tile
+constexpr int P_STRIDE = BLOCK_K + PAD; // padded row of the shared P (or dS) tile
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 static_assert((THREADS / GROUP) * ROWS == BLOCK_Q && BLOCK_Q == BLOCK_K, "a group's rows tile the block");
@@ -205,7 +337,7 @@ static_assert(P_STRIDE % 4 == 0, "rows of the shared P / dS tile start on 16-byt
 // Sizes that follow from the compiled head width HEAD.
 template <int HEAD>
 struct Width {
-  static constexpr int STRIDE = HEAD + 4;                      // padded shared row (16-byte aligned)
+  static constexpr int STRIDE = HEAD + PAD;                    // padded shared row (16-byte aligned)
   static constexpr int COLS = HEAD / GROUP;                    // output columns per thread
   static constexpr int VEC = COLS % 4 == 0 ? 4 : (COLS % 2 == 0 ? 2 : 1);  // columns per chunk
   static constexpr int CHUNKS = COLS / VEC;
@@ -692,38 +824,32 @@ __device__ __forceinline__ void flash_backward_dkdv(float* smem, const float* __
     flash_backward_dkdv<HEAD>(smem, q, k, v, lse, delta, dout, dk, dv, T, S, Dh, causal, scale);       \
   }
 
-FLASH_KERNELS(32)
-FLASH_KERNELS(64)
-FLASH_KERNELS(96)
-FLASH_KERNELS(128)
-"""
+$KERNELS
+""")
 
-KERNEL_HEAD_WIDTHS = (32, 64, 96, 128)  # compiled widths; Dh runs on the smallest one >= Dh
-_TILE = 64                               # BLOCK_Q = BLOCK_K in the source: rows of every tile
-_THREADS = 256                           # THREADS in the source
-_P_TILE = _TILE * (_TILE + 4)            # floats of the shared P / dS tile (rows padded by 4)
+FLASH_KERNEL_SOURCE = _KERNEL_TEMPLATE.substitute(
+    TILE=_TILE, THREADS=_THREADS, PAD=_PAD, WIDTHS=", ".join(map(str, KERNEL_HEAD_WIDTHS)),
+    KERNELS="\n".join(f"FLASH_KERNELS({width})" for width in KERNEL_HEAD_WIDTHS))
 
+_P_TILE = _TILE * (_TILE + _PAD)         # floats of the shared P / dS tile (rows padded)
+
+# One kernel launch, kernel<<<grid, block, shared_mem>>>(*args): what CuPy runs, and what tests/cuda runs
+# on a CPU (tests/cuda/cpu_cuda.py imports this definition).
 Launch = collections.namedtuple("Launch", "kernel grid block args shared_mem")
 
 
 def _kernel_width(Dh):
     """The compiled head width a head of width Dh runs on (its extra columns are zero padding)."""
-    for width in KERNEL_HEAD_WIDTHS:
-        if Dh <= width:
-            return width
-    raise ValueError(f"the CUDA kernels support head widths up to {KERNEL_HEAD_WIDTHS[-1]}, got "
-                     f"Dh = {Dh} (q.shape[-1]); use the NumPy path or split the head")
+    return next(width for width in KERNEL_HEAD_WIDTHS if Dh <= width)
 
 
 def _tiles(n):
     """ceil(n / 64): the tiles of a length-n sequence, one block each along the grid's y axis."""
-    if n > 65535 * _TILE:                                      # CUDA's limit on gridDim.y
-        raise ValueError(f"the CUDA kernels take sequences up to {65535 * _TILE} long, got {n}")
     return -(-n // _TILE)
 
 
 def _shared_tile(width):
-    return _TILE * (width + 4)                                 # floats of one 64 x width tile, rows padded
+    return _TILE * (width + _PAD)                              # floats of one 64 x width tile, rows padded
 
 
 def _forward_launches(q, k, v, out, lse, causal, scale):
@@ -785,27 +911,15 @@ def _run_on_gpu(launches):
     limit = runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, cupy.cuda.Device().id)
     needed = max((launch.shared_mem for launch in launches), default=0)
     if needed > limit:
-        raise ValueError(f"the CUDA kernels for this head width need {needed} bytes of shared memory a block, "
-                         f"this GPU gives at most {limit}: use a narrower head or float64 (the tiled path)")
+        raise ValueError(f"q must have a head width whose kernels fit this GPU: they need {needed} bytes of "
+                         f"shared memory a block, this GPU gives at most {limit}; use a narrower head or "
+                         f"float64 (the tiled loops)")
     module = _cuda_module()
     for launch in launches:
         kernel = module.get_function(launch.kernel)
         if launch.shared_mem > 48 * 1024:                      # beyond 48 KiB a kernel must opt in
             kernel.max_dynamic_shared_size_bytes = launch.shared_mem
         kernel(launch.grid, launch.block, launch.args, shared_mem=launch.shared_mem)
-
-
-def _uses_kernels(x):
-    """True for CuPy float32 arrays (the kernels' input); CuPy float64 runs the tiled loops on the GPU.
-
-    Raises TypeError for other CuPy dtypes (float16), which neither path takes.
-    """
-    if get_xp(x) is np:
-        return False
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"CuPy inputs must be float32 (the CUDA kernels) or float64 (the tiled loops), "
-                        f"got {x.dtype}")
-    return x.dtype == np.float32
 
 
 def _as_heads(x, lead):
@@ -816,11 +930,8 @@ def _as_heads(x, lead):
 
 
 def _flash_forward_cuda(q, k, v, causal, scale):
+    """out, lse of CuPy float32 q, k, v (checked by _check_kernel_inputs), with the broadcast leading axes."""
     xp = get_xp(q)
-    _kernel_width(q.shape[-1])                                 # Dh > 128 raises before any work
-    _tiles(k.shape[-2])                                        # so does an S the backward's grid cannot take
-    if v.shape[-1] != q.shape[-1]:
-        raise ValueError(f"the CUDA kernels need v's width to equal q's, Dh = {q.shape[-1]}; got v {v.shape}")
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     (T, Dh), BH = q.shape[-2:], math.prod(lead)
     with q.device:                                             # allocate and launch on q's GPU
@@ -833,9 +944,6 @@ def _flash_forward_cuda(q, k, v, causal, scale):
 
 def _flash_backward_cuda(dout, q, k, v, out, lse, causal, scale):
     """dq, dk, dv with the leading axes of the (broadcast) output; the caller sums them back."""
-    if get_xp(dout) is np or dout.dtype != np.float32:
-        raise TypeError(f"dout must be a CuPy float32 array like the forward's output, got "
-                        f"{type(dout).__name__} {dout.dtype}")
     xp = get_xp(q)
     lead, (T, Dh), S = out.shape[:-2], q.shape[-2:], k.shape[-2]
     with q.device:                                             # allocate and launch on q's GPU
@@ -845,48 +953,6 @@ def _flash_backward_cuda(dout, q, k, v, out, lse, causal, scale):
         lse2 = lse.reshape(math.prod(lead), T)                 # (BH, T)
         _run_on_gpu(_backward_launches(q3, k3, v3, out3, lse2, dout3, dq, dk, dv, causal, scale))
     return dq.reshape(lead + (T, Dh)), dk.reshape(lead + (S, Dh)), dv.reshape(lead + (S, Dh))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Public functions: the same contract as attention_forward / attention_backward.
-
-
-def flash_attention_forward(q, k, v, causal=False, scale=None, block_q=128, block_k=128):
-    """out = softmax(q k^T * scale, causal) v, computed tile by tile (see the module docstring).
-
-    q (..., T, Dh), k (..., S, Dh), v (..., S, Dh); leading axes broadcast.
-    block_q, block_k: tile sizes of the NumPy path (any positive integers; T and S need not be
-    multiples of them). CuPy float32 inputs run the CUDA kernels instead, with their own 64 x 64
-    tiles; they need v's width equal to q's and Dh <= 128 (ValueError otherwise). CuPy float64
-    inputs run the tiled path on the GPU; other CuPy dtypes raise TypeError.
-    Returns out (..., T, Dh) and cache = {'q', 'k', 'v', 'out', 'lse', 'causal', 'scale',
-    'block_q', 'block_k'}: cache['lse'] (..., T) is the per-row log-sum-exp, the only statistic the
-    backward needs (T numbers, not the T x S weights). Rows with no allowed key have lse = -inf.
-    """
-    check_attention_inputs(q, k, v)
-    _check_blocks(block_q, block_k)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if _uses_kernels(q):
-        out, lse = _flash_forward_cuda(q, k, v, causal, scale)
-    else:
-        out, lse = _flash_forward_numpy(q, k, v, causal, scale, block_q, block_k)
-    cache = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "causal": causal, "scale": scale,
-             "block_q": block_q, "block_k": block_k}
-    return out, cache
-
-
-def flash_attention_backward(dout, cache):
-    """dq, dk, dv of flash_attention_forward, by recomputing each tile's probabilities from lse."""
-    q, k, v, out = cache["q"], cache["k"], cache["v"], cache["out"]
-    if dout.shape != out.shape:
-        raise ValueError(f"dout must have the output's shape {out.shape}, got {dout.shape}")
-    if _uses_kernels(q):
-        dq, dk, dv = _flash_backward_cuda(dout, q, k, v, out, cache["lse"], cache["causal"], cache["scale"])
-    else:
-        dq, dk, dv = _flash_backward_numpy(dout, q, k, v, out, cache["lse"], cache["causal"],
-                                           cache["scale"], cache["block_q"], cache["block_k"])
-    # Leading axes that were broadcast in the forward (one k shared by all heads, say) sum back.
-    return sum_to_shape(dq, q.shape), sum_to_shape(dk, k.shape), sum_to_shape(dv, v.shape)
 
 
 # ----------------------------------------------------------------------------------------------------

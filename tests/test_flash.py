@@ -1,23 +1,25 @@
 """flash.py's tiled path equals full attention (attention.py): outputs, lse and all three gradients.
 
-The GPU kernels have their own tests (test_flash_gpu.py on a GPU, test_kernels_cpu.py on the CPU);
-these tests prove the NumPy algorithm they are compared with.
+Tests taking `xp` run on NumPy and on CuPy on a CPU, where float32 inputs take the CUDA kernels (and on a
+GPU where there is one). The kernels have their own tests too (test_flash_gpu.py through the public
+functions, test_kernels_cpu.py launch by launch); these tests prove the algorithm they are compared with.
 """
-import subprocess
-import sys
+import math
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+import attention
+import flash
 from attention import attention_backward, attention_forward, causal_mask
 from flash import flash_attention_backward, flash_attention_forward
 from gradcheck import check_gradients, random_like
+from helpers import random_array, run_demo, to_numpy
 
-ROOT = Path(__file__).resolve().parent.parent
+U = 2.0**-24                                                   # float32 unit roundoff
 
 
 @st.composite
@@ -33,10 +35,16 @@ def flash_cases(draw, max_len=200):
                 causal=draw(st.booleans()), seed=draw(st.integers(0, 2**32 - 1)))
 
 
+# Edges every run: T < S and T > S causal (rows that see no key), one token, partial tiles of both lengths.
+EDGES = [dict(lead=(2,), T=5, S=13, Dh=3, block_q=2, block_k=4, causal=True, seed=0),
+         dict(lead=(), T=13, S=5, Dh=4, block_q=4, block_k=2, causal=True, seed=1),
+         dict(lead=(1,), T=1, S=1, Dh=1, block_q=1, block_k=1, causal=False, seed=2)]
+
+
 def make_qkv(case, dtype, xp=np):
     rng = np.random.default_rng(case["seed"])
     shapes = [case["lead"] + (case["T"], case["Dh"])] + 2 * [case["lead"] + (case["S"], case["Dh"])]
-    return [xp.asarray(rng.standard_normal(shape).astype(dtype)) for shape in shapes]
+    return [random_array(rng, shape, dtype, xp) for shape in shapes]
 
 
 def log_sum_exp_of_scores(q, k, causal, xp):
@@ -51,13 +59,16 @@ def log_sum_exp_of_scores(q, k, causal, xp):
 
 
 @given(case=flash_cases())
+@example(case=EDGES[0])
+@example(case=EDGES[1])
+@example(case=EDGES[2])
 def test_flash_matches_full_attention_outputs_and_gradients(case, xp):
     q, k, v = make_qkv(case, np.float64, xp)
     opts = dict(block_q=case["block_q"], block_k=case["block_k"])
     full, full_cache = attention_forward(q, k, v, causal=case["causal"])
-    flash, cache = flash_attention_forward(q, k, v, causal=case["causal"], **opts)
+    flash_out, cache = flash_attention_forward(q, k, v, causal=case["causal"], **opts)
     # float64: the two differ only in the order of additions, ~1e-16 per term.
-    xp.testing.assert_allclose(flash, full, rtol=1e-10, atol=1e-12)
+    xp.testing.assert_allclose(flash_out, full, rtol=1e-10, atol=1e-12)
     xp.testing.assert_allclose(cache["lse"], log_sum_exp_of_scores(q, k, case["causal"], xp),
                                rtol=1e-10, atol=1e-12)
     dout = random_like(full, np.random.default_rng(case["seed"] + 1))
@@ -69,11 +80,11 @@ def test_flash_matches_full_attention_outputs_and_gradients(case, xp):
 def test_flash_matches_full_attention_in_float32(case, xp):
     q, k, v = make_qkv(case, np.float32, xp)
     full, full_cache = attention_forward(q, k, v, causal=case["causal"])
-    flash, cache = flash_attention_forward(q, k, v, causal=case["causal"],
-                                           block_q=case["block_q"], block_k=case["block_k"])
-    assert flash.dtype == np.float32 and cache["lse"].dtype == np.float32
+    flash_out, cache = flash_attention_forward(q, k, v, causal=case["causal"],
+                                               block_q=case["block_q"], block_k=case["block_k"])
+    assert flash_out.dtype == np.float32 and cache["lse"].dtype == np.float32
     # float32 epsilon is 6e-8; weights and sums over <= 300 keys in a different order stay within 1e-5.
-    xp.testing.assert_allclose(flash, full, rtol=1e-4, atol=1e-5)
+    xp.testing.assert_allclose(flash_out, full, rtol=1e-4, atol=1e-5)
     dout = random_like(full, np.random.default_rng(case["seed"] + 1))
     for got, want in zip(flash_attention_backward(dout, cache), attention_backward(dout, full_cache)):
         assert got.dtype == np.float32
@@ -82,7 +93,7 @@ def test_flash_matches_full_attention_in_float32(case, xp):
 
 def test_flash_backward_matches_finite_differences():
     rng = np.random.default_rng(0)
-    q, k, v = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 7, 3)), rng.standard_normal((2, 7, 3))
+    q, k, v = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 7, 3)), rng.standard_normal((2, 7, 4))
     for causal in (False, True):
         out, cache = flash_attention_forward(q, k, v, causal=causal, block_q=2, block_k=3)
         dout = random_like(out, rng)
@@ -98,7 +109,7 @@ def test_rows_with_no_allowed_key_give_zeros_and_zero_gradient(xp):
     # Causal with T > S: query i sees keys j <= i - (T - S), so the first T - S queries see nothing.
     rng = np.random.default_rng(1)
     T, S = 9, 4
-    q, k, v = (xp.asarray(rng.standard_normal((2, n, 8)).astype(np.float32)) for n in (T, S, S))
+    q, k, v = (random_array(rng, (2, n, 8), np.float32, xp) for n in (T, S, S))
     out, cache = flash_attention_forward(q, k, v, causal=True, block_q=4, block_k=3)
     dq, dk, dv = flash_attention_backward(xp.ones_like(out), cache)
     empty = T - S
@@ -108,27 +119,89 @@ def test_rows_with_no_allowed_key_give_zeros_and_zero_gradient(xp):
         assert bool(xp.all(xp.isfinite(array)))
 
 
-def float32_score_rounding_bound(q, k, v):
-    """How far a correct float32 attention output may be from the exact one, for inputs whose scores are huge.
+# ----------------------------------------------------------------------------------------------------
+# float32 at huge and saturated logits: the bounds of flash.py's docstring. The inputs make every score
+# q . k exact in float32 (integers below 2^24, whose products and sums are exact in any order, and
+# scale = 1/4), so what remains is exactly the rounding each bound counts.
 
-    Rounding a score s = q.k * scale to float32 moves it by up to u |s| (u = 2^-24), which scales its weight
-    by up to exp(u |s|) ~ 1 + u |s|, and so moves an output by up to about u max|s| max|v|. With scores in
-    the thousands that is ~1e-3, far above the usual float32 tolerance, and every float32 implementation
-    (full attention included) sits within it; a wrong mask or tile edge is off by ~1e-1.
+
+def weight_error(q, k, n):
+    """How far, relatively, a float32 attention weight may be from the exact one: expm1(16 u max|s| + 3 (n + 4) u).
+
+    A weight is exp(s_j - m) / sum_i exp(s_i - m). The kernels form s_j - m in base 2: scale * log2(e)
+    (two roundings) times q . k (one) moves each score by 3 u |s|, and the subtraction by u |s_j - m| <=
+    2 u max|s|, so each exp(s_j - m) is off by a factor within exp(8 u max|s|) (the tiled loops, exact up to
+    exp's own rounding, stay far inside). The ratio can move by that factor twice; the sum over n terms,
+    the division and exp's last bits add under 3 (n + 4) u.
     """
     q, k = q.astype(np.float64), k.astype(np.float64)
-    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
-    return 2.0**-24 * np.abs(scores).max() * np.abs(v).max()
+    max_score = np.abs(q @ np.swapaxes(k, -1, -2)).max() / math.sqrt(q.shape[-1])
+    return math.expm1(16 * U * max_score + 3 * (n + 4) * U)
 
 
-def test_huge_logits_stay_finite_and_exact(xp):
+def test_huge_logits_stay_finite_and_within_the_float32_rounding_bound(xp):
+    # Scores up to ~1e4, where exp overflows float32 at 89: only the running max keeps flash finite. Each
+    # output is a weighted average of v, so weights off by a relative weight_error move it by at most
+    # max|v| weight_error: ~1e-2 here, while a wrong mask or tile edge moves it by ~1.
     rng = np.random.default_rng(2)
-    q, k, v = (rng.standard_normal((3, 37, 16)).astype(np.float32) for _ in range(3))
-    q = q * 1e3                                                # scores up to ~4e3: exp would overflow
-    flash, cache = flash_attention_forward(*(xp.asarray(x) for x in (q, k, v)), causal=True, block_q=8, block_k=8)
-    assert bool(xp.all(xp.isfinite(flash))) and bool(xp.all(xp.isfinite(cache["lse"])))
+    T = S = 137                                                # three kernel tiles, the last partial
+    q = rng.integers(-2000, 2001, (3, T, 16)).astype(np.float32)
+    k = rng.integers(-4, 5, (3, S, 16)).astype(np.float32)
+    v = rng.standard_normal((3, S, 16)).astype(np.float32)
+    out, cache = flash_attention_forward(*(xp.asarray(x) for x in (q, k, v)), causal=True, block_q=8, block_k=8)
+    assert bool(xp.all(xp.isfinite(out))) and bool(xp.all(xp.isfinite(cache["lse"])))
     exact, _ = attention_forward(*(x.astype(np.float64) for x in (q, k, v)), causal=True)
-    xp.testing.assert_allclose(flash, exact, rtol=0, atol=float32_score_rounding_bound(q, k, v))
+    assert np.abs(to_numpy(out) - exact).max() <= np.abs(v).max() * weight_error(q, k, S)
+
+
+def saturated_inputs(rng, B, T, S, Dh=16):
+    """float32 q, k, v, dout where every query i has one key j*(i) it may attend (causal, T <= S) whose
+    score beats every other key's by 128 or more, so softmax is one-hot to far below float32's precision.
+
+    Keys are distinct patterns of +-32 (any two differ in a coordinate); query i is +-8 times the pattern
+    of its key, so s_ij = (1/4) 8 * 32 * (16 - 2 * (coordinates where the patterns differ)):
+    1024 for j*(i), at most 896 for any other key.
+    """
+    assert T <= S, "with causal, every query needs a key it may attend"
+    codes = rng.choice(2**Dh, size=(B, S), replace=False)      # distinct sign patterns, one per key
+    signs = 1.0 - 2.0 * ((codes[..., None] >> np.arange(Dh)) & 1)  # (B, S, Dh) of +-1
+    last_allowed = np.arange(T) + (S - T)                      # query i may attend keys 0 .. i + (S - T)
+    winner = (rng.random((B, T)) * (last_allowed + 1)).astype(int)  # (B, T) j*(i)
+    q = 8 * np.take_along_axis(signs, winner[..., None], axis=1)   # (B, T, Dh)
+    k = 32 * signs                                              # (B, S, Dh)
+    v, dout = rng.standard_normal((B, S, Dh)), rng.standard_normal((B, T, Dh))
+    return [x.astype(np.float32) for x in (q, k, v, dout)]
+
+
+def test_saturated_logits_leave_dq_and_dk_a_rounding_residue_within_the_stated_bound(xp):
+    # One-hot softmax: the exact dS = P (dP - delta) is ~1e-55, since dP_ij* = dO_i . V_j* and delta_i =
+    # dO_i . O_i with O_i = V_j*. Computed, they are two float32 sums of the same Dh products in different
+    # orders, each within Dh u sum_d |dO_id V_j*d| of the truth: a residue up to (2 Dh + 4) u |dO_i|_1
+    # max|v| (the 4: the products' rounding and P's), which dQ_i = scale dS K multiplies by scale |K| and
+    # dK_j = scale dS^T Q by scale |Q|, once for each query that picked key j.
+    rng = np.random.default_rng(7)
+    Dh, scale = 16, 1 / 4
+    q, k, v, dout = saturated_inputs(rng, B=2, T=70, S=90, Dh=Dh)  # partial tiles of both lengths
+    out, cache = flash_attention_forward(*(xp.asarray(x) for x in (q, k, v)), causal=True, block_q=32, block_k=32)
+    dq, dk, dv = (to_numpy(g) for g in flash_attention_backward(xp.asarray(dout), cache))
+    _, exact_cache = attention_forward(*(x.astype(np.float64) for x in (q, k, v)), causal=True)
+    exact_dq, exact_dk, exact_dv = attention_backward(dout.astype(np.float64), exact_cache)
+    weights = exact_cache["weights"]                           # (B, T, S) one-hot up to exp(-128)
+    tiny = np.finfo(np.float32).tiny                           # exact terms of e^-128 are below float32's range
+    residue = (2 * Dh + 4) * U * np.abs(dout).sum(-1) * np.abs(v).max()  # (B, T)
+    assert np.all(np.abs(dq - exact_dq) <= scale * np.abs(k).max() * residue[..., None] + tiny)
+    picked = np.swapaxes(weights, -1, -2) @ residue[..., None]  # (B, S, 1) sum of residues of the queries
+    assert np.all(np.abs(dk - exact_dk) <= scale * np.abs(q).max() * picked + tiny)
+    # dV = P^T dO has no cancellation: each weight within weight_error, relatively.
+    dv_bound = weight_error(q, k, 70) * (np.swapaxes(weights, -1, -2) @ np.abs(dout)) + tiny
+    assert np.all(np.abs(dv - exact_dv) <= dv_bound)
+    # Full attention takes delta = rowsum(dP * P) from the rounded dP itself: with P exactly one-hot in
+    # float32 that is dP_ij* to the bit, and dS, so dq, is exactly 0.
+    _, full_cache = attention_forward(*(xp.asarray(x) for x in (q, k, v)), causal=True)
+    assert np.all(to_numpy(attention_backward(xp.asarray(dout), full_cache)[0]) == 0)
+
+
+# ----------------------------------------------------------------------------------------------------
 
 
 def test_broadcast_leading_axes_sum_their_gradients():
@@ -137,8 +210,8 @@ def test_broadcast_leading_axes_sum_their_gradients():
     q = rng.standard_normal((2, 4, 10, 6))
     k, v = rng.standard_normal((2, 1, 12, 6)), rng.standard_normal((2, 1, 12, 6))
     full, full_cache = attention_forward(q, k, v, causal=True)
-    flash, cache = flash_attention_forward(q, k, v, causal=True, block_q=4, block_k=5)
-    np.testing.assert_allclose(flash, full, rtol=1e-10, atol=1e-12)  # float64 reordering only
+    flash_out, cache = flash_attention_forward(q, k, v, causal=True, block_q=4, block_k=5)
+    np.testing.assert_allclose(flash_out, full, rtol=1e-10, atol=1e-12)  # float64 reordering only
     dout = random_like(full, rng)
     for got, want in zip(flash_attention_backward(dout, cache), attention_backward(dout, full_cache)):
         assert got.shape == want.shape
@@ -175,52 +248,91 @@ def test_flash_never_holds_a_T_by_S_array_forward_or_backward(causal):
         assert flash_peak < scores_bytes / 8                   # inputs' size and a tile: ~7 % of T x S here
 
 
-def test_launch_plan_constants_match_the_kernel_source():
-    # _forward_launches / _backward_launches size grids and shared memory from Python copies of the
-    # kernels' tile constants; if one side changed alone, launches would be silently wrong.
-    import re
-
-    import flash
-
-    def constant(name):
-        return re.search(rf"constexpr int {name} = ([^;]+);", flash.FLASH_KERNEL_SOURCE).group(1).strip()
-
-    assert int(constant("BLOCK_Q")) == int(constant("BLOCK_K")) == flash._TILE
-    assert int(constant("THREADS")) == flash._THREADS
-    assert constant("P_STRIDE") == "BLOCK_K + 4" and flash._P_TILE == flash._TILE * (flash._TILE + 4)
-    assert "static constexpr int STRIDE = HEAD + 4;" in flash.FLASH_KERNEL_SOURCE
-    assert flash._shared_tile(64) == flash._TILE * (64 + 4)
-
-
-def test_dtype_preserved_and_inputs_untouched():
+def test_cache_holds_lse_and_the_documented_fields_and_dtypes_are_preserved():
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal((2, 11, 8)).astype(np.float32) for _ in range(3))
     copies = [a.copy() for a in (q, k, v)]
     out, cache = flash_attention_forward(q, k, v, causal=True, block_q=4, block_k=4)
-    dout = np.ones_like(out)
-    grads = flash_attention_backward(dout, cache)
+    assert set(cache) == {"q", "k", "v", "out", "lse", "causal", "scale", "block_q", "block_k"}
+    assert cache["lse"].shape == (2, 11)                       # T numbers a row, not the T x S weights
+    grads = flash_attention_backward(random_like(out, rng), cache)
     assert out.dtype == np.float32 and all(g.dtype == np.float32 for g in grads)
     for original, array in zip(copies, (q, k, v)):
         np.testing.assert_array_equal(original, array)
 
 
-def test_bad_input_raises_clear_errors():
-    q, k = np.zeros((2, 5, 8)), np.zeros((2, 6, 8))
-    with pytest.raises(TypeError, match="q must be a floating-point array"):
-        flash_attention_forward(np.zeros((2, 5, 8), dtype=np.int64), k, k)
-    with pytest.raises(ValueError, match=r"k must have shape \(\.\.\., S, 8\)"):
-        flash_attention_forward(q, np.zeros((2, 6, 7)), k)
-    with pytest.raises(ValueError, match=r"v must have shape \(\.\.\., 6, Dv\)"):
-        flash_attention_forward(q, k, np.zeros((2, 5, 8)))
-    with pytest.raises(ValueError, match="block_q must be a positive integer, got 0"):
-        flash_attention_forward(q, k, k, block_q=0)
-    out, cache = flash_attention_forward(q, k, k)
-    with pytest.raises(ValueError, match=r"dout must have the output's shape \(2, 5, 8\)"):
-        flash_attention_backward(np.zeros((2, 5, 7)), cache)
+def test_flash_uses_attentions_get_xp():
+    assert flash.get_xp is attention.get_xp                    # one array-module idiom, not a copy
+
+
+def test_kernel_source_takes_the_sizes_of_the_launch_plans_from_python():
+    # The launch plans size grids and shared memory from flash.py's constants; the compiled source must be
+    # built from the same ones, with every head width the plans may ask for stamped out.
+    source = flash.FLASH_KERNEL_SOURCE
+    assert (f"constexpr int BLOCK_Q = {flash._TILE}, BLOCK_K = {flash._TILE}, THREADS = {flash._THREADS}, "
+            f"PAD = {flash._PAD};") in source
+    assert all(f"FLASH_KERNELS({width})" in source for width in flash.KERNEL_HEAD_WIDTHS)
+    assert "$" not in source                                  # every placeholder of the template filled in
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: ValueError / TypeError naming the argument, what it needs and what it got
+
+
+QKV = [np.zeros(shape) for shape in ((2, 5, 8), (2, 6, 8), (2, 6, 8))]
+
+
+@pytest.mark.parametrize("change, error, match", [
+    # attention.py's checks, which flash shares
+    (dict(q=np.zeros((2, 5, 8), dtype=np.int64)), TypeError, "^q must be a floating-point array"),
+    (dict(k=[[0.0] * 8] * 6), TypeError, "^k must be a floating-point array"),
+    (dict(q=np.zeros(8)), ValueError, r"^q must have shape \(\.\.\., length, width\)"),
+    (dict(k=np.zeros((2, 6, 7))), ValueError, r"^k must have shape \(\.\.\., S, 8\)"),
+    (dict(v=np.zeros((2, 5, 8))), ValueError, r"^v must have shape \(\.\.\., 6, Dv\)"),
+    (dict(k=np.zeros((2, 6, 8), dtype=np.float32)), TypeError, "^k must have dtype float64"),
+    (dict(q=np.zeros((2, 5, 0)), k=np.zeros((2, 6, 0))), ValueError, "^q must have a width Dk >= 1"),
+    (dict(causal=np.array(True)), TypeError, "^causal must be True or False, got numpy array"),
+    (dict(causal=1), TypeError, "^causal must be True or False, got 1"),
+    (dict(causal="yes"), TypeError, "^causal must be True or False, got 'yes'"),
+    (dict(scale=float("nan")), ValueError, "^scale must be a finite number > 0, got nan"),
+    (dict(scale=0.0), ValueError, "^scale must be a finite number > 0, got 0.0"),
+    (dict(scale=-0.5), ValueError, "^scale must be a finite number > 0, got -0.5"),
+    (dict(scale=float("inf")), ValueError, "^scale must be a finite number > 0, got inf"),
+    (dict(scale="0.1"), TypeError, "^scale must be a number .*, got '0.1'"),
+    (dict(scale=np.ones(1)), TypeError, "^scale must be a number .*, got numpy array"),
+    # flash's own options
+    (dict(block_q=0), ValueError, "^block_q must be an integer >= 1, got 0"),
+    (dict(block_k=-3), ValueError, "^block_k must be an integer >= 1, got -3"),
+    (dict(block_q=2.5), ValueError, "^block_q must be an integer >= 1, got 2.5"),
+    (dict(block_k=True), ValueError, "^block_k must be an integer >= 1, got True"),
+    (dict(block_q=None), ValueError, "^block_q must be an integer >= 1, got None"),
+])
+def test_bad_forward_input_raises_naming_it(change, error, match):
+    arguments = dict(zip("qkv", QKV), causal=False, scale=None, block_q=4, block_k=4)
+    arguments.update(change)
+    with pytest.raises(error, match=match):
+        flash_attention_forward(**arguments)
+
+
+@pytest.mark.parametrize("dout, error, match", [
+    (np.zeros((2, 5, 7)), ValueError, r"^dout must have shape \(2, 5, 8\) .*, got \(2, 5, 7\)"),
+    (np.zeros((1, 2, 5, 8)), ValueError, r"^dout must have shape \(2, 5, 8\) .*, got \(1, 2, 5, 8\)"),
+    (np.zeros((5, 8)), ValueError, r"^dout must have shape \(2, 5, 8\) .*, got \(5, 8\)"),
+    (np.zeros((2, 5, 8), dtype=np.float32), TypeError, "^dout must have dtype float64 .*, got float32"),
+    ([[[0.0] * 8] * 5] * 2, TypeError, "^dout must be an array of dtype float64, got list"),
+])
+def test_bad_upstream_gradient_raises_naming_it(dout, error, match):
+    _, cache = flash_attention_forward(*QKV)
+    with pytest.raises(error, match=match):
+        flash_attention_backward(dout, cache)
+
+
+def test_a_cache_that_is_not_flashs_raises_type_error():
+    out, cache = attention_forward(*QKV)
+    with pytest.raises(TypeError, match="^cache must be the dict flash_attention_forward returned"):
+        flash_attention_backward(out, cache)
 
 
 def test_demo_runs_and_checks_itself():
-    result = subprocess.run([sys.executable, "flash.py", "--T", "300"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    result = run_demo("flash.py", "--T", "300", timeout=120)
     assert "same output as full attention" in result.stdout

@@ -16,10 +16,9 @@ import sys
 import numpy as np
 import pytest
 
+import cpu_cuda  # tests/cuda is not a package: conftest.py puts it on the path
 import flash
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda"))
-import cpu_cuda  # noqa: E402  (tests/cuda is not a package: it is found through the path above)
+from helpers import run_demo
 
 
 @functools.cache
@@ -45,9 +44,6 @@ def sanitizer(request):
         pytest.skip(missing)
     return request.param
 
-
-needs_flash_kernels = pytest.mark.skipif(not hasattr(flash, "FLASH_KERNEL_SOURCE"),
-                                         reason="flash.py has no FLASH_KERNEL_SOURCE yet")
 
 with open(os.path.join(cpu_cuda.SHIM_DIR, "example_kernels.cu")) as f:
     EXAMPLES = f.read()
@@ -163,7 +159,6 @@ def flash_problems():
     return launches, outputs, expected
 
 
-@needs_flash_kernels
 @pytest.mark.parametrize("sanitizer", ["thread", "address"], indirect=True)
 def test_flash_kernels_are_clean_under_the_sanitizer(sanitizer, build_dir):
     process, outputs, expected = run_sanitized(sanitizer, flash.FLASH_KERNEL_SOURCE, build_dir, flash_problems)
@@ -171,7 +166,6 @@ def test_flash_kernels_are_clean_under_the_sanitizer(sanitizer, build_dir):
     assert_outputs_match(outputs, expected)
 
 
-@needs_flash_kernels
 @pytest.mark.parametrize("sanitizer", ["thread"], indirect=True)
 def test_thread_sanitizer_catches_a_missing_syncthreads_in_flash(sanitizer, build_dir):
     # The forward's first barrier publishes the Q_i and K_0 tiles that every warp helped load; without it
@@ -181,7 +175,6 @@ def test_thread_sanitizer_catches_a_missing_syncthreads_in_flash(sanitizer, buil
     assert_reported(process, RACE, "flash_forward")
 
 
-@needs_flash_kernels
 @pytest.mark.parametrize("sanitizer", ["address"], indirect=True)
 @pytest.mark.parametrize("old, new, access", [
     ("(r < n_rows", "(r <= n_rows", "READ of size"),                   # tile loads read one row too many
@@ -194,11 +187,8 @@ def test_address_sanitizer_catches_a_broken_bounds_check_in_flash(sanitizer, bui
     assert outputs is None
 
 
-@needs_flash_kernels
 @pytest.mark.parametrize("sanitizer", ["address"], indirect=True)
 def test_the_command_line_runs_flash_under_a_sanitizer(sanitizer, tmp_path):
-    command = [sys.executable, os.path.join(cpu_cuda.SHIM_DIR, "cpu_cuda.py"), "--sanitizer", sanitizer,
-               "--T", "20", "--S", "9"]
-    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)))
-    assert result.returncode == 0, result.stderr
+    result = run_demo("tests/cuda/cpu_cuda.py", "--sanitizer", sanitizer, "--T", "20", "--S", "9",
+                      env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert f"{sanitizer} sanitizer: clean" in result.stdout and "agree with the NumPy path" in result.stdout

@@ -7,24 +7,18 @@ The first tests prove the shim itself on small example kernels (tests/cuda/examp
 """
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cpu_cuda  # tests/cuda is not a package: conftest.py puts it on the path
 import flash
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda"))
-import cpu_cuda  # noqa: E402  (tests/cuda is not a package: it is found through the path above)
+from helpers import run_demo
 
 pytestmark = pytest.mark.skipif(shutil.which(cpu_cuda.CXX) is None,
                                 reason=f"needs a C++ compiler ({cpu_cuda.CXX}) to build kernels for the CPU")
-needs_flash_kernels = pytest.mark.skipif(not hasattr(flash, "FLASH_KERNEL_SOURCE"),
-                                         reason="flash.py has no FLASH_KERNEL_SOURCE yet")
-
 EXAMPLES = os.path.join(cpu_cuda.SHIM_DIR, "example_kernels.cu")
 
 # Kernels that probe the shim's edges: atomics under contention, and kernels that break CUDA's rules
@@ -195,7 +189,6 @@ def assert_kernels_match_numpy_path(kernels, BH, T, S, Dh, causal, seed=0, place
                                    f"Dh={Dh} causal={causal}")
 
 
-@needs_flash_kernels
 @pytest.mark.parametrize("BH, T, S, Dh, causal", [
     (2, 70, 45, 40, False),     # partial query and key tiles, T != S, Dh zero-padded to a wider kernel
     (1, 100, 130, 64, True),    # causal with T < S: three key tiles, the last partial, skipped future tiles
@@ -207,13 +200,11 @@ def test_flash_kernels_match_the_numpy_path(kernels, BH, T, S, Dh, causal):
     assert_kernels_match_numpy_path(kernels, BH, T, S, Dh, causal)
 
 
-@needs_flash_kernels
 def test_flash_kernels_match_the_numpy_path_on_inputs_not_16_byte_aligned(kernels):
     # A CuPy view can start anywhere; the kernels then load scalars instead of float4.
     assert_kernels_match_numpy_path(kernels, 2, 70, 45, 64, True, place=misaligned)
 
 
-@needs_flash_kernels
 def test_flash_kernels_give_rows_with_no_allowed_key_zeros_minus_inf_lse_and_zero_gradient(kernels):
     T, S = 90, 30                                               # causal: query i sees keys j <= i - 60
     q, k, v, dout = cpu_cuda.flash_inputs(1, T, S, 32, seed=3)
@@ -224,7 +215,6 @@ def test_flash_kernels_give_rows_with_no_allowed_key_zeros_minus_inf_lse_and_zer
     assert np.all(np.isfinite(dk)) and np.all(np.isfinite(dv))
 
 
-@needs_flash_kernels
 @settings(max_examples=max(2, settings().max_examples // 4))   # each case runs ~1000 real threads
 @given(T=st.integers(1, 140), S=st.integers(1, 140), Dh=st.integers(1, 128), causal=st.booleans(),
        seed=st.integers(0, 2**32 - 1))
@@ -232,10 +222,8 @@ def test_flash_kernels_match_the_numpy_path_on_drawn_shapes(kernels, T, S, Dh, c
     assert_kernels_match_numpy_path(kernels, 1, T, S, Dh, causal, seed)
 
 
-@needs_flash_kernels
 def test_the_command_line_runs_flash_on_the_cpu_and_reports_agreement(tmp_path):
     # What the README tells a student without a GPU to type; TMPDIR keeps its build in pytest's tmp_path.
-    command = [sys.executable, os.path.join(cpu_cuda.SHIM_DIR, "cpu_cuda.py"), "--T", "20", "--S", "9", "--causal"]
-    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)))
-    assert result.returncode == 0, result.stderr
+    result = run_demo("tests/cuda/cpu_cuda.py", "--T", "20", "--S", "9", "--causal",
+                      env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert "The kernels agree with the NumPy path." in result.stdout

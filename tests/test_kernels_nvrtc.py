@@ -7,22 +7,16 @@ The registers of every kernel are recorded as test properties (`--junitxml`) and
 `python tests/cuda/nvrtc_compile.py`.
 """
 import os
-import sys
 
 import numpy as np
 import pytest
 
 import flash
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda"))
-import nvrtc_compile  # noqa: E402  (tests/cuda is not a package: it is found through the path above)
-from nvrtc_compile import ARCHITECTURES  # noqa: E402
+import nvrtc_compile  # tests/cuda is not a package: conftest.py puts it on the path
+from nvrtc_compile import ARCHITECTURES
 
 pytestmark = pytest.mark.skipif(nvrtc_compile.nvrtc_missing() is not None,
                                 reason=str(nvrtc_compile.nvrtc_missing()))
-needs_flash_kernels = pytest.mark.skipif(not hasattr(flash, "FLASH_KERNEL_SOURCE"),
-                                         reason="flash.py has no FLASH_KERNEL_SOURCE yet")
-
 
 @pytest.fixture(scope="module")
 def compiled():
@@ -41,7 +35,6 @@ def launched_kernels():
     return names
 
 
-@needs_flash_kernels
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_flash_kernels_compile_with_nvrtc_without_warnings(compiled, arch):
     ok, log = compiled[arch]
@@ -50,7 +43,6 @@ def test_flash_kernels_compile_with_nvrtc_without_warnings(compiled, arch):
     assert not warnings, f"NVRTC warns for {arch}:\n" + "\n".join(warnings)
 
 
-@needs_flash_kernels
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_launched_flash_kernel_is_compiled_and_none_spills_registers(compiled, arch, record_property):
     usage = nvrtc_compile.ptxas_usage(compiled[arch][1])

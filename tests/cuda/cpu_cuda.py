@@ -15,7 +15,6 @@ with the sanitizer's runtime loaded first, so run_under_sanitizer sends the laun
 Run `python tests/cuda/cpu_cuda.py` to watch flash.py's CUDA kernels match the NumPy path on a CPU, and
 `python tests/cuda/cpu_cuda.py --sanitizer thread` (or address) to run them under a sanitizer.
 """
-import collections
 import ctypes
 import hashlib
 import os
@@ -30,6 +29,11 @@ import numpy as np
 
 SHIM_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(os.path.dirname(SHIM_DIR))
+if REPO_DIR not in sys.path:                 # run as a script, or in the process run_under_sanitizer starts
+    sys.path.insert(0, REPO_DIR)
+import flash  # noqa: E402  (flash.py: Launch, and the kernels this file runs from the command line)
+from flash import Launch  # noqa: E402,F401  kernel<<<grid, block, shared_mem>>>(*args), one definition
+
 CXX = os.environ.get("CXX", "g++")
 # -O0: a build takes about a second (the kernels' speed on a CPU means nothing) and the sanitizers see
 # every memory access; -g: their reports name file:line of the kernel source; -fno-strict-aliasing: the
@@ -43,10 +47,6 @@ SANITIZER_OPTIONS = {"thread": ("TSAN_OPTIONS", "halt_on_error=1"),
                      "address": ("ASAN_OPTIONS", "halt_on_error=1:detect_leaks=0")}
 # The most dynamic shared memory one block may ask for on the oldest GPU we support (sm_80: 163 KiB).
 MAX_SHARED_BYTES = 163 * 1024
-
-# One kernel launch, kernel<<<grid, block, shared_mem>>>(*args): the fields of flash.py's Launch.
-Launch = collections.namedtuple("Launch", "kernel grid block args shared_mem")
-
 
 def kernel_names(source):
     """Names of the `__global__ void name(` kernels in a CUDA source, after its macros are expanded
@@ -192,7 +192,6 @@ def run_under_sanitizer(sanitizer, library, launches, outputs):
 
 def _replay(job):
     """The sanitized process: run the pickled launches, then pickle the outputs back."""
-    sys.path.insert(0, REPO_DIR)                                    # flash.Launch, to unpickle flash's launches
     with open(job, "rb") as f:
         library, launches, outputs = pickle.load(f)
     run_launches(ctypes.CDLL(library), launches)
@@ -214,7 +213,6 @@ def flash_inputs(BH, T, S, Dh, seed=0):
 
 def flash_reference(q, k, v, dout, causal=False):
     """out, lse, dq, dk, dv of flash.py's tiled NumPy path in float64 (itself tested against attention.py)."""
-    import flash
     q, k, v, dout = (x.astype(np.float64) for x in (q, k, v, dout))
     out, cache = flash.flash_attention_forward(q, k, v, causal=causal)
     return (out, cache["lse"], *flash.flash_attention_backward(dout, cache))
@@ -227,7 +225,6 @@ def flash_launches(q, k, v, dout, causal=False, scale=None):
     Returns (launches, {'out', 'lse', 'dq', 'dk', 'dv'}). The outputs start as NaN, as cupy.empty may
     hold anything: an entry the kernels never write shows up.
     """
-    import flash
     scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
     out = np.full(q.shape, np.nan, dtype=np.float32)                  # (BH, T, Dh)
     lse = np.full(q.shape[:-1], np.nan, dtype=np.float32)             # (BH, T)
@@ -259,8 +256,6 @@ def main():
     if args.replay:
         return _replay(args.replay)
 
-    sys.path.insert(0, REPO_DIR)
-    import flash
     q, k, v, dout = flash_inputs(args.BH, args.T, args.S, args.Dh)
     launches, outputs = flash_launches(q, k, v, dout, args.causal)
     library = build(flash.FLASH_KERNEL_SOURCE, sanitizer=args.sanitizer)
