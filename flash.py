@@ -34,9 +34,10 @@ gradient. Extra memory beyond inputs and outputs is O(T) for m, l, lse and O(blo
 tile of scores, never O(T * S).
 
 Accuracy in float32 (u = 2^-24; tests/test_flash.py checks both bounds on inputs built to meet them):
-- Huge logits. Rounding a score s moves its weight by a factor up to about exp(c u |s|), so with scores
-  in the thousands out is exact only to about 2 max|V| (8 u max|s| + (S + 4) u), for flash and full
-  attention alike (the CUDA kernels' base-2 exponentials account for the 8).
+- Huge logits. Rounding moves a score s by a few u |s|, and so its weight by a factor up to exp(8 u |s|)
+  (most of the 8 is the kernels' base-2 exponentials), for flash and full attention alike. With scores
+  in the thousands out is then exact only to max|V| (exp(16 u max|s| + 3 (S + 4) u) - 1), about
+  16 u max|s| max|V| (plus the rounding of the scores q . k themselves, when they are not exact).
 - Saturated logits. When one key of a row wins by a wide margin, softmax is one-hot: O_i = V_j*, and the
   exact dS_ij = P_ij (dP_ij - delta_i) is 0 because dP_ij* = dO_i . V_j* and delta_i = dO_i . O_i are the
   same number. In floating point they are two sums of Dh products rounded in different orders, so their
