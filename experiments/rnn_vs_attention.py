@@ -18,10 +18,13 @@
    +-sqrt(Hd); the unscaled dot score (scale = 1) lets the same states give sharper weights.
 
 2. Sequential cost. The recurrence takes T dependent steps, each a small matrix product; attention over
-   the same sequence is one call of large matrix products. The script times both against T. At T = D they
-   do the same arithmetic (4 T D^2 = 4 T^2 D), so the difference in time is the cost of doing it in sequence.
+   the same sequence is one call of two large matrix products. The script counts, by running both on
+   arrays that record every matrix product, the arithmetic each does and its longest chain of products
+   that must wait for one another (T against 2), and asserts those counts: they hold on every machine. At
+   T = D both do the same arithmetic (4 T D^2 = 4 T^2 D), so what differs is the chain. It also prints
+   wall-clock times, which depend on the machine (and its load) and are not asserted.
 
-Run: python experiments/rnn_vs_attention.py   (about 15 s on an idle 2-core CPU)
+Run: python experiments/rnn_vs_attention.py   (about 20 s of CPU time: 18 s user measured with `time`)
 Imports rnn.py, attention.py and training.py from the repository root.
 Shapes: B batch, L sequence length, K symbols, E embedding width, Hd hidden width.
 """
@@ -36,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from attention import attention_backward, attention_forward  # noqa: E402
 from rnn import cell_backward, cell_forward, init_cell, init_rnn, matmul_over_time, rnn_forward, zero_state  # noqa: E402
 from training import (adam_init, adam_step, check_ids, clip_gradients, cross_entropy_backward,  # noqa: E402
-                      cross_entropy_forward, embedding_backward, embedding_forward, get_xp)
+                      cross_entropy_forward, embedding_backward, embedding_forward, get_xp, tree_map)
 
 CELL = "gru"
 
@@ -169,6 +172,36 @@ def accuracy_by_length(params, attend, lengths, n=200, K=8, seed=1):
 # Sequential cost
 
 
+def count_matrix_products(fn, *trees):
+    """Run fn(*trees) on NumPy arrays that record every matrix product computed from them.
+
+    trees: arrays or params dicts. Returns {'products', 'flops', 'depth'}: how many matrix products ran,
+    their arithmetic (2 m k n for an (m, k) @ (k, n) product, over any batch axes), and the depth, the
+    longest chain of products in which each needs the result of the one before. Products in a chain cannot
+    overlap on any hardware; the depth is a property of the algorithm, the same on every machine.
+    """
+    log = []                                                   # (flops, depth) of every product
+
+    class Traced(np.ndarray):
+        depth = 0                                              # products on the longest chain behind this array
+
+        def __array_finalize__(self, source):
+            self.depth = getattr(source, "depth", 0)           # views and slices keep their array's depth
+
+        def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+            plain = [a.view(np.ndarray) if isinstance(a, Traced) else a for a in inputs]
+            depth = max(getattr(a, "depth", 0) for a in inputs) + (ufunc is np.matmul)
+            result = np.asarray(getattr(ufunc, method)(*plain, **kwargs))
+            if ufunc is np.matmul:
+                log.append((2 * result.size * plain[0].shape[-1], depth))
+            result = result.view(Traced)
+            result.depth = depth
+            return result
+
+    fn(*(tree_map(lambda a: a.view(Traced), tree) for tree in trees))
+    return {"products": len(log), "flops": sum(f for f, _ in log), "depth": max((d for _, d in log), default=0)}
+
+
 def _best_time(fn, repeats):
     fn()                                                       # warm-up: caches, allocations
     times = []
@@ -179,13 +212,14 @@ def _best_time(fn, repeats):
     return min(times)                                          # the least disturbed run
 
 
-def time_recurrence_vs_attention(lengths, D=64, repeats=7, seed=0):
-    """For one sequence (B = 1) of each length T: seconds for rnn_forward (T dependent steps) and for
-    attention_forward(x, x, x) (one call), and the arithmetic each does.
+def recurrence_vs_attention(lengths, D=64, repeats=7, seed=0):
+    """For one sequence (B = 1) of each length T and width D: rnn_forward (T dependent steps) against
+    attention_forward(x, x, x) (one call), counted and timed.
 
-    Returns {T: (rnn seconds, attention seconds, rnn FLOPs, attention FLOPs)}. FLOPs count the matrix
-    products: the recurrence 2 T D^2 for x W_xh plus 2 T D^2 for h W_hh; attention 2 T^2 D for q k^T plus
-    2 T^2 D for weights v.
+    Returns {T: {'rnn': ..., 'attention': ...}}, each {'products', 'flops', 'depth'} from
+    count_matrix_products and 'seconds', the best of `repeats` runs. The counts follow from the algorithms:
+    the recurrence does 2 T D^2 for x W_xh and 2 D^2 per step for h W_hh, T products in a chain;
+    attention does 2 T^2 D for q k^T and 2 T^2 D for weights v, a chain of 2 whatever T is.
     """
     rng = np.random.default_rng(seed)
     params = init_rnn(D, D, rng, np.float32)
@@ -193,9 +227,11 @@ def time_recurrence_vs_attention(lengths, D=64, repeats=7, seed=0):
     for T in lengths:
         x = rng.standard_normal((1, T, D)).astype(np.float32)  # (1, T, D)
         h0 = np.zeros((1, D), dtype=np.float32)
-        rnn_seconds = _best_time(lambda: rnn_forward(x, h0, params), repeats)
-        attention_seconds = _best_time(lambda: attention_forward(x, x, x), repeats)
-        results[T] = (rnn_seconds, attention_seconds, 4 * T * D * D, 4 * T * T * D)
+        rnn = count_matrix_products(rnn_forward, x, h0, params)
+        attention = count_matrix_products(attention_forward, x, x, x)
+        rnn["seconds"] = _best_time(lambda: rnn_forward(x, h0, params), repeats)
+        attention["seconds"] = _best_time(lambda: attention_forward(x, x, x), repeats)
+        results[T] = {"rnn": rnn, "attention": attention}
     return results
 
 
@@ -233,19 +269,21 @@ if __name__ == "__main__":
           f"{plain[longest]:.2f}); attention reads it back ({min(attention.values()):.2f} or better).")
 
     print("\n2. One sequence of width D = 64: rnn_forward (T dependent steps) vs one attention_forward call")
-    timings = time_recurrence_vs_attention([64, 256, 1024, 2048], D=64)
-    print("       T     rnn ms   rnn us/step   attention ms   attention/rnn time   attention/rnn FLOPs")
-    for T, (rnn_s, att_s, rnn_flops, att_flops) in timings.items():
-        print(f"   {T:5d} {rnn_s * 1e3:10.2f} {rnn_s / T * 1e6:13.2f} {att_s * 1e3:14.2f}"
-              f" {att_s / rnn_s:20.2f} {att_flops / rnn_flops:21.0f}")
-    first, last = min(timings), max(timings)
-    growth = timings[last][0] / timings[first][0]
-    equal = timings[64]                                        # T = D: 4 T D^2 = 4 T^2 D, the same arithmetic
-    print(f"   At T = D = 64 both do the same arithmetic; the recurrence takes {equal[0] / equal[1]:.1f}x "
-          f"as long: the price of")
-    print(f"   64 steps that each wait for the one before. Its time grows {growth:.0f}x for {last // first}x "
-          f"the length (a constant cost per step);")
-    print(f"   attention's arithmetic grows as T^2 and is {timings[last][3] / timings[last][2]:.0f}x the "
-          f"recurrence's at T = {last}: {timings[last][1] / timings[last][0]:.1f}x its time on this machine.")
-    assert growth > 0.25 * last / first, "the recurrence's time should grow about linearly with T"
-    assert equal[0] > 1.5 * equal[1], "with equal arithmetic the sequential recurrence should be slower"
+    print("   counted: matrix products, their FLOPs and the longest chain of products that wait for each other;")
+    print("   timed: the best of 7 runs on this machine (timings vary between machines; the counts do not)")
+    results = recurrence_vs_attention([64, 256, 1024, 2048], D=64)
+    print("       T   rnn chain   attention chain   rnn MFLOP   attention MFLOP     rnn ms   attention ms")
+    for T, r in results.items():
+        rnn, att = r["rnn"], r["attention"]
+        print(f"   {T:5d} {rnn['depth']:11d} {att['depth']:17d} {rnn['flops'] / 1e6:11.2f} {att['flops'] / 1e6:17.2f}"
+              f" {rnn['seconds'] * 1e3:10.2f} {att['seconds'] * 1e3:14.2f}")
+    D = 64
+    for T, r in results.items():
+        assert r["rnn"]["depth"] == T and r["attention"]["depth"] == 2, "chains: T steps against 2 products"
+        assert r["rnn"]["flops"] == 4 * T * D * D and r["attention"]["flops"] == 4 * T * T * D
+    equal = results[D]                                         # T = D: 4 T D^2 = 4 T^2 D, the same arithmetic
+    last = max(results)
+    print(f"   At T = D = {D} both do the same arithmetic, but the recurrence's {D} products each wait for the one")
+    print(f"   before, against attention's 2 (here {equal['rnn']['seconds'] / equal['attention']['seconds']:.1f}x "
+          f"the time). At T = {last} attention does {last // D}x the recurrence's arithmetic,")
+    print(f"   in a chain of 2 products that parallel hardware can spread out; the recurrence's chain is {last} long.")

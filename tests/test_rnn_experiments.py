@@ -1,5 +1,6 @@
 """Tests for experiments/rnn_vs_attention.py: the encoder-decoder's gradients with and without attention,
-greedy decoding, the bottleneck (attention beats the plain decoder on long sequences) and the timing."""
+greedy decoding, the bottleneck (attention beats the plain decoder on long sequences) and the counted
+chains of dependent matrix products and their arithmetic."""
 import os
 import sys
 
@@ -80,14 +81,23 @@ def test_seq2seq_rejects_float_mismatched_or_out_of_range_tokens():
         experiment.seq2seq_forward(src, np.full_like(tgt, K), params, True)   # K is the start symbol
 
 
-def test_the_timing_function_times_both_and_counts_equal_arithmetic_at_T_equal_D():
-    # Wall-clock comparisons flap on a busy machine, so they live in the script's printed table
-    # (python experiments/rnn_vs_attention.py asserts them there); this checks what the table rests on:
-    # a time for each side at every length and the FLOP accounting, equal at T = D.
-    timings = experiment.time_recurrence_vs_attention([32, 96], D=32, repeats=2)
-    assert sorted(timings) == [32, 96]
-    for T, (rnn_s, att_s, rnn_flops, att_flops) in timings.items():
-        assert 0 < rnn_s < 10 and 0 < att_s < 10
-        assert (rnn_flops, att_flops) == (4 * T * 32 * 32, 4 * T * T * 32)
-    assert timings[32][2] == timings[32][3]                    # T = D: the same arithmetic
-    assert timings[96][3] == 3 * timings[96][2]                # attention's grows as T^2: 3x at T = 3D
+def test_counted_chains_and_arithmetic_hold_on_every_machine():
+    # What the script asserts instead of wall-clock ratios: the recurrence's chain of dependent matrix
+    # products is T long, attention's is 2 for any T, and the FLOPs are 4 T D^2 and 4 T^2 D (equal at T = D).
+    D = 16
+    results = experiment.recurrence_vs_attention([16, 48], D=D, repeats=1)
+    assert sorted(results) == [16, 48]
+    for T, r in results.items():
+        assert (r["rnn"]["depth"], r["attention"]["depth"]) == (T, 2)
+        assert (r["rnn"]["flops"], r["attention"]["flops"]) == (4 * T * D * D, 4 * T * T * D)
+        assert r["rnn"]["products"] == T + 1                     # x W_xh once, then h W_hh at every step
+        assert r["rnn"]["seconds"] > 0 and r["attention"]["seconds"] > 0
+    assert results[16]["rnn"]["flops"] == results[16]["attention"]["flops"]   # T = D: the same arithmetic
+
+
+def test_counting_matrix_products_follows_the_dependencies_not_the_order_of_the_calls():
+    a = np.ones((2, 3))
+    independent = experiment.count_matrix_products(lambda a: [a @ a.T for _ in range(4)], a)
+    chained = experiment.count_matrix_products(lambda a: (a.T @ a) @ (a.T @ a) @ np.ones((3, 1)), a)
+    assert independent == {"products": 4, "flops": 4 * 2 * 2 * 2 * 3, "depth": 1}
+    assert chained["products"] == 4 and chained["depth"] == 3   # the two inner products are independent
