@@ -39,17 +39,20 @@ Positions (multi-head attention alone cannot tell token order; these options add
   (ALiBi, Press et al., arXiv:2108.12409), which uses the same bottom-right alignment.
 
 Shapes: B batch, T query length, S key/value length, D model width, H = n_heads heads, Dh = D / H.
-Imports attention.py (attention_forward, attention_backward) and positional.py (rope_forward,
-rope_backward; alibi_bias in the demo). Runs on NumPy or CuPy arrays unchanged.
+Imports attention.py (attention_forward, attention_backward, and its input checks) and positional.py
+(rope_forward, rope_backward; alibi_bias in the demo). Runs on NumPy or CuPy arrays unchanged.
+Bad input raises ValueError or TypeError naming the argument, what it got and what it needs.
 """
 import math
 
 import numpy as np
 
-from attention import attention_backward, attention_forward
+from attention import (attention_backward, attention_forward, check_flag, check_float_array, check_size,
+                       check_upstream, describe)
 from positional import rope_backward, rope_forward
 
 PARAM_NAMES = ("W_q", "b_q", "W_k", "b_k", "W_v", "b_v", "W_o", "b_o")
+CACHE_FIELDS = ("x_q", "x_kv", "params", "n_heads", "concat", "attn", "rope_q", "rope_k")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,8 +70,9 @@ def init_multihead(D, rng, dtype=np.float32):
     Every W is (D, D) in row-vector layout (y = x @ W + b), every b is (D,).
     Returns NumPy arrays of `dtype`; for the GPU, move them with cupy.asarray.
     """
-    if isinstance(D, bool) or not isinstance(D, (int, np.integer)) or D < 1:
-        raise ValueError(f"D must be a positive integer, got {D!r}")
+    check_size("D", D, 1)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (numpy.random.default_rng(seed)), got {describe(rng)}")
     if np.dtype(dtype).kind != "f":
         raise TypeError(f"dtype must be a floating-point dtype, got {np.dtype(dtype)}")
     in_bound = math.sqrt(6.0 / (D + 3 * D))
@@ -106,47 +110,6 @@ def _linear_backward(dy, x, W):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Input checks
-
-
-def _check_inputs(x_q, x_kv, params, n_heads, rope, rope_offset, bias):
-    """Raise ValueError/TypeError naming the argument, what it got and what it needs."""
-    for name, x in (("x_q", x_q), ("x_kv", x_kv)):
-        if not hasattr(x, "dtype") or x.dtype.kind != "f":
-            raise TypeError(f"{name} must be a floating-point array, got {getattr(x, 'dtype', type(x))}")
-        if x.ndim != 3:
-            raise ValueError(f"{name} must have shape (B, length, D), got {x.shape}")
-    B, T, D = x_q.shape
-    if x_kv.shape[0] != B or x_kv.shape[2] != D:
-        raise ValueError(f"x_kv must have shape ({B}, S, {D}) to match x_q {x_q.shape}, got {x_kv.shape}")
-    if x_kv.dtype != x_q.dtype:
-        raise TypeError(f"x_kv must have dtype {x_q.dtype} like x_q, got {x_kv.dtype}")
-    if not isinstance(n_heads, (int, np.integer)) or isinstance(n_heads, bool) or n_heads < 1:
-        raise ValueError(f"n_heads must be a positive integer, got {n_heads!r}")
-    if D % n_heads:
-        raise ValueError(f"D = {D} (x_q {x_q.shape}) must be divisible by n_heads = {n_heads}")
-    if rope and (D // n_heads) % 2:
-        raise ValueError(f"rope=True needs an even head width Dh = D / n_heads, "
-                         f"got {D} / {n_heads} = {D // n_heads}")
-    S = x_kv.shape[1]
-    if rope and (isinstance(rope_offset, bool) or not isinstance(rope_offset, (int, np.integer))
-                 or rope_offset < max(0, T - S)):
-        raise ValueError(f"rope_offset must be an integer >= max(0, T - S) = {max(0, T - S)} "
-                         f"(query 0 sits at rope_offset + S - T and positions are >= 0), "
-                         f"got {rope_offset!r} with T = {T}, S = {S}")
-    missing = [name for name in PARAM_NAMES if name not in params]
-    if missing:
-        raise ValueError(f"params is missing {missing}; it needs {list(PARAM_NAMES)} (see init_multihead)")
-    for name in PARAM_NAMES:
-        need = (D, D) if name.startswith("W") else (D,)
-        if params[name].shape != need:
-            raise ValueError(f"params['{name}'] must have shape {need} for D = {D}, got {params[name].shape}")
-        if params[name].dtype != x_q.dtype:
-            raise TypeError(f"params['{name}'] must have dtype {x_q.dtype} like x_q, "
-                            f"got {params[name].dtype}")
-
-
-# ----------------------------------------------------------------------------------------------------
 # Multi-head attention
 
 
@@ -158,32 +121,35 @@ def multihead_forward(x_q, x_kv, params, n_heads, mask=None, causal=False, rope=
     x_q (B, T, D) the queries' sequence; x_kv (B, S, D) the sequence attended to (x_q again for
     self-attention). params: init_multihead's dict. n_heads: H, which must divide D.
     mask: bool, broadcastable to (B, H, T, S), True = may attend: a (B, 1, 1, S) padding mask, a (T, S)
-      mask shared by every sequence and head, or a full (B, H, T, S) one.
+      mask shared by every sequence and head, or a full (B, H, T, S) one (a per-sequence (B, T, S)
+      mask needs its head axis, mask[:, None]: broadcasting aligns axes from the right).
     causal: query t may attend key j iff j <= t + (S - T) (attention.py's bottom-right alignment);
       AND-ed with mask.
-    rope: rotate each head's q and k with RoPE; key j at position rope_offset + j, query t at
-      rope_offset + (S - T) + t (bottom-right, see the module docstring; the default rope_offset = 0
-      is right when x_q is the last T tokens of x_kv). Needs an even Dh, and rope_offset >= T - S.
+    rope: True or False. Rotate each head's q and k with RoPE; key j at position rope_offset + j,
+      query t at rope_offset + (S - T) + t (bottom-right, see the module docstring; the default
+      rope_offset = 0 is right when x_q is the last T tokens of x_kv). Needs an even Dh, and an integer
+      rope_offset >= max(0, T - S); without rope, rope_offset must stay 0 (it would do nothing).
     bias: float, broadcastable to (B, H, T, S), added to every head's scores; attention_forward casts
       it to x_q's dtype, so a float64 table cannot upcast float32 (ALiBi: positional.alibi_bias(H, T, S)).
-    Returns out (B, T, D) and cache = {'x_q', 'x_kv', 'params', 'n_heads', 'concat', 'rope', 'attn'}.
+    Returns out (B, T, D) and cache = {'x_q', 'x_kv', 'params', 'n_heads', 'concat', 'attn', 'rope_q',
+    'rope_k'}: the inputs, the merged heads (B, T, D) before W_o, attention_forward's cache under 'attn',
+    and rope_forward's caches of q and k (None without rope).
     The per-head attention weights (B, H, T, S), for plots, are cache['attn']['weights'].
     """
-    _check_inputs(x_q, x_kv, params, n_heads, rope, rope_offset, bias)
+    _check_inputs(x_q, x_kv, params, n_heads, rope, rope_offset)
     T, S = x_q.shape[1], x_kv.shape[1]
     q = split_heads(x_q @ params["W_q"] + params["b_q"], n_heads)     # (B, H, T, Dh)
     k = split_heads(x_kv @ params["W_k"] + params["b_k"], n_heads)    # (B, H, S, Dh)
     v = split_heads(x_kv @ params["W_v"] + params["b_v"], n_heads)    # (B, H, S, Dh)
-    rope_caches = None
+    rope_q = rope_k = None
     if rope:
         q, rope_q = rope_forward(q, offset=rope_offset + (S - T))      # (B, H, T, Dh) query t at offset+S-T+t
         k, rope_k = rope_forward(k, offset=rope_offset)                # (B, H, S, Dh) key j at offset+j
-        rope_caches = (rope_q, rope_k)
     heads, attn_cache = attention_forward(q, k, v, mask=mask, causal=causal, bias=bias)  # (B, H, T, Dh)
     concat = merge_heads(heads)                                        # (B, T, D)
     out = concat @ params["W_o"] + params["b_o"]                       # (B, T, D)
     cache = {"x_q": x_q, "x_kv": x_kv, "params": params, "n_heads": n_heads, "concat": concat,
-             "rope": rope_caches, "attn": attn_cache}
+             "attn": attn_cache, "rope_q": rope_q, "rope_k": rope_k}
     return out, cache
 
 
@@ -193,18 +159,18 @@ def multihead_backward(dout, cache):
     For self-attention (the same x passed as x_q and x_kv) the gradient of x is dx_q + dx_kv: one tensor
     feeding two places sums its gradients, and the caller adds them.
     """
+    if not isinstance(cache, dict) or set(cache) != set(CACHE_FIELDS):
+        raise TypeError(f"cache must be the dict multihead_forward returned, got {describe(cache)}")
     x_q, x_kv, params, n_heads = cache["x_q"], cache["x_kv"], cache["params"], cache["n_heads"]
-    if dout.shape != x_q.shape:
-        raise ValueError(f"dout must have the output's shape {x_q.shape}, got {dout.shape}")
+    check_upstream("dout", dout, x_q)                                  # out has x_q's shape and dtype
     grads = {}
     # out = concat W_o + b_o
     dconcat, grads["W_o"], grads["b_o"] = _linear_backward(dout, cache["concat"], params["W_o"])  # (B, T, D)
     # concat = merge_heads(heads), heads = attention(q, k, v): one batched backward for all heads
     dq, dk, dv = attention_backward(split_heads(dconcat, n_heads), cache["attn"])  # dq (B, H, T, Dh), dk, dv (B, H, S, Dh)
-    if cache["rope"] is not None:
-        rope_q, rope_k = cache["rope"]
-        dq = rope_backward(dq, rope_q)                                 # (B, H, T, Dh) rotate back
-        dk = rope_backward(dk, rope_k)                                 # (B, H, S, Dh)
+    if cache["rope_q"] is not None:
+        dq = rope_backward(dq, cache["rope_q"])                        # (B, H, T, Dh) rotate back
+        dk = rope_backward(dk, cache["rope_k"])                        # (B, H, S, Dh)
     # q = x_q W_q + b_q, k = x_kv W_k + b_k, v = x_kv W_v + b_v (then split into heads)
     dx_q, grads["W_q"], grads["b_q"] = _linear_backward(merge_heads(dq), x_q, params["W_q"])   # (B, T, D)
     dx_k, grads["W_k"], grads["b_k"] = _linear_backward(merge_heads(dk), x_kv, params["W_k"])  # (B, S, D)
@@ -212,6 +178,51 @@ def multihead_backward(dout, cache):
     # x_kv feeds both k and v: its gradient is the sum of the two paths.
     dx_kv = dx_k + dx_v                                                # (B, S, D)
     return dx_q, dx_kv, {name: grads[name] for name in PARAM_NAMES}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks (below the math they guard; mask, bias and causal are attention_forward's to check)
+
+
+def _check_inputs(x_q, x_kv, params, n_heads, rope, rope_offset):
+    """Raise ValueError/TypeError naming the argument, what it got and what it needs."""
+    check_float_array("x_q", x_q, "(B, T, D)")
+    check_float_array("x_kv", x_kv, "(B, S, D)", like=x_q, like_name="x_q")
+    for name, x in (("x_q", x_q), ("x_kv", x_kv)):
+        if x.ndim != 3:
+            raise ValueError(f"{name} must have shape (B, length, D), got {x.shape}")
+    B, T, D = x_q.shape
+    S = x_kv.shape[1]
+    if D == 0:
+        raise ValueError(f"x_q must have a width D >= 1 (shape (B, T, D)), got {x_q.shape}")
+    if x_kv.shape[0] != B or x_kv.shape[2] != D:
+        raise ValueError(f"x_kv must have shape ({B}, S, {D}) to match x_q {x_q.shape}, got {x_kv.shape}")
+    check_size("n_heads", n_heads, 1)
+    if D % n_heads:
+        raise ValueError(f"D = {D} (x_q {x_q.shape}) must be divisible by n_heads = {n_heads}")
+    check_flag("rope", rope)
+    check_size("rope_offset", rope_offset, 0)
+    if rope and (D // n_heads) % 2:
+        raise ValueError(f"rope=True needs an even head width Dh = D / n_heads, "
+                         f"got {D} / {n_heads} = {D // n_heads}")
+    if rope and rope_offset < T - S:
+        raise ValueError(f"rope_offset must be an integer >= max(0, T - S) = {max(0, T - S)} "
+                         f"(query 0 sits at rope_offset + S - T and positions are >= 0), "
+                         f"got {rope_offset!r} with T = {T}, S = {S}")
+    if not rope and rope_offset != 0:
+        raise ValueError(f"rope_offset must be 0 without rope=True (it places RoPE's positions), "
+                         f"got {rope_offset!r}")
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict with keys {list(PARAM_NAMES)} (see init_multihead), "
+                        f"got {describe(params)}")
+    missing = [name for name in PARAM_NAMES if name not in params]
+    if missing:
+        raise ValueError(f"params is missing {missing}; it needs {list(PARAM_NAMES)} (see init_multihead)")
+    for name in PARAM_NAMES:
+        need = (D, D) if name.startswith("W") else (D,)
+        check_float_array(f"params['{name}']", params[name], str(need), like=x_q, like_name="x_q")
+        if params[name].shape != need:
+            raise ValueError(f"params['{name}'] must have shape {need} for D = {D}, got {params[name].shape}")
 
 
 # ----------------------------------------------------------------------------------------------------

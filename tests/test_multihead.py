@@ -1,21 +1,18 @@
 """Tests for multihead.py: the properties multi-head attention must have, each proved on its own.
 
-Hypothesis draws shapes (B, T, S, H, Dh) and seeds; tests taking `xp` run on NumPy and, with a GPU, CuPy.
+Hypothesis draws shapes (B, T, S, H, Dh) and seeds, with the edges that decide whether a bug shows
+(T < S, T > S, one token) pinned by @example; tests taking `xp` run on NumPy, CuPy on a CPU and, with a
+GPU, CuPy.
 """
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from attention import causal_mask
 from gradcheck import check_directional_derivative, check_gradients, random_like
+from helpers import run_demo, to_numpy
 from multihead import PARAM_NAMES, init_multihead, multihead_backward, multihead_forward
 from positional import alibi_bias
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -32,10 +29,6 @@ def make_case(xp, seed, B, T, S, D, dtype=np.float64):
     x_q = xp.asarray(rng.standard_normal((B, T, D)).astype(dtype))
     x_kv = xp.asarray(rng.standard_normal((B, S, D)).astype(dtype))
     return rng, x_q, x_kv, params
-
-
-def to_numpy(x):
-    return x.get() if hasattr(x, "get") else np.asarray(x)
 
 
 def assert_same(a, b):
@@ -60,6 +53,18 @@ def shapes(draw, even_head_width=False, max_len=5):
 
 
 seeds = st.integers(0, 2**32 - 1)
+
+# (B, T, S, D, H) at the edges: T < S (cached decoding), T > S, one token, and T == S.
+EDGE_SHAPES = [(2, 2, 5, 4, 2), (1, 5, 2, 4, 1), (1, 1, 1, 2, 1), (2, 3, 3, 8, 2)]
+
+
+def with_edge_examples(**options):
+    """@example decorators for EDGE_SHAPES (as `shape`), with `options` for the other arguments."""
+    def decorate(test):
+        for shape in EDGE_SHAPES:
+            test = example(shape=shape, **options)(test)
+        return test
+    return decorate
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,20 +105,12 @@ def test_init_bounds_are_those_torch_uses():
     assert not mha.in_proj_bias.detach().numpy().any() and not mha.out_proj.bias.detach().numpy().any()
 
 
-def test_init_rejects_a_bad_width_or_dtype():
-    with pytest.raises(ValueError, match=r"D must be a positive integer, got 0"):
-        init_multihead(0, np.random.default_rng(0))
-    with pytest.raises(ValueError, match=r"D must be a positive integer, got True"):
-        init_multihead(True, np.random.default_rng(0))
-    with pytest.raises(TypeError, match=r"dtype must be a floating-point dtype, got int32"):
-        init_multihead(8, np.random.default_rng(0), dtype=np.int32)   # would round every weight to 0
-
-
 # ----------------------------------------------------------------------------------------------------
 # Symmetries and masking
 
 
-@given(shapes(), seeds)
+@given(shape=shapes(), seed=seeds)
+@with_edge_examples(seed=0)
 def test_multihead_self_attention_is_permutation_equivariant(xp, shape, seed):
     B, T, _, D, H = shape
     rng, x, _, params = make_case(xp, seed, B, T, T, D)
@@ -157,7 +154,8 @@ def causal_decoding_case(xp, shape, seed, position, rope):
     return rng, x, x_changed, params, H, T, S, p, options
 
 
-@given(shapes(even_head_width=True), seeds, st.integers(0, 100), st.booleans())
+@given(shape=shapes(even_head_width=True), seed=seeds, position=st.integers(0, 100), rope=st.booleans())
+@with_edge_examples(seed=0, position=1, rope=True)
 def test_future_tokens_cannot_change_past_outputs(xp, shape, seed, position, rope):
     rng, x, x_changed, params, H, T, S, p, options = causal_decoding_case(xp, shape, seed, position, rope)
     out, _ = multihead_forward(x[:, S - T:], x, params, H, **options)
@@ -166,7 +164,8 @@ def test_future_tokens_cannot_change_past_outputs(xp, shape, seed, position, rop
     assert_same(out_changed[:, :earlier], out[:, :earlier])
 
 
-@given(shapes(even_head_width=True), seeds, st.integers(0, 100), st.booleans())
+@given(shape=shapes(even_head_width=True), seed=seeds, position=st.integers(0, 100), rope=st.booleans())
+@with_edge_examples(seed=0, position=3, rope=True)
 def test_gradient_of_past_outputs_wrt_future_tokens_is_exactly_zero(xp, shape, seed, position, rope):
     rng, x, _, params, H, T, S, p, options = causal_decoding_case(xp, shape, seed, position, rope)
     out, cache = multihead_forward(x[:, S - T:], x, params, H, **options)
@@ -179,7 +178,8 @@ def test_gradient_of_past_outputs_wrt_future_tokens_is_exactly_zero(xp, shape, s
     assert not to_numpy(dx[:, p:]).any()
 
 
-@given(shapes(), seeds)
+@given(shape=shapes(), seed=seeds)
+@with_edge_examples(seed=0)
 def test_padding_mask_makes_masked_keys_irrelevant(xp, shape, seed):
     B, T, S, D, H = shape
     rng, x_q, x_kv, params = make_case(xp, seed, B, T, S, D)
@@ -257,7 +257,8 @@ def test_self_attention_gradient_is_dx_q_plus_dx_kv(xp, variant):
     check_gradients(loss, (x, params), (dx, grads))
 
 
-@given(shapes(even_head_width=True), seeds, st.sampled_from(VARIANTS))
+@given(shape=shapes(even_head_width=True), seed=seeds, variant=st.sampled_from(VARIANTS))
+@with_edge_examples(seed=0, variant="all")
 def test_gradients_along_a_random_direction_for_any_shape(xp, shape, seed, variant):
     rng, loss, inputs, grads = cross_attention_gradients(xp, seed, shape, variant)
     check_directional_derivative(loss, inputs, grads, rng)
@@ -267,7 +268,9 @@ def test_gradients_along_a_random_direction_for_any_shape(xp, shape, seed, varia
 # Positions inside multi-head attention
 
 
-@given(shapes(even_head_width=True, max_len=6), seeds, st.sampled_from(["rope", "alibi"]))
+@given(shape=shapes(even_head_width=True, max_len=6), seed=seeds, positions=st.sampled_from(["rope", "alibi"]))
+@with_edge_examples(seed=0, positions="rope")
+@with_edge_examples(seed=1, positions="alibi")
 def test_cached_decoding_equals_the_last_rows_of_full_causal_attention(xp, shape, seed, positions):
     B, T, S, D, H = shape
     T = min(T, S)
@@ -283,7 +286,8 @@ def test_cached_decoding_equals_the_last_rows_of_full_causal_attention(xp, shape
     np.testing.assert_allclose(to_numpy(last), to_numpy(full[:, S - T:]), rtol=1e-10, atol=1e-12)
 
 
-@given(shapes(even_head_width=True), seeds, st.integers(1, 1000))
+@given(shape=shapes(even_head_width=True), seed=seeds, shift=st.integers(1, 1000))
+@with_edge_examples(seed=0, shift=7)
 def test_rope_offset_cancels_from_the_output(xp, shape, seed, shift):
     B, T, S, D, H = shape
     rng, x_q, x_kv, params = make_case(xp, seed, B, T, S, D)
@@ -292,6 +296,58 @@ def test_rope_offset_cancels_from_the_output(xp, shape, seed, shift):
     out_shifted, _ = multihead_forward(x_q, x_kv, params, H, rope=True, rope_offset=smallest + shift)
     # Angles up to 1000 rad carry float64 rounding of ~1e-13 into the rotated q and k.
     np.testing.assert_allclose(to_numpy(out_shifted), to_numpy(out), rtol=1e-9, atol=1e-10)
+
+
+def rotate_by_position(x, positions, base=10000.0):
+    """RoFormer's rotation written out from its formula: pair (x[2i], x[2i+1]) at position p turns by
+    p * base^(-2i/Dh). x (B, H, L, Dh) and positions (L,) NumPy, float64."""
+    Dh = x.shape[-1]
+    theta = positions[:, None] * base ** (-2.0 * np.arange(Dh // 2) / Dh)   # (L, Dh/2)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = even * np.cos(theta) - odd * np.sin(theta)
+    out[..., 1::2] = even * np.sin(theta) + odd * np.cos(theta)
+    return out
+
+
+def reference_multihead(x_q, x_kv, params, H, causal=False, rope=False, rope_offset=0):
+    """Multi-head attention written out head by head in NumPy, float64, from the paper's equations,
+    with RoPE's positions bottom-right aligned: key j at rope_offset + j, query t at rope_offset + S - T + t."""
+    x_q, x_kv = to_numpy(x_q), to_numpy(x_kv)
+    p = {name: to_numpy(w) for name, w in params.items()}
+    (B, T, D), S = x_q.shape, x_kv.shape[1]
+    Dh = D // H
+    heads = []
+    for h in range(H):
+        cols = slice(h * Dh, (h + 1) * Dh)                     # head h's block of columns
+        q = (x_q @ p["W_q"][:, cols] + p["b_q"][cols])[:, None]    # (B, 1, T, Dh)
+        k = (x_kv @ p["W_k"][:, cols] + p["b_k"][cols])[:, None]   # (B, 1, S, Dh)
+        v = x_kv @ p["W_v"][:, cols] + p["b_v"][cols]              # (B, S, Dh)
+        if rope:
+            q = rotate_by_position(q, rope_offset + (S - T) + np.arange(T))
+            k = rotate_by_position(k, rope_offset + np.arange(S))
+        scores = (q[:, 0] @ k[:, 0].transpose(0, 2, 1)) / np.sqrt(Dh)   # (B, T, S)
+        if causal:
+            scores = np.where(np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T), scores, -np.inf)
+        rows = np.isfinite(scores).any(axis=-1, keepdims=True)          # queries with an allowed key
+        e = np.exp(scores - np.where(rows, scores.max(axis=-1, keepdims=True), 0))
+        heads.append(e / np.where(rows, e.sum(axis=-1, keepdims=True), 1) @ v)
+    return np.concatenate(heads, axis=-1) @ p["W_o"] + p["b_o"]     # (B, T, D)
+
+
+@given(shape=shapes(even_head_width=True), seed=seeds, causal=st.booleans(), rope=st.booleans(),
+       extra_offset=st.integers(0, 50))
+@with_edge_examples(seed=0, causal=True, rope=True, extra_offset=0)
+@with_edge_examples(seed=1, causal=False, rope=True, extra_offset=3)
+def test_output_equals_the_equations_written_head_by_head(xp, shape, seed, causal, rope, extra_offset):
+    # With RoPE this pins the alignment: the queries sit S - T after rope_offset, for T < S and T > S.
+    B, T, S, D, H = shape
+    _, x_q, x_kv, params = make_case(xp, seed, B, T, S, D)
+    rope_offset = max(0, T - S) + extra_offset if rope else 0
+    out, _ = multihead_forward(x_q, x_kv, params, H, causal=causal, rope=rope, rope_offset=rope_offset)
+    expected = reference_multihead(x_q, x_kv, params, H, causal, rope, rope_offset)
+    # float64, the same sums in another order; angles below ~60 rad round to ~1e-15
+    np.testing.assert_allclose(to_numpy(out), expected, rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,61 +441,163 @@ def test_inputs_and_params_are_never_modified(xp):
     assert_same(dout, dout_before)
 
 
-def bad_calls():
-    """(description, function of a good (x_q, x_kv, params), exception, what the message must say)."""
-    def with_param(params, name, value):
-        return {**params, name: value}
-
-    return [
-        ("D not divisible by H", lambda q, kv, p: multihead_forward(q, kv, p, 3),
-         ValueError, r"D = 4 .* must be divisible by n_heads = 3"),
-        ("n_heads zero", lambda q, kv, p: multihead_forward(q, kv, p, 0),
-         ValueError, r"n_heads must be a positive integer, got 0"),
-        ("x_q rank 2", lambda q, kv, p: multihead_forward(q[0], kv, p, 2),
-         ValueError, r"x_q must have shape \(B, length, D\), got \(3, 4\)"),
-        ("x_kv rank 4", lambda q, kv, p: multihead_forward(q, kv[None], p, 2),
-         ValueError, r"x_kv must have shape \(B, length, D\), got \(1, 2, 5, 4\)"),
-        ("x_kv width", lambda q, kv, p: multihead_forward(q, kv[..., :2], p, 2),
-         ValueError, r"x_kv must have shape \(2, S, 4\) to match x_q \(2, 3, 4\), got \(2, 5, 2\)"),
-        ("x_kv batch", lambda q, kv, p: multihead_forward(q, kv[:1], p, 2),
-         ValueError, r"x_kv must have shape \(2, S, 4\) to match x_q \(2, 3, 4\), got \(1, 5, 4\)"),
-        ("W_q shape", lambda q, kv, p: multihead_forward(q, kv, with_param(p, "W_q", p["W_q"][:, :3]), 2),
-         ValueError, r"params\['W_q'\] must have shape \(4, 4\) for D = 4, got \(4, 3\)"),
-        ("b_o shape", lambda q, kv, p: multihead_forward(q, kv, with_param(p, "b_o", p["b_o"][None]), 2),
-         ValueError, r"params\['b_o'\] must have shape \(4,\) for D = 4, got \(1, 4\)"),
-        ("missing param",
-         lambda q, kv, p: multihead_forward(q, kv, {n: w for n, w in p.items() if n != "W_v"}, 2),
-         ValueError, r"params is missing \['W_v'\]"),
-        ("integer x_q", lambda q, kv, p: multihead_forward(q.astype(np.int64), kv, p, 2),
-         TypeError, r"x_q must be a floating-point array, got int64"),
-        ("integer x_kv", lambda q, kv, p: multihead_forward(q, kv.astype(np.int32), p, 2),
-         TypeError, r"x_kv must be a floating-point array, got int32"),
-        ("mixed dtypes", lambda q, kv, p: multihead_forward(q, kv.astype(np.float32), p, 2),
-         TypeError, r"x_kv must have dtype float64 like x_q, got float32"),
-        ("float32 params",
-         lambda q, kv, p: multihead_forward(q, kv, with_param(p, "W_o", p["W_o"].astype(np.float32)), 2),
-         TypeError, r"params\['W_o'\] must have dtype float64 like x_q, got float32"),
-        ("odd head width with RoPE", lambda q, kv, p: multihead_forward(q, kv, p, 4, rope=True),
-         ValueError, r"rope=True needs an even head width Dh = D / n_heads, got 4 / 4 = 1"),
-        ("RoPE position below 0", lambda q, kv, p: multihead_forward(kv, q, p, 2, rope=True),
-         ValueError, r"rope_offset must be an integer >= max\(0, T - S\) = 2 .* got 0 with T = 5, S = 3"),
-        ("mask shape", lambda q, kv, p: multihead_forward(q, kv, p, 2, mask=np.ones((3, 4), bool)),
-         ValueError, r"mask must broadcast to .*\(2, 2, 3, 5\), got \(3, 4\)"),
-        ("dout shape",
-         lambda q, kv, p: multihead_backward(np.zeros((2, 3, 5)), multihead_forward(q, kv, p, 2)[1]),
-         ValueError, r"dout must have the output's shape \(2, 3, 4\), got \(2, 3, 5\)"),
-    ]
+def with_param(params, name, value):
+    return {**params, name: value}
 
 
-@pytest.mark.parametrize("description, call, error, message", bad_calls(), ids=[c[0] for c in bad_calls()])
-def test_bad_input_raises_an_error_naming_the_argument(description, call, error, message):
+def forward(**changes):
+    """multihead_forward on good x_q (2, 3, 4), x_kv (2, 5, 4), params (D = 4), n_heads = 2, with some
+    arguments replaced by change(x_q, x_kv, params)."""
+    def call(x_q, x_kv, params):
+        arguments = dict(x_q=x_q, x_kv=x_kv, params=params, n_heads=2)
+        arguments.update({name: change(x_q, x_kv, params) for name, change in changes.items()})
+        return multihead_forward(**arguments)
+    return call
+
+
+def backward(make_dout=None, make_cache=None):
+    """multihead_backward after a good forward (out (2, 3, 4) float64), with dout or cache replaced."""
+    def call(x_q, x_kv, params):
+        out, cache = multihead_forward(x_q, x_kv, params, 2)
+        return multihead_backward(np.ones_like(out) if make_dout is None else make_dout(out),
+                                  cache if make_cache is None else make_cache(cache))
+    return call
+
+
+SIZE = r"must be an integer >= "
+BAD_CALLS = {
+    # x_q, x_kv
+    "x_q rank 2": (forward(x_q=lambda q, kv, p: q[0]), ValueError, r"x_q must have shape \(B, length, D\), got \(3, 4\)"),
+    "x_kv rank 4": (forward(x_kv=lambda q, kv, p: kv[None]), ValueError,
+                    r"x_kv must have shape \(B, length, D\), got \(1, 2, 5, 4\)"),
+    "x_kv width": (forward(x_kv=lambda q, kv, p: kv[..., :2]), ValueError,
+                   r"x_kv must have shape \(2, S, 4\) to match x_q \(2, 3, 4\), got \(2, 5, 2\)"),
+    "x_kv batch": (forward(x_kv=lambda q, kv, p: kv[:1]), ValueError,
+                   r"x_kv must have shape \(2, S, 4\) to match x_q \(2, 3, 4\), got \(1, 5, 4\)"),
+    "integer x_q": (forward(x_q=lambda q, kv, p: q.astype(np.int64)), TypeError,
+                    r"x_q must be a floating-point array \(B, T, D\), got numpy array of dtype int64, shape \(2, 3, 4\)"),
+    "integer x_kv": (forward(x_kv=lambda q, kv, p: kv.astype(np.int32)), TypeError,
+                     r"x_kv must be a floating-point array \(B, S, D\), got .*int32"),
+    "boolean x_q": (forward(x_q=lambda q, kv, p: q > 0), TypeError, r"x_q must be a floating-point array .*bool"),
+    "x_q a list": (forward(x_q=lambda q, kv, p: q.tolist()), TypeError,
+                   r"x_q must be a floating-point array \(B, T, D\), got list of length 2"),
+    "x_kv None": (forward(x_kv=lambda q, kv, p: None), TypeError, r"x_kv must be a floating-point array .*got None"),
+    "mixed dtypes": (forward(x_kv=lambda q, kv, p: kv.astype(np.float32)), TypeError,
+                     r"x_kv must have dtype float64 \(x_q's\), got float32"),
+    "D = 0": (forward(x_q=lambda q, kv, p: q[..., :0], x_kv=lambda q, kv, p: kv[..., :0]), ValueError,
+              r"x_q must have a width D >= 1 \(shape \(B, T, D\)\), got \(2, 3, 0\)"),
+    # n_heads
+    "D not divisible by H": (forward(n_heads=lambda q, kv, p: 3), ValueError, r"D = 4 .* must be divisible by n_heads = 3"),
+    "n_heads zero": (forward(n_heads=lambda q, kv, p: 0), ValueError, r"n_heads " + SIZE + r"1, got 0"),
+    "n_heads negative": (forward(n_heads=lambda q, kv, p: -2), ValueError, r"n_heads " + SIZE + r"1, got -2"),
+    "n_heads 2.0": (forward(n_heads=lambda q, kv, p: 2.0), ValueError, r"n_heads " + SIZE + r"1, got 2\.0"),
+    "n_heads True": (forward(n_heads=lambda q, kv, p: True), ValueError, r"n_heads " + SIZE + r"1, got True"),
+    "n_heads None": (forward(n_heads=lambda q, kv, p: None), ValueError, r"n_heads " + SIZE + r"1, got None"),
+    # params
+    "params a list": (forward(params=lambda q, kv, p: list(p.values())), TypeError,
+                      r"params must be a dict with keys \['W_q', .*\] \(see init_multihead\), got list of length 8"),
+    "params None": (forward(params=lambda q, kv, p: None), TypeError, r"params must be a dict .*got None"),
+    "missing param": (forward(params=lambda q, kv, p: {n: w for n, w in p.items() if n != "W_v"}), ValueError,
+                      r"params is missing \['W_v'\]"),
+    "W_q shape": (forward(params=lambda q, kv, p: with_param(p, "W_q", p["W_q"][:, :3])), ValueError,
+                  r"params\['W_q'\] must have shape \(4, 4\) for D = 4, got \(4, 3\)"),
+    "W_k transposed-looking (D, 2D)": (forward(params=lambda q, kv, p: with_param(p, "W_k", np.zeros((4, 8)))),
+                                       ValueError, r"params\['W_k'\] must have shape \(4, 4\) for D = 4, got \(4, 8\)"),
+    "b_o shape": (forward(params=lambda q, kv, p: with_param(p, "b_o", p["b_o"][None])), ValueError,
+                  r"params\['b_o'\] must have shape \(4,\) for D = 4, got \(1, 4\)"),
+    "W_o a list": (forward(params=lambda q, kv, p: with_param(p, "W_o", p["W_o"].tolist())), TypeError,
+                   r"params\['W_o'\] must be a floating-point array \(4, 4\), got list of length 4"),
+    "b_q None": (forward(params=lambda q, kv, p: with_param(p, "b_q", None)), TypeError,
+                 r"params\['b_q'\] must be a floating-point array \(4,\), got None"),
+    "integer W_v": (forward(params=lambda q, kv, p: with_param(p, "W_v", p["W_v"].astype(np.int64))), TypeError,
+                    r"params\['W_v'\] must be a floating-point array \(4, 4\), got .*int64"),
+    "float32 params": (forward(params=lambda q, kv, p: with_param(p, "W_o", p["W_o"].astype(np.float32))), TypeError,
+                       r"params\['W_o'\] must have dtype float64 \(x_q's\), got float32"),
+    # rope
+    "odd head width with RoPE": (forward(n_heads=lambda q, kv, p: 4, rope=lambda q, kv, p: True), ValueError,
+                                 r"rope=True needs an even head width Dh = D / n_heads, got 4 / 4 = 1"),
+    "RoPE position below 0": (forward(x_q=lambda q, kv, p: kv, x_kv=lambda q, kv, p: q, rope=lambda q, kv, p: True),
+                              ValueError, r"rope_offset must be an integer >= max\(0, T - S\) = 2 .* got 0 with T = 5, S = 3"),
+    "rope_offset negative": (forward(rope=lambda q, kv, p: True, rope_offset=lambda q, kv, p: -1), ValueError,
+                             r"rope_offset " + SIZE + r"0, got -1"),
+    "rope_offset 1.5": (forward(rope=lambda q, kv, p: True, rope_offset=lambda q, kv, p: 1.5), ValueError,
+                        r"rope_offset " + SIZE + r"0, got 1\.5"),
+    "rope_offset without rope": (forward(rope_offset=lambda q, kv, p: 5), ValueError,
+                                 r"rope_offset must be 0 without rope=True .*got 5"),
+    "rope an array": (forward(rope=lambda q, kv, p: np.ones(3, bool)), TypeError, r"rope must be True or False, got numpy array"),
+    "rope 1": (forward(rope=lambda q, kv, p: 1), TypeError, r"rope must be True or False, got 1"),
+    "rope 'yes'": (forward(rope=lambda q, kv, p: "yes"), TypeError, r"rope must be True or False, got 'yes'"),
+    # mask, bias, causal (checked by attention_forward against the heads' (B, H, T, S))
+    "mask shape": (forward(mask=lambda q, kv, p: np.ones((3, 4), bool)), ValueError,
+                   r"mask must broadcast to \(\.\.\., T, S\) = \(2, 2, 3, 5\), got \(3, 4\)"),
+    "mask with more leading axes than the heads": (forward(mask=lambda q, kv, p: np.ones((3, 2, 2, 3, 5), bool)), ValueError,
+                                                   r"mask must broadcast to \(\.\.\., T, S\) = \(2, 2, 3, 5\), got \(3, 2, 2, 3, 5\)"),
+    "mask (B, T, S) with B != H": (forward(n_heads=lambda q, kv, p: 4, mask=lambda q, kv, p: np.ones((2, 3, 5), bool)),
+                                   ValueError, r"mask must broadcast to \(\.\.\., T, S\) = \(2, 4, 3, 5\), got \(2, 3, 5\)"),
+    "mask float": (forward(mask=lambda q, kv, p: np.ones((3, 5))), TypeError, r"mask must be boolean .*got dtype float64"),
+    "mask a list": (forward(mask=lambda q, kv, p: [[True] * 5] * 3), TypeError, r"mask must be a boolean .*got list of length 3"),
+    "bias with more leading axes": (forward(bias=lambda q, kv, p: np.zeros((7, 2, 2, 3, 5))), ValueError,
+                                    r"bias must broadcast to \(\.\.\., T, S\) = \(2, 2, 3, 5\), got \(7, 2, 2, 3, 5\)"),
+    "bias of the wrong heads": (forward(bias=lambda q, kv, p: np.zeros((3, 3, 5))), ValueError,
+                                r"bias must broadcast to \(\.\.\., T, S\) = \(2, 2, 3, 5\), got \(3, 3, 5\)"),
+    "bias integer": (forward(bias=lambda q, kv, p: np.zeros((2, 3, 5), np.int64)), TypeError,
+                     r"bias must be floating-point, got dtype int64"),
+    "causal an array": (forward(causal=lambda q, kv, p: np.ones((3, 5), bool)), TypeError,
+                        r"causal must be True or False, got numpy array"),
+    "causal None": (forward(causal=lambda q, kv, p: None), TypeError, r"causal must be True or False, got None"),
+    # backward
+    "dout shape": (backward(lambda out: np.zeros((2, 3, 5))), ValueError,
+                   r"dout must have shape \(2, 3, 4\) \(the forward output's\), got \(2, 3, 5\)"),
+    "dout with an extra axis": (backward(lambda out: out[None]), ValueError, r"dout must have shape \(2, 3, 4\) .*got \(1, 2, 3, 4\)"),
+    "dout broadcastable (1, 3, 4)": (backward(lambda out: out[:1]), ValueError, r"dout must have shape \(2, 3, 4\) .*got \(1, 3, 4\)"),
+    "dout float32": (backward(lambda out: out.astype(np.float32)), TypeError,
+                     r"dout must have dtype float64 \(the forward's\), got float32"),
+    "dout a list": (backward(lambda out: out.tolist()), TypeError, r"dout must be an array of dtype float64, got list of length 2"),
+    "dout None": (backward(lambda out: None), TypeError, r"dout must be an array of dtype float64, got None"),
+    "cache a tuple": (backward(make_cache=lambda c: tuple(c.values())), TypeError,
+                      r"cache must be the dict multihead_forward returned, got tuple of length 8"),
+    "cache of attention_forward": (backward(make_cache=lambda c: c["attn"]), TypeError,
+                                   r"cache must be the dict multihead_forward returned, got dict of length 5"),
+    # init_multihead
+    "init D 0": (lambda q, kv, p: init_multihead(0, np.random.default_rng(0)), ValueError, r"D " + SIZE + r"1, got 0"),
+    "init D True": (lambda q, kv, p: init_multihead(True, np.random.default_rng(0)), ValueError, r"D " + SIZE + r"1, got True"),
+    "init D 8.0": (lambda q, kv, p: init_multihead(8.0, np.random.default_rng(0)), ValueError, r"D " + SIZE + r"1, got 8\.0"),
+    "init integer dtype": (lambda q, kv, p: init_multihead(8, np.random.default_rng(0), dtype=np.int32), TypeError,
+                           r"dtype must be a floating-point dtype, got int32"),   # would round every weight to 0
+    "init rng a seed": (lambda q, kv, p: init_multihead(8, 0), TypeError,
+                        r"rng must be a numpy\.random\.Generator \(numpy\.random\.default_rng\(seed\)\), got 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_input_raises_an_error_naming_the_argument_what_it_got_and_what_it_needs(name):
+    call, error, message = BAD_CALLS[name]
     _, x_q, x_kv, params = make_case(np, 8, 2, 3, 5, 4)
     with pytest.raises(error, match=message):
         call(x_q, x_kv, params)
 
 
+@pytest.mark.parametrize("mask_shape", [(5,), (3, 5), (2, 1, 1, 5), (2, 2, 3, 5), (1, 1, 3, 5), (2, 3, 5), (1, 3, 5),
+                                        (2, 2, 1, 5), ()])
+def test_every_mask_the_forward_accepts_gives_an_output_its_backward_accepts(xp, mask_shape):
+    # B = H = 2: a (2, 3, 5) mask broadcasts as (H, T, S), one mask per head, shared by the batch.
+    _, x_q, x_kv, params = make_case(xp, 9, 2, 3, 5, 4)
+    mask = xp.asarray(np.random.default_rng(0).random(mask_shape) < 0.7)
+    out, cache = multihead_forward(x_q, x_kv, params, 2, mask=mask)
+    assert out.shape == x_q.shape
+    dx_q, dx_kv, grads = multihead_backward(xp.ones_like(out), cache)
+    assert dx_q.shape == x_q.shape and dx_kv.shape == x_kv.shape
+
+
+def test_cache_is_a_dict_with_the_fields_the_docstring_names(xp):
+    _, x_q, x_kv, params = make_case(xp, 10, 2, 3, 5, 4)
+    _, cache = multihead_forward(x_q, x_kv, params, 2)
+    assert set(cache) == {"x_q", "x_kv", "params", "n_heads", "concat", "attn", "rope_q", "rope_k"}
+    assert cache["rope_q"] is None and cache["rope_k"] is None and cache["concat"].shape == (2, 3, 4)
+    _, cache = multihead_forward(x_q, x_kv, params, 2, rope=True)
+    assert cache["rope_q"]["x_shape"] == (2, 2, 3, 2) and cache["rope_k"]["x_shape"] == (2, 2, 5, 2)
+    assert cache["attn"]["weights"].shape == (2, 2, 3, 5)
+
+
 def test_demo_runs_and_its_asserts_hold():
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "multihead.py")], capture_output=True,
-                            text=True, timeout=60, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    assert "dx_q + dx_kv is the gradient of self-attention" in result.stdout
+    assert "dx_q + dx_kv is the gradient of self-attention" in run_demo("multihead.py").stdout
