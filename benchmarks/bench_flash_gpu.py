@@ -222,24 +222,23 @@ def agreement(methods, inputs, causal, device, difference=max_difference):
 
 
 def measure_case(methods, Dh, T, args, device, difference=max_difference):
-    """The four rows (causal or not, fwd or fwd+bwd) of one (Dh, T): seconds and TFLOP/s of every method."""
+    """The four rows (causal or not, fwd or fwd+bwd) of one (Dh, T), one by one as they are measured:
+    seconds and TFLOP/s of every method, and how far flash's forward is from sdpa's."""
     H = max(1, args.model_width // Dh)
     B = max(1, args.tokens // T)
     inputs = device.inputs(B, H, T, Dh)
-    rows = []
     for causal in (False, True):
         diff = agreement(methods, inputs, causal, device, difference)
         for backward in (False, True):
             seconds = {name: measure(method, inputs, causal, backward, args, device)
                        for name, method in methods.items()}
             work = flops(B, H, T, T, Dh, causal, backward)
-            rows.append({"Dh": Dh, "T": T, "B": B, "H": H, "causal": causal, "pass": PASSES[backward],
-                         "seconds": seconds,
-                         "tflops": {name: (work / s / 1e12 if s else None) for name, s in seconds.items()},
-                         "max_diff_vs_sdpa": diff, "agrees": diff is None or diff <= AGREEMENT})
+            yield {"Dh": Dh, "T": T, "B": B, "H": H, "causal": causal, "pass": PASSES[backward],
+                   "seconds": seconds,
+                   "tflops": {name: (work / s / 1e12 if s else None) for name, s in seconds.items()},
+                   "max_diff_vs_sdpa": diff, "agrees": diff is None or diff <= AGREEMENT}
     del inputs
     device.free()
-    return rows
 
 
 def fails_at(method, T, Dh, device):
@@ -354,7 +353,7 @@ def run_benchmark(args, methods, device, meta, emit=print, difference=max_differ
     """Measure every case and the longest T, calling save() after each row; returns the report dict.
 
     report = {'meta', 'methods', 'rows': [row, ...], 'skipped': [{'Dh', 'T', 'why'}], 'longest':
-    [{'Dh', 'method', 'T', 'why'}], 'complete': bool}; a row is measure_case's dict.
+    [{'Dh', 'method', 'T', 'why'}], 'complete': bool (nothing cut by a budget)}; a row is measure_case's dict.
     """
     table_deadline = time.monotonic() + args.table_budget if args.table_budget is not None else None
     report = {"meta": meta, "methods": list(methods), "rows": [], "skipped": [], "longest": [], "complete": False}
@@ -382,7 +381,7 @@ def run_benchmark(args, methods, device, meta, emit=print, difference=max_differ
             report["longest"].append(entry)
             emit(format_longest(entry))
             save(report, args)
-    report["complete"] = not report["skipped"]
+    report["complete"] = not report["skipped"] and not any("time budget" in entry["why"] for entry in report["longest"])
     save(report, args)
     return report
 

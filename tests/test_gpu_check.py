@@ -322,7 +322,7 @@ def test_the_benchmark_measures_the_real_kernels_on_cupy_on_a_cpu(tmp_path):
                                     for _ in range(4)])
     # Full attention stands in for sdpa, so the agreement check compares the kernels with attention.py.
     methods = {"flash": bench.run_flash, "sdpa": bench.run_full}
-    rows = bench.measure_case(methods, 32, 70, args, device)
+    rows = list(bench.measure_case(methods, 32, 70, args, device))
     assert len(rows) == 4
     for row in rows:
         assert row["agrees"] and row["max_diff_vs_sdpa"] < 1e-5   # float32 sums over <= 70 keys: ~1e-7
@@ -357,6 +357,45 @@ def test_blocks_per_sm_follow_from_registers_shared_memory_and_threads():
     assert gpu_check.blocks_per_sm_limits(h100, 129, 256, 0)["registers"] == 1
     assert gpu_check.blocks_per_sm_limits({}, 128, 256, 0) == dict.fromkeys(("threads", "registers", "shared",
                                                                            "blocks"))
+
+
+H100_PROPS = {"name": b"NVIDIA H200 (pretend)", "major": 9, "minor": 0, "maxThreadsPerMultiProcessor": 2048,
+              "regsPerMultiprocessor": 65536, "sharedMemPerMultiprocessor": 233472, "reservedSharedMemPerBlock": 1024,
+              "maxBlocksPerMultiProcessor": 32}
+# What info() reads from CuPy beyond the stand-in, with the names real CuPy gives them.
+RUNTIME_NAMES = ("driverGetVersion", "runtimeGetVersion", "getDeviceProperties")
+KERNEL_NAMES = ("num_regs", "local_size_bytes", "shared_size_bytes", "max_threads_per_block", "kernel")
+
+
+@pytest.mark.cupy_on_cpu
+def test_info_prints_versions_and_a_line_per_kernel_given_what_cupy_reports(monkeypatch, capsys):
+    # The stand-in knows no versions, registers or occupancy: pretend, under real CuPy's names, so that
+    # the code that reads them runs here (its figures are the pretence; a GPU gives the real ones).
+    import cupy
+    real = sys.modules.get("cupy_on_cpu")._real_cupy
+    if real is not None:
+        assert all(hasattr(real.cuda.runtime, name) for name in RUNTIME_NAMES)
+        assert all(hasattr(real.RawKernel, name) for name in KERNEL_NAMES)
+        assert hasattr(real.cuda.driver, "occupancyMaxActiveBlocksPerMultiprocessor")
+        assert hasattr(real.cuda.nvrtc, "getVersion") and hasattr(real.cuda.function.Function, "ptr")
+    runtime = cupy.cuda.runtime
+    for name, value in zip(RUNTIME_NAMES, (lambda: 13000, lambda: 13000, lambda device: H100_PROPS)):
+        monkeypatch.setattr(runtime, name, staticmethod(value), raising=False)
+    monkeypatch.setattr(cupy.cuda, "nvrtc", type("nvrtc", (), {"getVersion": staticmethod(lambda: (13, 0))}),
+                        raising=False)
+    monkeypatch.setattr(cupy.cuda.driver, "occupancyMaxActiveBlocksPerMultiprocessor",
+                        staticmethod(lambda pointer, threads, shared: 2), raising=False)
+    for name, value in zip(KERNEL_NAMES, (128, 0, 0, 256, type("Function", (), {"ptr": 0}))):
+        monkeypatch.setattr(cupy.RawKernel, name, value, raising=False)
+    monkeypatch.setattr(cupy, "__version__", "stand-in", raising=False)
+    monkeypatch.setitem(sys.modules, "torch", None)           # "torch not importable": faster than importing it
+    assert gpu_check.info() == 0
+    out = capsys.readouterr().out
+    assert "CuPy stand-in; CUDA driver API 13.0, runtime 13.0, NVRTC 13.0" in out
+    assert "GPU: NVIDIA H200 (pretend)" in out and "torch not importable" in out
+    # 128 registers and 256 threads: 2 blocks by registers; 69632 + 1024 bytes of shared memory: 3; threads: 8
+    assert "flash_forward_64          128       0        0     69632     256     256 |         2 |       2       3      8" \
+        in out.splitlines()
 
 
 @pytest.mark.cupy_on_cpu
