@@ -334,7 +334,7 @@ def format_report(report, args):
 def write_atomically(path, text):
     """Write text to path through a temporary file, so that a reader (or a kill) never sees half a file."""
     partial = f"{path}.partial"
-    with open(partial, "w") as f:
+    with open(partial, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(partial, path)
 

@@ -56,6 +56,7 @@ Step = collections.namedtuple("Step", "name max_seconds reserve_seconds")
 STEPS = (Step("info", 90, 30), Step("tests", 150, 45), Step("bench", 150, 45),
          Step("memcheck", 50, 15), Step("racecheck", 60, 15))
 DEFAULT_BUDGET = 420                          # 7 minutes: "well inside 8"
+TEXT = {"encoding": "utf-8", "errors": "replace"}   # logs take any output, whatever the locale
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,12 +101,15 @@ def run_step(argv, limit, logs=(), echo=True, env=None, cwd=ROOT):
             log.write(line)
             log.flush()
         if echo:
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            except (UnicodeEncodeError, OSError):            # a console that cannot show it: the logs have it
+                pass
 
     try:
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                   start_new_session=True, text=True, errors="replace")
+                                   start_new_session=True, encoding="utf-8", errors="replace")
     except OSError as error:
         copy(f"could not start {argv[0]}: {error}\n")
         return {"status": "could not start", "rc": None, "seconds": 0.0, "limit": limit, "tail": list(tail)}
@@ -133,7 +137,7 @@ def run_step(argv, limit, logs=(), echo=True, env=None, cwd=ROOT):
 def tests_from_junit(path):
     """Counts from pytest's JUnit XML file, or None when it is missing or unreadable (pytest was killed)."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return tests_from_junit_text(f.read())
     except (OSError, ElementTree.ParseError):
         return None
@@ -265,7 +269,7 @@ def passed(tests, sanitizers, steps):
 
 
 def write_json(path, data):
-    with open(f"{path}.partial", "w") as f:
+    with open(f"{path}.partial", "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
     os.replace(f"{path}.partial", path)
@@ -273,7 +277,7 @@ def write_json(path, data):
 
 def read_json(path):
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
@@ -281,7 +285,7 @@ def read_json(path):
 
 def read_text(path):
     try:
-        with open(path, errors="replace") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
     except OSError:
         return ""
@@ -332,9 +336,9 @@ def orchestrate(args):
                 os.remove(stale)
     paths = {name: os.path.join(out, name) for name in OUTPUT_FILES}
     start = time.monotonic()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}   # read as UTF-8 by run_step
     steps = {}
-    with open(paths["gpu_check.log"], "a") as log:
+    with open(paths["gpu_check.log"], "a", **TEXT) as log:
         def say(text):
             print(text, flush=True)
             log.write(text + "\n")
@@ -377,7 +381,7 @@ def orchestrate(args):
 
 
 def run_info(limit, args, paths, env, log, say):
-    with open(paths["info.txt"], "w") as info:
+    with open(paths["info.txt"], "w", **TEXT) as info:
         return run_step([args.python, os.path.join(HERE, "gpu_check.py"), "info"], limit, [log, info], env=env)
 
 
@@ -389,7 +393,7 @@ def run_tests(limit, args, paths, env, log, say):
         argv += ["--timeout", "60"]                            # a hung test fails alone instead of eating the budget
     test_env = {**env, "GPU_CHECK_TEST_BUDGET": f"{max(1.0, limit - 25):.0f}",
                 "PYTHONPATH": os.pathsep.join(filter(None, [HERE, env.get("PYTHONPATH")]))}
-    with open(paths["tests.txt"], "w") as tests:
+    with open(paths["tests.txt"], "w", **TEXT) as tests:
         result = run_step(argv, limit, [log, tests], echo=False, env=test_env)
     for line in result["tail"][-12:]:
         say(line)
@@ -417,7 +421,7 @@ def run_bench(limit, args, paths, env, log, say):
 def run_sanitizer(tool, limit, args, paths, env, log, say):
     """compute-sanitizer's `tool` on sanitize-target; its verdict is read from the output in finish()."""
     sanitizer = args.sanitizer or find_sanitizer()
-    with open(paths["sanitizer.txt"], "a") as text:
+    with open(paths["sanitizer.txt"], "a", **TEXT) as text:
         if sanitizer is None:
             message = "compute-sanitizer not found (not on PATH, not in a CUDA folder): skipped"
             text.write(f"== {tool}: {message}\n")
