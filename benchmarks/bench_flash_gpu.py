@@ -189,16 +189,22 @@ def describe_gpu(torch):
 # Measuring
 
 
-def measure(method, inputs, causal, backward, args, device):
-    """Seconds per call, or None when the device runs out of memory."""
+def unless_out_of_memory(fn, device):
+    """fn(), or None when the device runs out of memory (any other error is raised); memory freed after."""
     try:
-        return device.seconds(lambda: method(*inputs, causal, backward), args.warmup, args.repeats)
+        return fn()
     except Exception as error:
         if not device.out_of_memory(error):
             raise
         return None
     finally:
         device.free()
+
+
+def measure(method, inputs, causal, backward, args, device):
+    """Seconds per call, or None when the device runs out of memory."""
+    return unless_out_of_memory(
+        lambda: device.seconds(lambda: method(*inputs, causal, backward), args.warmup, args.repeats), device)
 
 
 def max_difference(a, b):
@@ -211,14 +217,8 @@ def agreement(methods, inputs, causal, device, difference=max_difference):
     """max |flash - sdpa| of the forward outputs, or None without sdpa or when either runs out of memory."""
     if "sdpa" not in methods:
         return None
-    try:
-        return difference(methods["flash"](*inputs, causal, False), methods["sdpa"](*inputs, causal, False))
-    except Exception as error:
-        if not device.out_of_memory(error):
-            raise
-        return None
-    finally:
-        device.free()
+    return unless_out_of_memory(
+        lambda: difference(methods["flash"](*inputs, causal, False), methods["sdpa"](*inputs, causal, False)), device)
 
 
 def measure_case(methods, Dh, T, args, device, difference=max_difference):
