@@ -214,7 +214,7 @@ def openblas_threads():
     return None
 
 
-def machine_line(threads, torch):
+def machine_line(torch):
     try:
         model = next(line.split(":", 1)[1].strip() for line in subprocess.run(
             ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
@@ -244,7 +244,7 @@ def main():
         os.environ.update({var: str(args.threads) for var in THREAD_VARIABLES})   # read once, when BLAS loads
         os.execv(sys.executable, [sys.executable, *sys.argv])
     torch.set_num_threads(args.threads)
-    print(machine_line(args.threads, torch))
+    print(machine_line(torch))
     print(f"# one step = forward + loss + backward + AdamW, float32; median of {args.repeats} after {args.warmup} "
           f"warm-up steps; peak = memory allocated during one step (NumPy: tracemalloc; torch: profiler)")
     print(f"{'config':>7} {'B x T':>8} {'D':>4} {'L':>2} {'V':>5} {'params':>7} | {'ours ms':>8} {'torch ms':>9} "
@@ -257,7 +257,8 @@ def main():
         params = transformer.init_transformer(config, rng, np.float32)
         tokens = rng.integers(0, shape["V"], size=(shape["B"], shape["T"]))
         targets = np.roll(tokens, -1, axis=1)                  # next token; the last one wraps, fine for timing
-        ours, theirs = numpy_trainer(params, config, tokens, targets), torch_trainer(params, config, tokens, targets, torch)
+        ours = numpy_trainer(params, config, tokens, targets)
+        theirs = torch_trainer(params, config, tokens, targets, torch)
         losses = ours(), theirs()                              # the first step: same weights, same loss
         assert math.isclose(*losses, rel_tol=1e-4), f"not the same model: losses {losses}"   # float32 rounding
         for _ in range(args.warmup - 1):
