@@ -14,6 +14,9 @@ dicts of API.md). `leaves` flattens both trees in the same order.
 """
 import numpy as np
 
+from attention import get_xp
+from helpers import to_numpy
+
 
 def leaves(tree):
     """The arrays of a tree in a fixed order (dict keys sorted), so params and grads line up."""
@@ -26,20 +29,7 @@ def leaves(tree):
 
 def random_like(x, rng):
     """A standard-normal array with x's shape, dtype and array module (an upstream gradient)."""
-    xp = _array_module(x)
-    return xp.asarray(rng.standard_normal(x.shape)).astype(x.dtype)
-
-
-def _array_module(x):
-    try:
-        import cupy
-        return cupy.get_array_module(x)
-    except ImportError:
-        return np
-
-
-def _to_numpy(x):
-    return x.get() if hasattr(x, "get") else np.asarray(x)
+    return get_xp(x).asarray(rng.standard_normal(x.shape)).astype(x.dtype)
 
 
 def _check_float64(arrays):
@@ -76,7 +66,7 @@ def check_gradients(loss, inputs, grads, eps=1e-6, rtol=1e-6, atol=1e-9):
             down = loss()
             flat[i] = old
             numeric.reshape(-1)[i] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(_to_numpy(g), numeric, rtol=rtol, atol=atol,
+        np.testing.assert_allclose(to_numpy(g), numeric, rtol=rtol, atol=atol,
                                    err_msg=f"gradient {n} (shape {x.shape}) disagrees with finite differences")
 
 
