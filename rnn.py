@@ -36,8 +36,9 @@ here trains with). Runs on NumPy or CuPy arrays unchanged.
 """
 import numpy as np
 
-from training import (adam_init, adam_step, check_ids, check_upstream, clip_gradients, cross_entropy_backward,
-                      cross_entropy_forward, embedding_backward, embedding_forward, get_xp, log_softmax)
+from training import (adam_init, adam_step, check_cache, check_ids, check_upstream, clip_gradients,
+                      cross_entropy_backward, cross_entropy_forward, embedding_backward, embedding_forward,
+                      get_xp, log_softmax)
 
 
 def sigmoid(a):
@@ -129,7 +130,7 @@ def rnn_backward(dhs, cache):
 
     With a_t = x_t W_xh + h_{t-1} W_hh + b_h:  da_t = dh_t * (1 - h_t^2),  dh_{t-1} += da_t W_hh^T.
     """
-    _check_cache(cache, "rnn_forward", {"x", "h0", "hs", "params"})
+    check_cache(cache, "rnn_forward", {"x", "h0", "hs", "params"})
     x, h0, hs, params = cache["x"], cache["h0"], cache["hs"], cache["params"]
     check_upstream("dhs", dhs, hs.shape, hs.dtype)
     xp = get_xp(dhs)
@@ -186,7 +187,7 @@ def lstm_backward(dhs, cache, dc_T=None):
     The cell path dc_{t-1} = dc_t * f is a product of gates, not of W_h: with f near 1 it neither
     vanishes nor explodes (the "constant error carousel").
     """
-    _check_cache(cache, "lstm_forward", {"x", "h0", "c0", "hs", "cs", "gates", "params"})
+    check_cache(cache, "lstm_forward", {"x", "h0", "c0", "hs", "cs", "gates", "params"})
     x, h0, c0, hs, cs, gates, params = (cache[k] for k in ("x", "h0", "c0", "hs", "cs", "gates", "params"))
     check_upstream("dhs", dhs, hs.shape, hs.dtype)
     if dc_T is not None:
@@ -255,7 +256,7 @@ def gru_backward(dhs, cache):
     The x-side and h-side pre-activations get the same gradient for r and z; for n the h side gets it
     multiplied by r, since n = tanh(x-part + r * h-part).
     """
-    _check_cache(cache, "gru_forward", {"x", "h0", "hs", "gates", "h_ns", "params"})
+    check_cache(cache, "gru_forward", {"x", "h0", "hs", "gates", "h_ns", "params"})
     x, h0, hs, gates, h_ns, params = (cache[k] for k in ("x", "h0", "hs", "gates", "h_ns", "params"))
     check_upstream("dhs", dhs, hs.shape, hs.dtype)
     xp = get_xp(dhs)
@@ -342,8 +343,10 @@ def hidden_jacobian_norms(cell, x, params):
     and after k single steps backwards it holds row a of J_k, d h_T[a] / d h_{T-k}.
     """
     _check_cell(cell)
-    if not hasattr(x, "dtype") or x.dtype.kind != "f" or x.ndim != 2:
-        raise ValueError(f"x must be a floating-point array (T, D), got {_describe(x)}")
+    if not hasattr(x, "dtype") or x.dtype.kind != "f":
+        raise TypeError(f"x must be a floating-point array, got {_describe(x)}")
+    if x.ndim != 2:
+        raise ValueError(f"x must have shape (T, D), got {x.shape}")
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
     xp = get_xp(x)
@@ -526,13 +529,6 @@ def _check_inputs(x, h0, params, shapes, c0=False):
                              f"Hd = {Hd} (from h0), got {got.shape}")
         if got.dtype != x.dtype:
             raise TypeError(f"params[{key!r}] must have dtype {x.dtype} (x's), got {got.dtype}")
-
-
-def _check_cache(cache, forward, keys):
-    """A backward's cache must be the dict its own forward returned (another cell's has other keys)."""
-    if not isinstance(cache, dict) or set(cache) != keys:
-        got = f"keys {sorted(cache)}" if isinstance(cache, dict) else type(cache).__name__
-        raise TypeError(f"cache must be the dict {forward} returned (keys {sorted(keys)}), got {got}")
 
 
 def _check_char_lm(params):

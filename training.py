@@ -24,9 +24,12 @@ warm-up and cosine decay, Loshchilov & Hutter 2016 (arXiv:1608.03983), Goyal et 
 Cross-entropy equals torch.nn.functional.cross_entropy (its ignore_index and label_smoothing included) and
 adam_step equals torch.optim.AdamW step for step; tests/test_training.py checks both where torch is installed.
 
+The input checks every model file shares live here too (check_ids, check_upstream, check_cache): bad
+input raises ValueError or TypeError worded "{name} must be {need}, got {got}".
+
 Shapes: B batch, T time steps (tokens), V vocabulary, E embedding width.
-Imports no project file, so a student copying a model file takes this one along and nothing else.
-Runs on NumPy or CuPy arrays unchanged.
+Imports no project file, so a student copying a model file takes this one along, never another model's
+file. Runs on NumPy or CuPy arrays unchanged.
 """
 import math
 import sys
@@ -103,6 +106,7 @@ def embedding_backward(dx, cache):
     scatter-add that accumulates repeated indices (plain dtable[ids] += dx would keep only one of them),
     and costs O(B T E) where the one-hot form one_hot(ids)^T dx costs O(B T V) memory and O(B T V E) work.
     """
+    check_cache(cache, "embedding_forward", {"ids", "table_shape", "dtype"})
     ids = cache["ids"]
     check_upstream("dx", dx, ids.shape + cache["table_shape"][1:], cache["dtype"])
     xp = get_xp(dx)
@@ -165,6 +169,7 @@ def cross_entropy_backward(cache, dloss=1.0):
     d mean_v(-logp[v]) / dz = softmax(z) - 1 / V. dloss is the gradient of whatever the loss fed (1.0 when
     the loss is what is minimised). The one-hot is never built: (1 - eps) is subtracted at each target entry.
     """
+    check_cache(cache, "cross_entropy_forward", {"probs", "targets", "keep", "count", "label_smoothing"})
     if hasattr(dloss, "shape"):
         if dloss.shape != ():
             raise ValueError(f"dloss must be a scalar, got shape {dloss.shape}")
@@ -304,6 +309,14 @@ def check_upstream(name, d, shape, dtype):
         raise ValueError(f"{name} must have shape {tuple(shape)} (the forward output's), got {tuple(d.shape)}")
 
 
+def check_cache(cache, forward, keys):
+    """Raise TypeError unless cache is the dict `forward` returns (exactly these keys): a backward given
+    another function's cache, or called the old way with arrays, says so instead of failing inside."""
+    if not isinstance(cache, dict) or set(cache) != keys:
+        got = f"keys {sorted(cache)}" if isinstance(cache, dict) else type(cache).__name__
+        raise TypeError(f"cache must be the dict {forward} returned (keys {sorted(keys)}), got {got}")
+
+
 def _check_gradient_leaf(p, g):
     if not hasattr(g, "dtype") or g.shape != p.shape or g.dtype != p.dtype:
         got = f"{g.dtype} {g.shape}" if hasattr(g, "dtype") else type(g).__name__
@@ -320,7 +333,7 @@ def _check_cross_entropy_inputs(logits, targets, ignore_index, label_smoothing):
         raise ValueError(f"targets must have shape {logits.shape[:-1]} (logits without V), got {targets.shape}")
     if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing <= 1:
+    if not isinstance(label_smoothing, (int, float, np.floating)) or not 0 <= label_smoothing <= 1:
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     V = logits.shape[-1]
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))   # (...) out of range, not ignored

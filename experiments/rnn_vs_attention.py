@@ -37,7 +37,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from attention import attention_backward, attention_forward  # noqa: E402
-from rnn import cell_backward, cell_forward, init_cell, init_rnn, matmul_over_time, rnn_forward, zero_state  # noqa: E402
+from rnn import (cell_backward, cell_forward, init_cell, init_rnn, matmul_over_time, rnn_forward,  # noqa: E402
+                 zero_state)
 from training import (adam_init, adam_step, check_ids, clip_gradients, cross_entropy_backward,  # noqa: E402
                       cross_entropy_forward, embedding_backward, embedding_forward, get_xp, tree_map)
 
