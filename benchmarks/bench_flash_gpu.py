@@ -420,7 +420,8 @@ def main(argv=None):
     methods = {"flash": run_flash, "full": run_full}
     if torch is not None:
         methods["sdpa"] = make_run_sdpa(torch)
-    report = run_benchmark(args, methods, gpu_device(torch), describe_gpu(torch), emit=lambda line: print(line, flush=True))
+    report = run_benchmark(args, methods, gpu_device(torch), describe_gpu(torch),
+                           emit=lambda line: print(line, flush=True))
     if not all(row["agrees"] for row in report["rows"]):
         print(f"FAILED: flash and sdpa disagree by more than {AGREEMENT} in the rows marked above")
         return 1

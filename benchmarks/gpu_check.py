@@ -147,7 +147,8 @@ def tests_from_junit_text(text):
     """Counts from JUnit XML: {'passed', 'failed', 'errors', 'skipped', 'ran', 'failures': [names]}."""
     root = ElementTree.fromstring(text)
     suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
-    counts = {key: sum(int(suite.get(key, 0)) for suite in suites) for key in ("tests", "failures", "errors", "skipped")}
+    counts = {key: sum(int(suite.get(key, 0)) for suite in suites)
+              for key in ("tests", "failures", "errors", "skipped")}
     failures = [f"{case.get('classname')}::{case.get('name')}" for suite in suites for case in suite.iter("testcase")
                 if case.find("failure") is not None or case.find("error") is not None]
     return {"passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
@@ -256,7 +257,8 @@ def summary_line(gpu, tests, headline, sanitizers, steps, seconds):
     sanitizer_part = ", ".join(f"{name} {result['status']}" for name, result in sanitizers.items()) or "sanitizers n/a"
     bad = [f"{name} {step['status']}" for name, step in steps.items() if step["status"] != "ok"]
     step_part = "steps: all ok" if not bad else "steps: " + ", ".join(bad)
-    return f"GPU CHECK {gpu or 'unknown GPU'} | {test_part} | {bench_part} | {sanitizer_part} | {step_part} | {seconds:.0f} s"
+    parts = [f"GPU CHECK {gpu or 'unknown GPU'}", test_part, bench_part, sanitizer_part, step_part, f"{seconds:.0f} s"]
+    return " | ".join(parts)
 
 
 def passed(tests, sanitizers, steps):
@@ -433,8 +435,9 @@ def run_sanitizer(tool, limit, args, paths, env, log, say):
             text.write(f"== {tool}: {' '.join(argv)}\n")
             result = run_step(argv, limit - (time.monotonic() - start), [log, text], echo=False, env=env)
             said = "\n".join(result["tail"])
-            if not (padding and "padding" in said.lower() and "SUMMARY" not in said and result["status"] != "timed out"):
-                break                                          # (an older sanitizer without --padding: once more without)
+            unknown_padding = "padding" in said.lower() and "SUMMARY" not in said and result["status"] != "timed out"
+            if not (padding and unknown_padding):
+                break                                          # else a sanitizer without --padding: once more
     for line in result["tail"][-6:]:
         say(line)
     result["sanitizer"] = "timed out" if result["status"] == "timed out" else "ran"
@@ -448,7 +451,8 @@ STEP_RUNNERS = {"info": run_info, "tests": run_tests, "bench": run_bench}
 
 def finish(paths, steps, seconds, say):
     log_text = read_text(paths["tests.txt"])
-    tests = tests_result(paths["tests.xml"], log_text) if "tests" in steps and steps["tests"]["status"] != "not run" else None
+    ran_tests = "tests" in steps and steps["tests"]["status"] != "not run"
+    tests = tests_result(paths["tests.xml"], log_text) if ran_tests else None
     report = read_json(paths["bench.json"])
     headline = bench_headline(report)
     sections = sanitizer_sections(read_text(paths["sanitizer.txt"]))
@@ -555,8 +559,9 @@ def info():
     def cuda_version(number):
         return f"{number // 1000}.{number % 1000 // 10}"
 
+    nvrtc = ".".join(map(str, cupy.cuda.nvrtc.getVersion()))
     print(f"CuPy {cupy.__version__}; CUDA driver API {cuda_version(runtime.driverGetVersion())}, "
-          f"runtime {cuda_version(runtime.runtimeGetVersion())}, NVRTC {'.'.join(map(str, cupy.cuda.nvrtc.getVersion()))}")
+          f"runtime {cuda_version(runtime.runtimeGetVersion())}, NVRTC {nvrtc}")
     try:
         import torch
         print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, sees a GPU: {torch.cuda.is_available()})")
@@ -600,7 +605,8 @@ def info():
         print(f"{kernel_name:<24} {regs:>4} {local:>7} {static:>8} {shared:>9} {threads:>7} "
               f"{kernel.max_threads_per_block:>7} | {active:>9} | {limits['registers']!s:>7} {limits['shared']!s:>7} "
               f"{limits['threads']!s:>6}" + ("  <- spills to local memory" if local else "")
-              + ("  <- max_threads_per_block below the launch's block" if kernel.max_threads_per_block < threads else ""))
+              + ("  <- its max_threads_per_block is below the launch's" if kernel.max_threads_per_block < threads
+                 else ""))
     return 0
 
 
