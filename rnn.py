@@ -37,8 +37,8 @@ here trains with). Runs on NumPy or CuPy arrays unchanged.
 import numpy as np
 
 from training import (adam_init, adam_step, check_cache, check_ids, check_upstream, clip_gradients,
-                      cross_entropy_backward, cross_entropy_forward, embedding_backward, embedding_forward,
-                      get_xp, log_softmax)
+                      cross_entropy_backward, cross_entropy_forward, describe, embedding_backward,
+                      embedding_forward, get_xp, log_softmax)
 
 
 def sigmoid(a):
@@ -313,6 +313,7 @@ def cell_backward(cell, dhs, cache, dstate=None):
     dstate: gradient of the final state tuple, or None. The final h is hs[:, -1], so its gradient
     joins dhs[:, -1] (one array used twice: the gradients add).
     """
+    _check_cell(cell)
     if dstate is not None:
         _check_state(cell, dstate, "dstate")
         hs = cache["hs"] if isinstance(cache, dict) and "hs" in cache else None
@@ -344,14 +345,17 @@ def hidden_jacobian_norms(cell, x, params):
     """
     _check_cell(cell)
     if not hasattr(x, "dtype") or x.dtype.kind != "f":
-        raise TypeError(f"x must be a floating-point array, got {_describe(x)}")
+        raise TypeError(f"x must be a floating-point array, got {describe(x)}")
     if x.ndim != 2:
         raise ValueError(f"x must have shape (T, D), got {x.shape}")
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
     xp = get_xp(x)
     T, D = x.shape
-    Hd = params["W_hh" if cell == "rnn" else "W_h"].shape[0]
+    key = "W_hh" if cell == "rnn" else "W_h"
+    if key not in params:
+        raise ValueError(f"params must be {cell!r} parameters (with {key!r}), got keys {sorted(map(str, params))}")
+    Hd = params[key].shape[0]
     states = [zero_state(cell, B=Hd, Hd=Hd, xp=xp, dtype=x.dtype)]  # states[t]: after t steps; a batch of Hd copies
     caches = []
     for t in range(T):
@@ -392,6 +396,8 @@ def init_char_lm(V, E, Hd, rng, cell="lstm", dtype=np.float32):
     """{'embed' (V, E), 'core': <cell params>, 'W_out' (Hd, V), 'b_out' (V,)}."""
     _check_count("V", V, 1)
     _check_count("E", E, 1)
+    _check_init(E, Hd, rng, dtype)
+    _check_cell(cell)
     return {"embed": (0.1 * rng.standard_normal((V, E))).astype(dtype),
             "core": init_cell(cell, E, Hd, rng, dtype),
             "W_out": _uniform(rng, (Hd, V), Hd, dtype), "b_out": np.zeros(V, dtype=dtype)}
@@ -419,6 +425,7 @@ def char_lm_forward(ids, targets, params, cell="lstm"):
 
 def char_lm_backward(cache):
     """Gradient tree of char_lm_forward's loss with respect to params (same keys)."""
+    check_cache(cache, "char_lm_forward", {"embed", "core", "hs", "loss", "params", "cell"})
     params, hs = cache["params"], cache["hs"]
     dlogits = cross_entropy_backward(cache["loss"])            # (B, T, V)
     dhs = dlogits @ params["W_out"].T                          # (B, T, Hd)
@@ -435,6 +442,7 @@ def sample_chars(params, first_id, n, rng, cell="lstm", temperature=1.0):
     Each id is drawn from softmax(logits / temperature): temperature -> 0 picks the most likely one.
     """
     V = _check_char_lm(params)
+    _check_rng(rng)
     _check_count("n", n, 0)
     _check_count("first_id", first_id, 0)
     if first_id >= V:
@@ -458,11 +466,6 @@ def sample_chars(params, first_id, n, rng, cell="lstm", temperature=1.0):
 # Input checks (below the math they guard): ValueError / TypeError "{name} must be {need}, got {got}"
 
 
-def _describe(a):
-    """What a bad argument was, for an error message: dtype and shape of an array, else its type."""
-    return f"{a.dtype} array of shape {a.shape}" if hasattr(a, "dtype") and hasattr(a, "shape") else type(a).__name__
-
-
 def _check_count(name, value, low):
     """A size or count: a Python or NumPy integer (not a bool) >= low."""
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
@@ -479,10 +482,14 @@ def _check_init(D, Hd, rng, dtype):
     """The arguments every init_* takes: D >= 0 (an empty input is allowed), Hd >= 1, a Generator, a float dtype."""
     _check_count("D", D, 0)
     _check_count("Hd", Hd, 1)
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+    _check_rng(rng)
     if not isinstance(dtype, (type, np.dtype)) or np.dtype(dtype).kind != "f":
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}")
+
+
+def _check_rng(rng):
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
 
 
 def _check_state(cell, state, name="state"):
@@ -503,7 +510,7 @@ def _check_inputs(x, h0, params, shapes, c0=False):
     arrays = [("x", x), ("h0", h0)] + ([("c0", c0)] if c0 is not False else [])
     for name, a in arrays:
         if not hasattr(a, "dtype") or a.dtype.kind != "f":
-            raise TypeError(f"{name} must be a floating-point array, got {_describe(a) if a is not None else None}")
+            raise TypeError(f"{name} must be a floating-point array, got {describe(a) if a is not None else None}")
     for name, a in arrays[1:]:
         if a.dtype != x.dtype:
             raise TypeError(f"{name} must have dtype {x.dtype} (x's), got {a.dtype}")
@@ -539,12 +546,12 @@ def _check_char_lm(params):
         raise TypeError(f"params must be init_char_lm's dict (keys {sorted(keys)}), got {got}")
     embed, W_out, b_out = params["embed"], params["W_out"], params["b_out"]
     if not hasattr(embed, "shape") or embed.ndim != 2:
-        raise ValueError(f"params['embed'] must be an array (V, E), got {_describe(embed)}")
+        raise ValueError(f"params['embed'] must be an array (V, E), got {describe(embed)}")
     V = embed.shape[0]
     if not hasattr(W_out, "shape") or W_out.ndim != 2 or W_out.shape[1] != V:
-        raise ValueError(f"params['W_out'] must be an array (Hd, V) with V = {V}, got {_describe(W_out)}")
+        raise ValueError(f"params['W_out'] must be an array (Hd, V) with V = {V}, got {describe(W_out)}")
     if not hasattr(b_out, "shape") or b_out.shape != (V,):
-        raise ValueError(f"params['b_out'] must be an array of shape ({V},), got {_describe(b_out)}")
+        raise ValueError(f"params['b_out'] must be an array of shape ({V},), got {describe(b_out)}")
     for key in ("W_out", "b_out"):
         if params[key].dtype != embed.dtype:
             raise TypeError(f"params[{key!r}] must have dtype {embed.dtype} (embed's), got {params[key].dtype}")

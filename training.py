@@ -24,7 +24,7 @@ warm-up and cosine decay, Loshchilov & Hutter 2016 (arXiv:1608.03983), Goyal et 
 Cross-entropy equals torch.nn.functional.cross_entropy (its ignore_index and label_smoothing included) and
 adam_step equals torch.optim.AdamW step for step; tests/test_training.py checks both where torch is installed.
 
-The input checks every model file shares live here too (check_ids, check_upstream, check_cache): bad
+The input checks every model file shares live here too (check_ids, check_upstream, check_cache, describe): bad
 input raises ValueError or TypeError worded "{name} must be {need}, got {got}".
 
 Shapes: B batch, T time steps (tokens), V vocabulary, E embedding width.
@@ -200,8 +200,10 @@ def clip_gradients(grads, max_norm):
     torch.nn.utils.clip_grad_norm_, except that torch divides by norm + 1e-6 (to survive norm = 0, handled
     here directly), so the two differ by a relative 1e-6 / norm when clipping.
     """
-    if not isinstance(max_norm, (int, float)) or isinstance(max_norm, bool) or not max_norm > 0:
-        raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
+    _check_number("max_norm", max_norm, lambda v: v > 0, "a positive number")
+    for leaf in tree_leaves(grads):
+        if not hasattr(leaf, "dtype") or leaf.dtype.kind != "f":
+            raise TypeError(f"grads must be a tree of floating-point arrays, got a leaf {describe(leaf)}")
     norm = sum(float((g * g).sum()) for g in tree_leaves(grads)) ** 0.5
     scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
     return tree_map(lambda g: g * g.dtype.type(scale), grads), norm
@@ -238,6 +240,14 @@ def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, w
     every leaf, as torch does for a single parameter group.
     Returns new (params, state); nothing is modified. float32 params stay float32.
     """
+    _check_number("lr", lr, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    _check_number("beta1", beta1, lambda v: 0 <= v < 1, "in [0, 1)")
+    _check_number("beta2", beta2, lambda v: 0 <= v < 1, "in [0, 1)")
+    _check_number("eps", eps, lambda v: 0 < v < math.inf, "a positive finite number")
+    _check_number("weight_decay", weight_decay, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    if not isinstance(state, dict) or set(state) != {"m", "v", "t"}:
+        got = f"keys {sorted(state)}" if isinstance(state, dict) else type(state).__name__
+        raise TypeError(f"state must be the dict adam_init or adam_step returned (keys ['m', 't', 'v']), got {got}")
     decay = tree_map(lambda p: True, params) if decay is None else decay
     tree_map(_check_gradient_leaf, params, grads)
     t = state["t"] + 1
@@ -268,7 +278,9 @@ def lr_schedule(step, max_lr, warmup_steps, total_steps, min_lr=0.0):
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if total_steps < warmup_steps:
         raise ValueError(f"total_steps must be >= warmup_steps = {warmup_steps}, got {total_steps}")
-    if not 0 <= min_lr <= max_lr:
+    _check_number("max_lr", max_lr, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    _check_number("min_lr", min_lr, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    if not min_lr <= max_lr:
         raise ValueError(f"min_lr must be in [0, max_lr = {max_lr}], got {min_lr}")
     if step < warmup_steps:
         return max_lr * step / warmup_steps
@@ -317,6 +329,17 @@ def check_cache(cache, forward, keys):
         raise TypeError(f"cache must be the dict {forward} returned (keys {sorted(keys)}), got {got}")
 
 
+def _check_number(name, value, ok, need):
+    """A hyperparameter: a real number (not a bool, not an array) for which ok(value) holds (nan never does)."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool) or not ok(value):
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def describe(a):
+    """What a bad argument was, for an error message: dtype and shape of an array, else its type."""
+    return f"{a.dtype} array of shape {a.shape}" if hasattr(a, "dtype") and hasattr(a, "shape") else type(a).__name__
+
+
 def _check_gradient_leaf(p, g):
     if not hasattr(g, "dtype") or g.shape != p.shape or g.dtype != p.dtype:
         got = f"{g.dtype} {g.shape}" if hasattr(g, "dtype") else type(g).__name__
@@ -333,8 +356,7 @@ def _check_cross_entropy_inputs(logits, targets, ignore_index, label_smoothing):
         raise ValueError(f"targets must have shape {logits.shape[:-1]} (logits without V), got {targets.shape}")
     if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
-    if not isinstance(label_smoothing, (int, float, np.floating)) or not 0 <= label_smoothing <= 1:
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    _check_number("label_smoothing", label_smoothing, lambda v: 0 <= v <= 1, "a number in [0, 1]")
     V = logits.shape[-1]
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))   # (...) out of range, not ignored
     if bool(bad.any()):

@@ -271,6 +271,8 @@ def test_backward_refuses_an_upstream_gradient_of_another_shape_or_dtype_or_anot
         backward(hs, other_cache)
     with pytest.raises(TypeError, match=r"cache must be the dict .*_forward returned .*, got tuple"):
         backward(hs, tuple(cache.values()))
+    with pytest.raises(ValueError, match="cell must be 'rnn', 'lstm' or 'gru', got 'foo'"):
+        rnn.cell_backward("foo", hs, cache)
 
 
 def test_lstm_backward_refuses_a_final_cell_gradient_of_another_shape_or_dtype():
@@ -323,6 +325,12 @@ def test_cell_names_and_state_sizes_are_checked():
         rnn.hidden_jacobian_norms("lstm", x, params)
     with pytest.raises(TypeError, match=r"x must be a floating-point array, got int64"):
         rnn.hidden_jacobian_norms("lstm", x[0].astype(np.int64), params)
+    with pytest.raises(ValueError, match=r"params must be 'rnn' parameters \(with 'W_hh'\), got keys \['W_h', 'W_x', 'b'\]"):
+        rnn.hidden_jacobian_norms("rnn", x[0], params)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        rnn.init_char_lm(5, 3, 4, np.random.RandomState(0))
+    with pytest.raises(ValueError, match="cell must be 'rnn', 'lstm' or 'gru', got 'GRU'"):
+        rnn.init_char_lm(5, 3, 4, np.random.default_rng(0), "GRU")
     with pytest.raises(TypeError, match="forget_bias must be a finite number, got nan"):
         rnn.init_lstm(3, 4, np.random.default_rng(0), forget_bias=float("nan"))
 
@@ -495,3 +503,7 @@ def test_char_lm_and_sampling_refuse_bad_params_and_arguments():
             rnn.sample_chars(params, 0, 3, np.random.default_rng(0), "gru", temperature=temperature)
     with pytest.raises(ValueError, match="V must be an integer >= 1, got 0"):
         rnn.init_char_lm(0, 3, 4, np.random.default_rng(0))
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        rnn.sample_chars(params, 0, 3, 0, "gru")
+    with pytest.raises(TypeError, match=r"cache must be the dict char_lm_forward returned .*, got tuple"):
+        rnn.char_lm_backward((ids, targets))

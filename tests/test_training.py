@@ -240,6 +240,13 @@ def test_clip_gradients_refuses_a_max_norm_that_is_not_positive(max_norm):
         training.clip_gradients({"a": np.ones(2)}, max_norm)
 
 
+def test_clip_gradients_refuses_leaves_that_are_not_float_arrays():
+    with pytest.raises(TypeError, match="grads must be a tree of floating-point arrays, got a leaf NoneType"):
+        training.clip_gradients({"a": None}, 1.0)
+    with pytest.raises(TypeError, match="got a leaf int64 array of shape"):
+        training.clip_gradients([np.ones(2, dtype=np.int64)], 1.0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Adam and AdamW
 
@@ -293,6 +300,20 @@ def test_adam_step_changes_nothing_it_is_given_and_keeps_float32(xp):
     assert all(leaf.dtype == np.float32 for leaf in training.tree_leaves((new, new_state["m"], new_state["v"])))
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("lr", float("nan"), "lr must be a finite number >= 0, got nan"),
+    ("lr", -1e-3, "lr must be a finite number >= 0, got -0.001"),
+    ("beta1", 1.0, r"beta1 must be in \[0, 1\), got 1.0"),
+    ("beta2", -0.1, r"beta2 must be in \[0, 1\), got -0.1"),
+    ("eps", 0.0, "eps must be a positive finite number, got 0.0"),
+    ("weight_decay", "0.1", "weight_decay must be a finite number >= 0, got '0.1'"),
+])
+def test_adam_refuses_hyperparameters_out_of_range(option, value, message):
+    params = {"W": np.zeros((2, 2))}
+    with pytest.raises(ValueError, match=message):
+        training.adam_step(params, params, training.adam_init(params), **{option: value})
+
+
 def test_adam_refuses_grads_that_do_not_mirror_params():
     params = {"W": np.zeros((2, 2)), "b": np.zeros(2)}
     state = training.adam_init(params)
@@ -302,6 +323,8 @@ def test_adam_refuses_grads_that_do_not_mirror_params():
         training.adam_step(params, {"W": np.zeros((2, 2)), "b": np.zeros(3)}, state)
     with pytest.raises(ValueError, match=r"grads must mirror params leaf by leaf: need float64 \(2,\), got float32"):
         training.adam_step(params, {"W": np.zeros((2, 2)), "b": np.zeros(2, dtype=np.float32)}, state)
+    with pytest.raises(TypeError, match=r"state must be the dict adam_init or adam_step returned .*, got NoneType"):
+        training.adam_step(params, params, None)
     with pytest.raises(ValueError, match="a list of length 2, got length 1"):
         training.tree_map(lambda a, b: a, [1, 2], [1])
 
@@ -357,7 +380,9 @@ def test_schedule_warms_up_linearly_then_decays_along_a_cosine_to_min_lr():
     ((1, 1.0, -2, 100), "warmup_steps must be an integer >= 0, got -2"),
     ((1, 1.0, 10, 5), "total_steps must be >= warmup_steps = 10, got 5"),
     ((1, 1.0, 10, 100, 2.0), r"min_lr must be in \[0, max_lr = 1.0\], got 2.0"),
-    ((1, 1.0, 10, 100, -0.1), r"min_lr must be in \[0, max_lr = 1.0\], got -0.1"),
+    ((1, 1.0, 10, 100, -0.1), r"min_lr must be a finite number >= 0, got -0.1"),
+    ((1, "1", 10, 100), r"max_lr must be a finite number >= 0, got '1'"),
+    ((1, float("nan"), 10, 100), r"max_lr must be a finite number >= 0, got nan"),
 ])
 def test_schedule_refuses_bad_input(args, message):
     with pytest.raises(ValueError, match=message):
