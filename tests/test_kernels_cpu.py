@@ -168,6 +168,10 @@ def test_arguments_that_do_not_match_the_kernel_raise_naming_them(examples):
 # flash.py's kernels
 
 
+def test_the_shim_runs_flashs_own_launch_records():
+    assert cpu_cuda.Launch is flash.Launch                     # one definition: what CuPy and the shim run
+
+
 def misaligned(x):
     """x's values in a C-contiguous view that starts 4 bytes past a 16-byte boundary (no float4 loads)."""
     buffer = np.empty(x.size + 1, dtype=np.float32)
