@@ -291,7 +291,8 @@ _KERNEL_TEMPLATE = string.Template(r"""
 //         alpha = exp(m - m_new);  l = alpha * l + rowsum(P);  O = alpha * O + P V_j;  m = m_new
 //     O_i = O / l,  lse_i = m + log(l)                 (no allowed key: O_i = 0, lse_i = -inf)
 // Backward by recomputation, in three kernels:
-//     flash_backward_delta:  delta = rowsum(dO * O)
+//     flash_backward_delta:  delta = rowsum(dO * O)   (at saturated logits this leaves dS a rounding
+//                            residue: see "Accuracy in float32" in flash.py's docstring)
 //     flash_backward_dq:     one block per query tile Q_i, over key tiles K_j:
 //                            P = exp(S - lse), dP = dO V^T, dS = P * (dP - delta), dQ_i += dS K_j * scale
 //     flash_backward_dkdv:   one block per key tile K_j, over query tiles Q_i:
