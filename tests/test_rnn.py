@@ -1,8 +1,6 @@
 """Tests for rnn.py: BPTT gradients, agreement with torch.nn.RNN/LSTM/GRU, causality, the gradient-norm
 measurement and the character model (training.py's tools have tests/test_training.py)."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ from hypothesis import strategies as st
 import rnn
 import training
 from gradcheck import check_gradients, random_like
+from helpers import run_demo
 
 CELLS = ["rnn", "lstm", "gru"]
 
@@ -477,12 +476,10 @@ def test_char_lm_rejects_float_ids_out_of_range_ids_and_mismatched_targets():
 
 
 def test_demo_runs_and_checks_its_measurements(tmp_path):
-    # python rnn.py: trains the char LSTM and prints the gradient-norm table, asserting both (3 s idle).
+    # python rnn.py: trains the char LSTM and prints the gradient-norm table, asserting both (about 5 s of CPU).
     # The figure (saved only where matplotlib is installed) goes to a temporary folder, not the repository.
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rnn.py")
-    result = subprocess.run([sys.executable, script, "--figure", str(tmp_path / "norms.png")], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300, env=dict(os.environ, MPLBACKEND="Agg"))
-    assert result.returncode == 0, result.stderr
+    result = run_demo("rnn.py", "--figure", tmp_path / "norms.png", cwd=tmp_path, timeout=300,
+                      env=dict(os.environ, MPLBACKEND="Agg"))
     assert "How much gradient reaches h_t from h_T" in result.stdout
 
 
