@@ -29,6 +29,7 @@ Shapes: N sentences, B batch, L padded sentence length, V vocabulary.
 import itertools
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -254,15 +255,19 @@ def swap_exact_match(params, config, sentences, data):
     return float(np.mean([out == swap_subject_object(s) for s, out in zip(sentences, outputs)]))
 
 
-def fresh_model(kind, data, seed):
-    """(params, config) of an untrained model_config(kind, data), float32, drawn from seed."""
+def train_and_measure(kind, data, steps, seed, measure):
+    """A fresh float32 model_config(kind, data) drawn from seed, measure(params, config) before and after
+    `steps` of train. Returns (before, after, losses, seconds spent training)."""
     config = model_config(kind, data)
-    return init_transformer(config, np.random.default_rng(seed), np.float32), config
+    params = init_transformer(config, np.random.default_rng(seed), np.float32)
+    before, start = measure(params, config), time.perf_counter()
+    params, losses = train(params, config, shape_batches(kind, data), steps, seed)
+    seconds = time.perf_counter() - start
+    return before, measure(params, config), losses, seconds
 
 
 if __name__ == "__main__":
     import argparse
-    import time
 
     parser = argparse.ArgumentParser(description="BERT, GPT and an encoder-decoder trained on the same grammar.")
     parser.add_argument("--steps", type=int, default=300, help="training steps per model")
@@ -279,46 +284,42 @@ if __name__ == "__main__":
           f"per stack, pre-LN, GELU, sinusoidal positions, float32; {args.steps} AdamW steps of 32 sentences.")
 
     print("\n1. BERT (encoder): fill in a masked word of a held-out sentence")
-    params, config = fresh_model("encoder", data, args.seed)
-    before = bert_scores(params, config, data["held_out"], data)
-    start = time.perf_counter()
-    params, losses = train(params, config, shape_batches("encoder", data), args.steps, args.seed)
-    after = bert_scores(params, config, data["held_out"], data)
-    print(f"   loss {losses[0]:.2f} -> {np.mean(losses[-50:]):.2f} nats per masked word "
-          f"({time.perf_counter() - start:.1f} s)")
-    print(f"   masked-word accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
-          f"(best possible {after['best']:.3f}: where any of k words fit, 1/k);  "
-          f"guess fits the grammar {before['grammatical']:.3f} -> {after['grammatical']:.3f}")
     examples = [("the", "cat", "[MASK]", "the", "ball", "."), ("the", "[MASK]", "sees", "the", "moon", "today", "."),
                 ("my", "sister", "likes", "[MASK]", "red", "fish", "."),
                 ("a", "dog", "hears", "the", "little", "boat", "[MASK]", "night", ".")]
-    positions = np.array([sentence.index("[MASK]") for sentence in examples])
-    probs = masked_word_probs(params, config, encode(examples, data["ids"], data["length"]), positions)
-    for sentence, p in zip(examples, probs):
+
+    def measure_bert(params, config):
+        positions = np.array([sentence.index("[MASK]") for sentence in examples])
+        probs = masked_word_probs(params, config, encode(examples, data["ids"], data["length"]), positions)
+        return {**bert_scores(params, config, data["held_out"], data), "examples": probs}
+
+    before, after, losses, seconds = train_and_measure("encoder", data, args.steps, args.seed, measure_bert)
+    print(f"   loss {losses[0]:.2f} -> {np.mean(losses[-50:]):.2f} nats per masked word ({seconds:.1f} s)")
+    print(f"   masked-word accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
+          f"(best possible {after['best']:.3f}: where any of k words fit, 1/k);  "
+          f"guess fits the grammar {before['grammatical']:.3f} -> {after['grammatical']:.3f}")
+    for sentence, p in zip(examples, after["examples"]):
         top = np.argsort(p)[::-1][:3]
         print(f"   {' '.join(sentence):40s} -> " + ", ".join(f"{data['vocab'][v]} {p[v]:.2f}" for v in top))
     assert after["accuracy"] > 0.9 * after["best"] and after["grammatical"] > 0.95, after
     assert before["accuracy"] < 0.2 and before["grammatical"] < 0.3, before   # one word always: about 0.13
 
     print("\n2. GPT (decoder): continue a prompt; 200 samples from [BOS] at temperature 1, and greedy")
-    params, config = fresh_model("decoder", data, args.seed)
     prompts = (("the", "cat"), ("my", "sister", "hears"), ("a", "small", "bird", "draws", "the"))
-    results = {}
-    for stage in ("before", "after"):
-        if stage == "after":
-            start = time.perf_counter()
-            params, losses = train(params, config, shape_batches("decoder", data), args.steps, args.seed)
-            entropy = np.log(data["language_size"]) / np.mean([len(s) + 1 for s in language()])   # + [EOS]
-            print(f"   loss {losses[0]:.2f} -> {np.mean(losses[-50:]):.2f} nats per word "
-                  f"({time.perf_counter() - start:.1f} s); the grammar's own entropy (what knowing the grammar "
-                  f"exactly scores on fresh text): {entropy:.2f}")
+
+    def measure_gpt(params, config):
         samples = gpt_samples(params, config, 200, args.seed)
-        results[stage] = gpt_scores(samples, data)
-        print(f"   {stage} training, sampled: " + " | ".join(show(row, data["vocab"]) for row in samples[:3]))
-        for prompt in prompts:
-            print(f"   {stage} training, greedy:  {' '.join(prompt):24s} -> "
-                  f"{show(continue_prompt(params, config, data, prompt), data['vocab'])}")
-    before, after = results["before"], results["after"]
+        greedy = [continue_prompt(params, config, data, prompt) for prompt in prompts]
+        return {**gpt_scores(samples, data), "samples": samples[:3], "greedy": greedy}
+
+    before, after, losses, seconds = train_and_measure("decoder", data, args.steps, args.seed, measure_gpt)
+    entropy = np.log(data["language_size"]) / np.mean([len(s) + 1 for s in language()])   # words + [EOS]
+    for stage, result in (("before", before), ("after", after)):
+        print(f"   {stage} training, sampled: " + " | ".join(show(row, data["vocab"]) for row in result["samples"]))
+        for prompt, row in zip(prompts, result["greedy"]):
+            print(f"   {stage} training, greedy:  {' '.join(prompt):24s} -> {show(row, data['vocab'])}")
+    print(f"   loss {losses[0]:.2f} -> {np.mean(losses[-50:]):.2f} nats per word ({seconds:.1f} s); the grammar's "
+          f"own entropy (what knowing the grammar exactly scores on fresh text): {entropy:.2f}")
     print(f"   samples the grammar accepts {before['grammatical']:.3f} -> {after['grammatical']:.3f}; accepted "
           f"and not in the training text: {after['novel']:.3f} (the held-out share of the grammar is "
           f"{len(data['held_out']) / data['language_size']:.3f})")
@@ -326,15 +327,15 @@ if __name__ == "__main__":
     assert after["novel"] > 0.05, "the model should make new sentences, not only repeat the training text"
 
     print("\n3. Encoder-decoder: swap subject and object, greedy decoding of held-out sentences")
-    params, config = fresh_model("encoder-decoder", data, args.seed)
-    before = swap_exact_match(params, config, data["held_out"], data)
-    start = time.perf_counter()
-    params, losses = train(params, config, shape_batches("encoder-decoder", data), args.steps, args.seed)
-    after = swap_exact_match(params, config, data["held_out"], data)
-    print(f"   loss {losses[0]:.2f} -> {np.mean(losses[-50:]):.3f} nats per word "
-          f"({time.perf_counter() - start:.1f} s)")
-    print(f"   exact match {before:.3f} -> {after:.3f} on {len(data['held_out'])} held-out sentences")
     shown = data["held_out"][::len(data["held_out"]) // 3][:3]
-    for sentence, out in zip(shown, translate(params, config, shown, data)):
+
+    def measure_swap(params, config):
+        return swap_exact_match(params, config, data["held_out"], data), translate(params, config, shown, data)
+
+    (before, _), (after, outputs), losses, seconds = train_and_measure("encoder-decoder", data, args.steps,
+                                                                       args.seed, measure_swap)
+    print(f"   loss {losses[0]:.2f} -> {np.mean(losses[-50:]):.3f} nats per word ({seconds:.1f} s)")
+    print(f"   exact match {before:.3f} -> {after:.3f} on {len(data['held_out'])} held-out sentences")
+    for sentence, out in zip(shown, outputs):
         print(f"   {' '.join(sentence):42s} -> {' '.join(out) if out is not None else '(no [EOS])'}")
     assert after > 0.95 and before < 0.05, (before, after)

@@ -88,20 +88,14 @@ def test_each_shape_learns_what_it_is_for_in_a_short_run(data):
     # the swap 1.00 exact; untrained, 0.02 / 0.00 / 0.00. A model that always guesses one word ("the" or
     # ".") gets about 0.13 of masked words right, so the bound 0.2 on "before" says nothing was learned.
     steps, seed, held_out = 100, 0, data["held_out"][::4]     # every 4th: all subjects, not only "the cat"
-    params, config = experiment.fresh_model("encoder", data, seed)
-    before = experiment.bert_scores(params, config, held_out, data)
-    params, _ = experiment.train(params, config, experiment.shape_batches("encoder", data), steps, seed)
-    after = experiment.bert_scores(params, config, held_out, data)
+    before, after, _, _ = experiment.train_and_measure(
+        "encoder", data, steps, seed, lambda params, config: experiment.bert_scores(params, config, held_out, data))
     assert before["accuracy"] < 0.2 and after["accuracy"] > 0.5 and after["grammatical"] > 0.6, (before, after)
-
-    params, config = experiment.fresh_model("decoder", data, seed)
-    before = experiment.gpt_scores(experiment.gpt_samples(params, config, 100, seed), data)
-    params, _ = experiment.train(params, config, experiment.shape_batches("decoder", data), steps, seed)
-    after = experiment.gpt_scores(experiment.gpt_samples(params, config, 100, seed), data)
+    before, after, _, _ = experiment.train_and_measure(
+        "decoder", data, steps, seed,
+        lambda params, config: experiment.gpt_scores(experiment.gpt_samples(params, config, 100, seed), data))
     assert before["grammatical"] < 0.05 and after["grammatical"] > 0.5, (before, after)
-
-    params, config = experiment.fresh_model("encoder-decoder", data, seed)
-    before = experiment.swap_exact_match(params, config, held_out, data)
-    params, _ = experiment.train(params, config, experiment.shape_batches("encoder-decoder", data), steps, seed)
-    after = experiment.swap_exact_match(params, config, held_out, data)
+    before, after, _, _ = experiment.train_and_measure(
+        "encoder-decoder", data, steps, seed,
+        lambda params, config: experiment.swap_exact_match(params, config, held_out, data))
     assert before < 0.05 and after > 0.8, (before, after)
