@@ -167,7 +167,8 @@ def multihead_backward(dout, cache):
     # out = concat W_o + b_o
     dconcat, grads["W_o"], grads["b_o"] = _linear_backward(dout, cache["concat"], params["W_o"])  # (B, T, D)
     # concat = merge_heads(heads), heads = attention(q, k, v): one batched backward for all heads
-    dq, dk, dv = attention_backward(split_heads(dconcat, n_heads), cache["attn"])  # dq (B, H, T, Dh), dk, dv (B, H, S, Dh)
+    dheads = split_heads(dconcat, n_heads)                             # (B, H, T, Dh)
+    dq, dk, dv = attention_backward(dheads, cache["attn"])             # dq (B, H, T, Dh), dk, dv (B, H, S, Dh)
     if cache["rope_q"] is not None:
         dq = rope_backward(dq, cache["rope_q"])                        # (B, H, T, Dh) rotate back
         dk = rope_backward(dk, cache["rope_k"])                        # (B, H, S, Dh)

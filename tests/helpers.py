@@ -6,6 +6,8 @@
   numpy.random.Generator and moved to `xp`, so NumPy and CuPy runs of a test see the same numbers.
 - `run_demo(path, *args, timeout=60)`: run a file as `python path args...` from ROOT, assert it exits 0
   (its own asserts hold), and return the CompletedProcess for checking what it printed.
+- `with_examples(argument, values, **others)`: one hypothesis @example per value, to pin the edges a
+  property test must always try (T < S, T > S, one token, ...) whatever hypothesis draws.
 
 Test files import from here (and from gradcheck.py), never from each other.
 """
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from hypothesis import example
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,3 +43,16 @@ def run_demo(path, *args, timeout=60, cwd=None, env=None):
     assert result.returncode == 0, (f"{' '.join(command)} exited with {result.returncode}\n"
                                     f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}")
     return result
+
+
+def with_examples(argument, values, **others):
+    """Decorate a @given test with one @example per value of `argument`, the other arguments set to `others`.
+
+    Hypothesis runs explicit examples on every run, before what it draws, so the edges listed here are
+    always tried.
+    """
+    def decorate(test):
+        for value in values:
+            test = example(**{argument: value}, **others)(test)
+        return test
+    return decorate

@@ -7,16 +7,17 @@ time. Outputs are compared with an independent float64 reference (below), gradie
 differences in float64 with a random upstream gradient, and with PyTorch's scaled_dot_product_attention
 where PyTorch is installed (every claim is also caught without it).
 """
+import functools
 import math
 import warnings
 
 import numpy as np
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import given, strategies as st
 
 from attention import attention_backward, attention_forward, causal_mask, softmax, softmax_backward
 from gradcheck import check_gradients, random_like
-from helpers import random_array, run_demo, to_numpy
+from helpers import random_array, run_demo, to_numpy, with_examples
 
 seeds = st.integers(0, 2**32 - 1)
 dtypes = st.sampled_from([np.float32, np.float64])
@@ -189,20 +190,12 @@ def random_qkv(xp, rng, lead, T, S, Dk, Dv, dtype=np.float64):
 
 # The edges where a wrong alignment or a wrong width shows: T < S, T > S, one token, Dk != Dv.
 EDGE_PROBLEMS = [((), 2, 7, 3, 5), ((2,), 6, 2, 1, 4), ((), 1, 1, 1, 1), ((2, 1), 3, 3, 4, 2)]
-
-
-def with_edge_examples(**options):
-    """@example decorators for EDGE_PROBLEMS (as `problem`), with `options` for the other arguments."""
-    def decorate(test):
-        for problem in EDGE_PROBLEMS:
-            test = example(problem=problem, **options)(test)
-        return test
-    return decorate
+at_the_edges = functools.partial(with_examples, "problem", EDGE_PROBLEMS)   # @example for each, other arguments given
 
 
 @given(problem=attention_problems(), seed=seeds, dtype=dtypes, use_mask=st.booleans(),
        causal=st.booleans(), use_bias=st.booleans())
-@with_edge_examples(seed=0, dtype=np.float32, use_mask=True, causal=True, use_bias=True)
+@at_the_edges(seed=0, dtype=np.float32, use_mask=True, causal=True, use_bias=True)
 def test_attention_weights_are_non_negative_allowed_rows_sum_to_one_masked_entries_are_zero(
         xp, problem, seed, dtype, use_mask, causal, use_bias):
     lead, T, S, Dk, Dv = problem
@@ -245,8 +238,8 @@ def reference_attention(q, k, v, allowed, bias=None, scale=None):
 
 @given(problem=attention_problems(), seed=seeds, dtype=dtypes, use_mask=st.booleans(), causal=st.booleans(),
        use_bias=st.booleans(), scale=st.one_of(st.none(), st.floats(0.1, 2.0)))
-@with_edge_examples(seed=0, dtype=np.float64, use_mask=True, causal=True, use_bias=True, scale=None)
-@with_edge_examples(seed=1, dtype=np.float32, use_mask=False, causal=False, use_bias=False, scale=None)
+@at_the_edges(seed=0, dtype=np.float64, use_mask=True, causal=True, use_bias=True, scale=None)
+@at_the_edges(seed=1, dtype=np.float32, use_mask=False, causal=False, use_bias=False, scale=None)
 def test_output_equals_the_formula_computed_independently(xp, problem, seed, dtype, use_mask, causal,
                                                          use_bias, scale):
     lead, T, S, Dk, Dv = problem
@@ -393,8 +386,8 @@ def test_causal_self_attention_gradient_of_earlier_tokens_wrt_later_tokens_is_ex
 
 @given(problem=attention_problems(), seed=seeds, dtype=dtypes, per_batch=st.booleans(), causal=st.booleans(),
        filler=st.sampled_from(["random", "nan", "inf"]))
-@with_edge_examples(seed=2, dtype=np.float64, per_batch=True, causal=True, filler="nan")
-@with_edge_examples(seed=3, dtype=np.float32, per_batch=False, causal=False, filler="inf")
+@at_the_edges(seed=2, dtype=np.float64, per_batch=True, causal=True, filler="nan")
+@at_the_edges(seed=3, dtype=np.float32, per_batch=False, causal=False, filler="inf")
 def test_keys_no_query_may_attend_change_nothing_even_holding_nan_or_inf(xp, problem, seed, dtype, per_batch,
                                                                        causal, filler):
     lead, T, S, Dk, Dv = problem
@@ -479,8 +472,8 @@ def attention_loss(q, k, v, dout, **options):
 
 @given(problem=attention_problems(max_len=5, max_width=3), seed=seeds, use_mask=st.booleans(),
        causal=st.booleans(), use_bias=st.booleans(), scale=st.one_of(st.none(), st.floats(0.1, 2.0)))
-@with_edge_examples(seed=0, use_mask=True, causal=True, use_bias=True, scale=None)
-@with_edge_examples(seed=1, use_mask=False, causal=False, use_bias=False, scale=0.7)
+@at_the_edges(seed=0, use_mask=True, causal=True, use_bias=True, scale=None)
+@at_the_edges(seed=1, use_mask=False, causal=False, use_bias=False, scale=0.7)
 def test_attention_gradients_match_finite_differences(xp, problem, seed, use_mask, causal, use_bias, scale):
     lead, T, S, Dk, Dv = problem
     rng = np.random.default_rng(seed)
@@ -644,15 +637,17 @@ FLOAT_ARRAY = r"must be a floating-point array"
 BAD_CALLS = {
     # q, k, v: floating-point arrays
     "q integer": (call_forward(q=zeros((2, 3, 4), np.int64)), TypeError,
-                  r"q must be a floating-point array \(\.\.\., T, Dk\), got \w+ array of dtype int64, shape \(2, 3, 4\)"),
+        r"q must be a floating-point array \(\.\.\., T, Dk\), got \w+ array of dtype int64, shape \(2, 3, 4\)"),
     "q boolean": (call_forward(q=zeros((2, 3, 4), bool)), TypeError, r"q " + FLOAT_ARRAY + r".*dtype bool"),
     "q complex": (call_forward(q=zeros((2, 3, 4), np.complex128)), TypeError, r"q " + FLOAT_ARRAY + r".*complex128"),
     "q a list": (call_forward(q=[[0.0] * 4] * 3), TypeError, r"q " + FLOAT_ARRAY + r".*got list of length 3"),
     "q None": (call_forward(q=None), TypeError, r"q " + FLOAT_ARRAY + r".*got None"),
     "q a number": (call_forward(q=1.0), TypeError, r"q " + FLOAT_ARRAY + r".*got 1\.0"),
-    "k integer": (call_forward(k=zeros((2, 5, 4), np.int32)), TypeError, r"k " + FLOAT_ARRAY + r" \(\.\.\., S, Dk\).*int32"),
+    "k integer": (call_forward(k=zeros((2, 5, 4), np.int32)), TypeError,
+                  r"k " + FLOAT_ARRAY + r" \(\.\.\., S, Dk\).*int32"),
     "k None": (call_forward(k=None), TypeError, r"k " + FLOAT_ARRAY + r".*got None"),
-    "v a list": (call_forward(v=[[1.0] * 6] * 5), TypeError, r"v " + FLOAT_ARRAY + r" \(\.\.\., S, Dv\), got list of length 5"),
+    "v a list": (call_forward(v=[[1.0] * 6] * 5), TypeError,
+                 r"v " + FLOAT_ARRAY + r" \(\.\.\., S, Dv\), got list of length 5"),
     "v boolean": (call_forward(v=zeros((2, 5, 6), bool)), TypeError, r"v " + FLOAT_ARRAY + r".*bool"),
     # ranks and widths
     "q rank 1": (call_forward(q=zeros((4,))), ValueError, r"q must have shape \(\.\.\., length, width\), got \(4,\)"),
@@ -682,7 +677,7 @@ BAD_CALLS = {
     "mask integer 0/1": (call_forward(mask=lambda xp: xp.ones((3, 5), dtype=np.int8)), TypeError,
                          r"mask must be boolean .*got dtype int8"),
     "mask a list": (call_forward(mask=[[True] * 5] * 3), TypeError,
-                    r"mask must be a boolean \(True = may attend\) array broadcastable to \(\.\.\., T, S\), got list of length 3"),
+        r"mask must be a boolean \(True = may attend\) array broadcastable to \(\.\.\., T, S\), got list of length 3"),
     "mask a Python bool": (call_forward(mask=True), TypeError, r"mask must be a boolean .* array .*got True"),
     "mask (S, T) instead of (T, S)": (call_forward(mask=lambda xp: xp.ones((5, 3), dtype=bool)), ValueError,
                                       r"mask must broadcast to \(\.\.\., T, S\) = \(2, 3, 5\), got \(5, 3\)"),
@@ -704,7 +699,8 @@ BAD_CALLS = {
                      r"bias must be floating-point, got dtype bool"),
     "bias a number": (call_forward(bias=1.0), TypeError,
                       r"bias must be a floating-point array broadcastable to \(\.\.\., T, S\), got 1\.0"),
-    "bias a list": (call_forward(bias=[[0.0] * 5] * 3), TypeError, r"bias must be a floating-point array .*got list of length 3"),
+    "bias a list": (call_forward(bias=[[0.0] * 5] * 3), TypeError,
+                    r"bias must be a floating-point array .*got list of length 3"),
     "bias of the wrong shape": (call_forward(bias=zeros((3, 4))), ValueError,
                                 r"bias must broadcast to \(\.\.\., T, S\) = \(2, 3, 5\), got \(3, 4\)"),
     "bias with an extra leading axis": (call_forward(bias=zeros((4, 2, 3, 5))), ValueError,
@@ -722,7 +718,8 @@ BAD_CALLS = {
     "scale 0": (call_forward(scale=0), ValueError, r"scale must be a finite number > 0, got 0"),
     "scale negative": (call_forward(scale=-0.5), ValueError, r"scale must be a finite number > 0, got -0\.5"),
     "scale float32 nan": (call_forward(scale=np.float32("nan")), ValueError, r"scale must be a finite number > 0"),
-    "scale a string": (call_forward(scale="0.5"), TypeError, r"scale must be a number \(or None for 1 / sqrt\(Dk\)\), got '0\.5'"),
+    "scale a string": (call_forward(scale="0.5"), TypeError,
+                       r"scale must be a number \(or None for 1 / sqrt\(Dk\)\), got '0\.5'"),
     "scale True": (call_forward(scale=True), TypeError, r"scale must be a number .*got True"),
     "scale an array": (call_forward(scale=lambda xp: xp.ones(1)), TypeError, r"scale must be a number .*got \w+ array"),
     "scale complex": (call_forward(scale=1j), TypeError, r"scale must be a number .*got 1j"),
@@ -741,18 +738,21 @@ BAD_CALLS = {
                         r"dout must have shape \(2, 3, 6\) .*got \(2, 6, 3\)"),
     "dout a list": (call_backward(dout=lambda xp, out: [[[0.0] * 6] * 3] * 2), TypeError,
                     r"dout must be an array of dtype float64, got list of length 2"),
-    "dout None": (call_backward(dout=lambda xp, out: None), TypeError, r"dout must be an array of dtype float64, got None"),
+    "dout None": (call_backward(dout=lambda xp, out: None), TypeError,
+                  r"dout must be an array of dtype float64, got None"),
     "dout a number": (call_backward(dout=lambda xp, out: 1.0), TypeError, r"dout must be an array .*got 1\.0"),
     "cache a tuple": (call_backward(cache=lambda c: tuple(c.values())), TypeError,
                       r"cache must be the dict attention_forward returned, got tuple of length 5"),
-    "cache None": (call_backward(cache=lambda c: None), TypeError, r"cache must be the dict attention_forward returned, got None"),
+    "cache None": (call_backward(cache=lambda c: None), TypeError,
+                   r"cache must be the dict attention_forward returned, got None"),
     "cache without weights": (call_backward(cache=lambda c: {n: a for n, a in c.items() if n != "weights"}), TypeError,
                               r"cache must be the dict attention_forward returned"),
     # softmax and its backward
     "softmax of integers": (lambda xp: softmax(xp.arange(3)), TypeError, r"x must be a floating-point array .*int64"),
-    "softmax of a list": (lambda xp: softmax([1.0, 2.0]), TypeError, r"x must be a floating-point array .*got list of length 2"),
+    "softmax of a list": (lambda xp: softmax([1.0, 2.0]), TypeError,
+                          r"x must be a floating-point array .*got list of length 2"),
     "softmax_backward dy of another shape": (lambda xp: softmax_backward(xp.ones((2, 3)), xp.ones((2, 4)) / 4),
-                                             ValueError, r"dy must have shape \(2, 4\) \(the forward output's\), got \(2, 3\)"),
+        ValueError, r"dy must have shape \(2, 4\) \(the forward output's\), got \(2, 3\)"),
     "softmax_backward dy of another dtype": (lambda xp: softmax_backward(xp.ones(3, np.float32), xp.ones(3) / 3),
                                              TypeError, r"dy must have dtype float64 \(the forward's\), got float32"),
     "softmax_backward y integer": (lambda xp: softmax_backward(xp.ones(3), xp.ones(3, np.int64)), TypeError,

@@ -4,13 +4,15 @@ Hypothesis draws shapes (B, T, S, H, Dh) and seeds, with the edges that decide w
 (T < S, T > S, one token) pinned by @example; tests taking `xp` run on NumPy, CuPy on a CPU and, with a
 GPU, CuPy.
 """
+import functools
+
 import numpy as np
 import pytest
-from hypothesis import example, given, strategies as st
+from hypothesis import given, strategies as st
 
 from attention import causal_mask
 from gradcheck import check_directional_derivative, check_gradients, random_like
-from helpers import run_demo, to_numpy
+from helpers import run_demo, to_numpy, with_examples
 from multihead import PARAM_NAMES, init_multihead, multihead_backward, multihead_forward
 from positional import alibi_bias
 
@@ -56,15 +58,7 @@ seeds = st.integers(0, 2**32 - 1)
 
 # (B, T, S, D, H) at the edges: T < S (cached decoding), T > S, one token, and T == S.
 EDGE_SHAPES = [(2, 2, 5, 4, 2), (1, 5, 2, 4, 1), (1, 1, 1, 2, 1), (2, 3, 3, 8, 2)]
-
-
-def with_edge_examples(**options):
-    """@example decorators for EDGE_SHAPES (as `shape`), with `options` for the other arguments."""
-    def decorate(test):
-        for shape in EDGE_SHAPES:
-            test = example(shape=shape, **options)(test)
-        return test
-    return decorate
+at_the_edges = functools.partial(with_examples, "shape", EDGE_SHAPES)   # @example for each, other arguments given
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,7 +104,7 @@ def test_init_bounds_are_those_torch_uses():
 
 
 @given(shape=shapes(), seed=seeds)
-@with_edge_examples(seed=0)
+@at_the_edges(seed=0)
 def test_multihead_self_attention_is_permutation_equivariant(xp, shape, seed):
     B, T, _, D, H = shape
     rng, x, _, params = make_case(xp, seed, B, T, T, D)
@@ -155,7 +149,7 @@ def causal_decoding_case(xp, shape, seed, position, rope):
 
 
 @given(shape=shapes(even_head_width=True), seed=seeds, position=st.integers(0, 100), rope=st.booleans())
-@with_edge_examples(seed=0, position=1, rope=True)
+@at_the_edges(seed=0, position=1, rope=True)
 def test_future_tokens_cannot_change_past_outputs(xp, shape, seed, position, rope):
     rng, x, x_changed, params, H, T, S, p, options = causal_decoding_case(xp, shape, seed, position, rope)
     out, _ = multihead_forward(x[:, S - T:], x, params, H, **options)
@@ -165,7 +159,7 @@ def test_future_tokens_cannot_change_past_outputs(xp, shape, seed, position, rop
 
 
 @given(shape=shapes(even_head_width=True), seed=seeds, position=st.integers(0, 100), rope=st.booleans())
-@with_edge_examples(seed=0, position=3, rope=True)
+@at_the_edges(seed=0, position=3, rope=True)
 def test_gradient_of_past_outputs_wrt_future_tokens_is_exactly_zero(xp, shape, seed, position, rope):
     rng, x, _, params, H, T, S, p, options = causal_decoding_case(xp, shape, seed, position, rope)
     out, cache = multihead_forward(x[:, S - T:], x, params, H, **options)
@@ -179,7 +173,7 @@ def test_gradient_of_past_outputs_wrt_future_tokens_is_exactly_zero(xp, shape, s
 
 
 @given(shape=shapes(), seed=seeds)
-@with_edge_examples(seed=0)
+@at_the_edges(seed=0)
 def test_padding_mask_makes_masked_keys_irrelevant(xp, shape, seed):
     B, T, S, D, H = shape
     rng, x_q, x_kv, params = make_case(xp, seed, B, T, S, D)
@@ -258,7 +252,7 @@ def test_self_attention_gradient_is_dx_q_plus_dx_kv(xp, variant):
 
 
 @given(shape=shapes(even_head_width=True), seed=seeds, variant=st.sampled_from(VARIANTS))
-@with_edge_examples(seed=0, variant="all")
+@at_the_edges(seed=0, variant="all")
 def test_gradients_along_a_random_direction_for_any_shape(xp, shape, seed, variant):
     rng, loss, inputs, grads = cross_attention_gradients(xp, seed, shape, variant)
     check_directional_derivative(loss, inputs, grads, rng)
@@ -269,8 +263,8 @@ def test_gradients_along_a_random_direction_for_any_shape(xp, shape, seed, varia
 
 
 @given(shape=shapes(even_head_width=True, max_len=6), seed=seeds, positions=st.sampled_from(["rope", "alibi"]))
-@with_edge_examples(seed=0, positions="rope")
-@with_edge_examples(seed=1, positions="alibi")
+@at_the_edges(seed=0, positions="rope")
+@at_the_edges(seed=1, positions="alibi")
 def test_cached_decoding_equals_the_last_rows_of_full_causal_attention(xp, shape, seed, positions):
     B, T, S, D, H = shape
     T = min(T, S)
@@ -287,7 +281,7 @@ def test_cached_decoding_equals_the_last_rows_of_full_causal_attention(xp, shape
 
 
 @given(shape=shapes(even_head_width=True), seed=seeds, shift=st.integers(1, 1000))
-@with_edge_examples(seed=0, shift=7)
+@at_the_edges(seed=0, shift=7)
 def test_rope_offset_cancels_from_the_output(xp, shape, seed, shift):
     B, T, S, D, H = shape
     rng, x_q, x_kv, params = make_case(xp, seed, B, T, S, D)
@@ -337,8 +331,8 @@ def reference_multihead(x_q, x_kv, params, H, causal=False, rope=False, rope_off
 
 @given(shape=shapes(even_head_width=True), seed=seeds, causal=st.booleans(), rope=st.booleans(),
        extra_offset=st.integers(0, 50))
-@with_edge_examples(seed=0, causal=True, rope=True, extra_offset=0)
-@with_edge_examples(seed=1, causal=False, rope=True, extra_offset=3)
+@at_the_edges(seed=0, causal=True, rope=True, extra_offset=0)
+@at_the_edges(seed=1, causal=False, rope=True, extra_offset=3)
 def test_output_equals_the_equations_written_head_by_head(xp, shape, seed, causal, rope, extra_offset):
     # With RoPE this pins the alignment: the queries sit S - T after rope_offset, for T < S and T > S.
     B, T, S, D, H = shape
@@ -467,7 +461,8 @@ def backward(make_dout=None, make_cache=None):
 SIZE = r"must be an integer >= "
 BAD_CALLS = {
     # x_q, x_kv
-    "x_q rank 2": (forward(x_q=lambda q, kv, p: q[0]), ValueError, r"x_q must have shape \(B, length, D\), got \(3, 4\)"),
+    "x_q rank 2": (forward(x_q=lambda q, kv, p: q[0]), ValueError,
+                   r"x_q must have shape \(B, length, D\), got \(3, 4\)"),
     "x_kv rank 4": (forward(x_kv=lambda q, kv, p: kv[None]), ValueError,
                     r"x_kv must have shape \(B, length, D\), got \(1, 2, 5, 4\)"),
     "x_kv width": (forward(x_kv=lambda q, kv, p: kv[..., :2]), ValueError,
@@ -475,7 +470,7 @@ BAD_CALLS = {
     "x_kv batch": (forward(x_kv=lambda q, kv, p: kv[:1]), ValueError,
                    r"x_kv must have shape \(2, S, 4\) to match x_q \(2, 3, 4\), got \(1, 5, 4\)"),
     "integer x_q": (forward(x_q=lambda q, kv, p: q.astype(np.int64)), TypeError,
-                    r"x_q must be a floating-point array \(B, T, D\), got numpy array of dtype int64, shape \(2, 3, 4\)"),
+        r"x_q must be a floating-point array \(B, T, D\), got numpy array of dtype int64, shape \(2, 3, 4\)"),
     "integer x_kv": (forward(x_kv=lambda q, kv, p: kv.astype(np.int32)), TypeError,
                      r"x_kv must be a floating-point array \(B, S, D\), got .*int32"),
     "boolean x_q": (forward(x_q=lambda q, kv, p: q > 0), TypeError, r"x_q must be a floating-point array .*bool"),
@@ -487,7 +482,8 @@ BAD_CALLS = {
     "D = 0": (forward(x_q=lambda q, kv, p: q[..., :0], x_kv=lambda q, kv, p: kv[..., :0]), ValueError,
               r"x_q must have a width D >= 1 \(shape \(B, T, D\)\), got \(2, 3, 0\)"),
     # n_heads
-    "D not divisible by H": (forward(n_heads=lambda q, kv, p: 3), ValueError, r"D = 4 .* must be divisible by n_heads = 3"),
+    "D not divisible by H": (forward(n_heads=lambda q, kv, p: 3), ValueError,
+                             r"D = 4 .* must be divisible by n_heads = 3"),
     "n_heads zero": (forward(n_heads=lambda q, kv, p: 0), ValueError, r"n_heads " + SIZE + r"1, got 0"),
     "n_heads negative": (forward(n_heads=lambda q, kv, p: -2), ValueError, r"n_heads " + SIZE + r"1, got -2"),
     "n_heads 2.0": (forward(n_heads=lambda q, kv, p: 2.0), ValueError, r"n_heads " + SIZE + r"1, got 2\.0"),
@@ -517,25 +513,29 @@ BAD_CALLS = {
     "odd head width with RoPE": (forward(n_heads=lambda q, kv, p: 4, rope=lambda q, kv, p: True), ValueError,
                                  r"rope=True needs an even head width Dh = D / n_heads, got 4 / 4 = 1"),
     "RoPE position below 0": (forward(x_q=lambda q, kv, p: kv, x_kv=lambda q, kv, p: q, rope=lambda q, kv, p: True),
-                              ValueError, r"rope_offset must be an integer >= max\(0, T - S\) = 2 .* got 0 with T = 5, S = 3"),
+        ValueError, r"rope_offset must be an integer >= max\(0, T - S\) = 2 .* got 0 with T = 5, S = 3"),
     "rope_offset negative": (forward(rope=lambda q, kv, p: True, rope_offset=lambda q, kv, p: -1), ValueError,
                              r"rope_offset " + SIZE + r"0, got -1"),
     "rope_offset 1.5": (forward(rope=lambda q, kv, p: True, rope_offset=lambda q, kv, p: 1.5), ValueError,
                         r"rope_offset " + SIZE + r"0, got 1\.5"),
     "rope_offset without rope": (forward(rope_offset=lambda q, kv, p: 5), ValueError,
                                  r"rope_offset must be 0 without rope=True .*got 5"),
-    "rope an array": (forward(rope=lambda q, kv, p: np.ones(3, bool)), TypeError, r"rope must be True or False, got numpy array"),
+    "rope an array": (forward(rope=lambda q, kv, p: np.ones(3, bool)), TypeError,
+                      r"rope must be True or False, got numpy array"),
     "rope 1": (forward(rope=lambda q, kv, p: 1), TypeError, r"rope must be True or False, got 1"),
     "rope 'yes'": (forward(rope=lambda q, kv, p: "yes"), TypeError, r"rope must be True or False, got 'yes'"),
     # mask, bias, causal (checked by attention_forward against the heads' (B, H, T, S))
     "mask shape": (forward(mask=lambda q, kv, p: np.ones((3, 4), bool)), ValueError,
                    r"mask must broadcast to \(\.\.\., T, S\) = \(2, 2, 3, 5\), got \(3, 4\)"),
-    "mask with more leading axes than the heads": (forward(mask=lambda q, kv, p: np.ones((3, 2, 2, 3, 5), bool)), ValueError,
-                                                   r"mask must broadcast to \(\.\.\., T, S\) = \(2, 2, 3, 5\), got \(3, 2, 2, 3, 5\)"),
+    "mask with more leading axes than the heads": (
+        forward(mask=lambda q, kv, p: np.ones((3, 2, 2, 3, 5), bool)), ValueError,
+        r"mask must broadcast to \(\.\.\., T, S\) = \(2, 2, 3, 5\), got \(3, 2, 2, 3, 5\)"),
     "mask (B, T, S) with B != H": (forward(n_heads=lambda q, kv, p: 4, mask=lambda q, kv, p: np.ones((2, 3, 5), bool)),
-                                   ValueError, r"mask must broadcast to \(\.\.\., T, S\) = \(2, 4, 3, 5\), got \(2, 3, 5\)"),
-    "mask float": (forward(mask=lambda q, kv, p: np.ones((3, 5))), TypeError, r"mask must be boolean .*got dtype float64"),
-    "mask a list": (forward(mask=lambda q, kv, p: [[True] * 5] * 3), TypeError, r"mask must be a boolean .*got list of length 3"),
+        ValueError, r"mask must broadcast to \(\.\.\., T, S\) = \(2, 4, 3, 5\), got \(2, 3, 5\)"),
+    "mask float": (forward(mask=lambda q, kv, p: np.ones((3, 5))), TypeError,
+                   r"mask must be boolean .*got dtype float64"),
+    "mask a list": (forward(mask=lambda q, kv, p: [[True] * 5] * 3), TypeError,
+                    r"mask must be a boolean .*got list of length 3"),
     "bias with more leading axes": (forward(bias=lambda q, kv, p: np.zeros((7, 2, 2, 3, 5))), ValueError,
                                     r"bias must broadcast to \(\.\.\., T, S\) = \(2, 2, 3, 5\), got \(7, 2, 2, 3, 5\)"),
     "bias of the wrong heads": (forward(bias=lambda q, kv, p: np.zeros((3, 3, 5))), ValueError,
@@ -548,11 +548,14 @@ BAD_CALLS = {
     # backward
     "dout shape": (backward(lambda out: np.zeros((2, 3, 5))), ValueError,
                    r"dout must have shape \(2, 3, 4\) \(the forward output's\), got \(2, 3, 5\)"),
-    "dout with an extra axis": (backward(lambda out: out[None]), ValueError, r"dout must have shape \(2, 3, 4\) .*got \(1, 2, 3, 4\)"),
-    "dout broadcastable (1, 3, 4)": (backward(lambda out: out[:1]), ValueError, r"dout must have shape \(2, 3, 4\) .*got \(1, 3, 4\)"),
+    "dout with an extra axis": (backward(lambda out: out[None]), ValueError,
+                                r"dout must have shape \(2, 3, 4\) .*got \(1, 2, 3, 4\)"),
+    "dout broadcastable (1, 3, 4)": (backward(lambda out: out[:1]), ValueError,
+                                     r"dout must have shape \(2, 3, 4\) .*got \(1, 3, 4\)"),
     "dout float32": (backward(lambda out: out.astype(np.float32)), TypeError,
                      r"dout must have dtype float64 \(the forward's\), got float32"),
-    "dout a list": (backward(lambda out: out.tolist()), TypeError, r"dout must be an array of dtype float64, got list of length 2"),
+    "dout a list": (backward(lambda out: out.tolist()), TypeError,
+                    r"dout must be an array of dtype float64, got list of length 2"),
     "dout None": (backward(lambda out: None), TypeError, r"dout must be an array of dtype float64, got None"),
     "cache a tuple": (backward(make_cache=lambda c: tuple(c.values())), TypeError,
                       r"cache must be the dict multihead_forward returned, got tuple of length 8"),
@@ -560,8 +563,10 @@ BAD_CALLS = {
                                    r"cache must be the dict multihead_forward returned, got dict of length 5"),
     # init_multihead
     "init D 0": (lambda q, kv, p: init_multihead(0, np.random.default_rng(0)), ValueError, r"D " + SIZE + r"1, got 0"),
-    "init D True": (lambda q, kv, p: init_multihead(True, np.random.default_rng(0)), ValueError, r"D " + SIZE + r"1, got True"),
-    "init D 8.0": (lambda q, kv, p: init_multihead(8.0, np.random.default_rng(0)), ValueError, r"D " + SIZE + r"1, got 8\.0"),
+    "init D True": (lambda q, kv, p: init_multihead(True, np.random.default_rng(0)), ValueError,
+                    r"D " + SIZE + r"1, got True"),
+    "init D 8.0": (lambda q, kv, p: init_multihead(8.0, np.random.default_rng(0)), ValueError,
+                   r"D " + SIZE + r"1, got 8\.0"),
     "init integer dtype": (lambda q, kv, p: init_multihead(8, np.random.default_rng(0), dtype=np.int32), TypeError,
                            r"dtype must be a floating-point dtype, got int32"),   # would round every weight to 0
     "init rng a seed": (lambda q, kv, p: init_multihead(8, 0), TypeError,
