@@ -623,14 +623,16 @@ def mask_tokens(tokens, rng, V, mask_id, p=0.15, keep_ids=()):
 
     Each position is chosen with probability p (never a position whose id is in keep_ids, e.g. padding);
     a chosen position's target is its token (others get -100, ignored by the loss), and its input
-    becomes mask_id with probability 0.8, a random token with 0.1, and stays itself with 0.1.
+    becomes mask_id with probability 0.8, a random token with 0.1, and stays itself with 0.1. Random
+    tokens are drawn from the ids not in keep_ids (so a random [PAD] cannot appear; BERT drew from all).
     rng is a numpy Generator; tokens are NumPy ids (data preparation happens on the host).
     """
     chosen = (rng.random(tokens.shape) < p) & ~np.isin(tokens, keep_ids)         # (B, T)
     targets = np.where(chosen, tokens, -100)
     roll = rng.random(tokens.shape)                                              # which corruption
     inputs = np.where(chosen & (roll < 0.8), mask_id, tokens)
-    random_tokens = rng.integers(0, V, tokens.shape)
+    candidates = np.setdiff1d(np.arange(V), keep_ids)                            # ids a random token may take
+    random_tokens = candidates[rng.integers(0, len(candidates), tokens.shape)]
     inputs = np.where(chosen & (roll >= 0.8) & (roll < 0.9), random_tokens, inputs)
     return inputs, targets
 
@@ -639,9 +641,10 @@ def mask_tokens(tokens, rng, V, mask_id, p=0.15, keep_ids=()):
 # Generation with a key/value cache
 
 
-def _cached_attention(z, params, kv, config, position):
+def _cached_attention(z, params, kv, config, position, keep):
     """Self-attention of new tokens z (B, n, D) at positions position .. position + n - 1 against every
-    earlier token's cached keys and values, which it extends. kv = {'k', 'v'} (B, H, S, Dh) or empty."""
+    earlier token's cached keys and values, which it extends. kv = {'k', 'v'} (B, H, S, Dh) and 'keep'
+    (B, 1, 1, S), which keys are not padding, or empty; keep (B, 1, 1, n) for the new tokens, or None."""
     xp = get_xp(z)
     H = config["n_heads"]
     q = split_heads(z @ params["W_q"] + params["b_q"], H)                        # (B, H, n, Dh)
@@ -652,21 +655,23 @@ def _cached_attention(z, params, kv, config, position):
         k, _ = rope_forward(k, offset=position)
     kv["k"] = k if "k" not in kv else xp.concatenate([kv["k"], k], axis=2)       # (B, H, S, Dh)
     kv["v"] = v if "v" not in kv else xp.concatenate([kv["v"], v], axis=2)       # (B, H, S, Dh)
+    if keep is not None:                                       # padding stays masked as a key, as in training
+        kv["keep"] = keep if "keep" not in kv else xp.concatenate([kv["keep"], keep], axis=3)   # (B, 1, 1, S)
     n, S = z.shape[1], kv["k"].shape[2]
     bias = alibi_bias(H, n, S, dtype=z.dtype, xp=xp) if config["positions"] == "alibi" else None   # (H, n, S)
     # Causal, bottom-right aligned: new query i (position S - n + i) sees keys 0 .. S - n + i.
-    heads, _ = attention_forward(q, kv["k"], kv["v"], causal=True, bias=bias)    # (B, H, n, Dh)
+    heads, _ = attention_forward(q, kv["k"], kv["v"], mask=kv.get("keep"), causal=True, bias=bias)  # (B, H, n, Dh)
     return merge_heads(heads) @ params["W_o"] + params["b_o"]                   # (B, n, D)
 
 
-def _layer_step(x, layer, kv, config, position, memory=None, memory_mask=None):
+def _layer_step(x, layer, kv, config, position, keep, memory=None, memory_mask=None):
     """A layer's forward for new tokens only, reading and extending its cache (no backward needed)."""
     def residual(x, norm, f):                                  # the sublayer rule of _sublayer_forward
         if config["norm_first"]:
             return x + f(layer_norm_forward(x, norm["gamma"], norm["beta"])[0])
         return layer_norm_forward(x + f(x), norm["gamma"], norm["beta"])[0]
 
-    x = residual(x, layer["ln1"], lambda z: _cached_attention(z, layer["attn"], kv, config, position))
+    x = residual(x, layer["ln1"], lambda z: _cached_attention(z, layer["attn"], kv, config, position, keep))
     ff_norm = "ln2"
     if "cross_attn" in layer:                                  # the memory's keys/values: projected once
         x = residual(x, layer["ln2"], lambda z: multihead_forward(z, memory, layer["cross_attn"],
@@ -686,13 +691,15 @@ def generate(params, config, prompt, n_new, src=None, temperature=0.0, rng=None,
     config = check_config(config)
     if config["kind"] == "encoder":
         raise ValueError("generate needs config['kind'] 'decoder' or 'encoder-decoder', got 'encoder'")
-    if temperature < 0 or (temperature > 0 and rng is None):
+    _check_tokens(prompt, src, params, config, name="prompt")
+    if isinstance(n_new, bool) or not isinstance(n_new, (int, np.integer)) or n_new < 0:
+        raise ValueError(f"n_new must be a non-negative integer, got {n_new!r}")
+    if not isinstance(temperature, (int, float)) or not temperature >= 0 or (temperature > 0 and rng is None):
         raise ValueError(f"temperature must be 0 (greedy) or > 0 with an rng, got {temperature!r}, rng={rng!r}")
     xp = get_xp(params["embed"])
     tokens, all_logits = prompt, []
     memory = memory_mask = None
     if use_cache and config["kind"] == "encoder-decoder":      # encode once: the same code as training
-        _check_tokens(prompt, src, params, config)
         memory = _stack_forward(src, params, config, "encoder")[0]
         memory_mask = _padding_mask(src, config)
     kvs = [{} for _ in params["decoder"]]
@@ -702,7 +709,7 @@ def generate(params, config, prompt, n_new, src=None, temperature=0.0, rng=None,
             new = tokens[:, position:]                         # the whole prompt first, then one token
             x, _ = embed_forward(new, params, config, offset=position)             # (B, n, D)
             for layer, kv in zip(params["decoder"], kvs):
-                x = _layer_step(x, layer, kv, config, position, memory, memory_mask)
+                x = _layer_step(x, layer, kv, config, position, _padding_mask(new, config), memory, memory_mask)
             position = tokens.shape[1]
             if config["norm_first"]:
                 x = layer_norm_forward(x[:, -1:], **params["dec_norm"])[0]
@@ -719,6 +726,8 @@ def generate(params, config, prompt, n_new, src=None, temperature=0.0, rng=None,
             below = xp.cumsum(probs, axis=-1) < rng.random((probs.shape[0], 1))    # inverse CDF: count entries below u
             next_token = xp.minimum(below.sum(axis=-1), probs.shape[-1] - 1)
         tokens = xp.concatenate([tokens, next_token[:, None].astype(tokens.dtype)], axis=1)
+    if not all_logits:                                         # n_new = 0
+        return tokens, xp.zeros(prompt.shape[:1] + (0, config["V"]), params["embed"].dtype)
     return tokens, xp.stack(all_logits, axis=1)
 
 
@@ -761,18 +770,18 @@ def check_config(config):
     return config
 
 
-def _check_tokens(tokens, src, params, config):
+def _check_tokens(tokens, src, params, config, name="tokens"):
     V = config["V"]
     if params["embed"].shape != (V, config["D"]):
         raise ValueError(f"params['embed'] must have shape ({V}, {config['D']}) for this config, "
                          f"got {params['embed'].shape}")
-    check_ids("tokens", tokens, V)
+    check_ids(name, tokens, V)
     if config["kind"] == "encoder-decoder":
         if src is None:
             raise ValueError("src must be given for config['kind'] 'encoder-decoder' (the source ids (B, S))")
         check_ids("src", src, V)
         if src.shape[0] != tokens.shape[0]:
-            raise ValueError(f"src must have batch size {tokens.shape[0]} like tokens, got shape {src.shape}")
+            raise ValueError(f"src must have batch size {tokens.shape[0]} like {name}, got shape {src.shape}")
     elif src is not None:
         raise ValueError(f"src must be None for config['kind'] {config['kind']!r} (it has no encoder-decoder)")
     longest = max(tokens.shape[1], 0 if src is None else src.shape[1])

@@ -341,8 +341,11 @@ def test_padding_changes_nothing_that_is_not_padding(kind, positions):
 @pytest.mark.parametrize("kind,positions", GENERATING)
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_cached_generation_equals_recomputation(kind, positions, norm_first):
-    config, params, tokens, src = make_model(kind, positions, norm_first=norm_first)
+    config, params, tokens, src = make_model(kind, positions, norm_first=norm_first, pad_id=0)
     prompt = tokens[:, :3] if kind == "decoder" else tokens[:, :1]
+    prompt[0, 0] = 0                                           # padding in the prompt stays masked as a key
+    if src is not None:
+        src[1, -2:] = 0                                        # and source padding in cross-attention
     n_new = config["max_len"] - prompt.shape[1]                # up to the last position the table holds
     cached, cached_logits = tf.generate(params, config, prompt, n_new, src=src)
     full, full_logits = tf.generate(params, config, prompt, n_new, src=src, use_cache=False)
@@ -376,8 +379,10 @@ def test_mask_tokens_chooses_15_percent_then_80_10_10():
     masked, kept = (inputs[chosen] == 3).mean(), (inputs[chosen] == tokens[chosen]).mean()
     m = chosen.sum()
     assert abs(masked - 0.8) < 5 * math.sqrt(0.16 / m)
-    # kept: the 10 % that stay, plus random tokens that happened to draw themselves (1 / V of 10 %).
-    assert abs(kept - (0.1 + 0.1 / 50)) < 5 * math.sqrt(0.09 / m)
+    # kept: the 10 % that stay, plus random tokens that happened to draw themselves (1 / 49 of 10 %:
+    # a random token is never the pad id 0).
+    assert abs(kept - (0.1 + 0.1 / 49)) < 5 * math.sqrt(0.09 / m)
+    assert not np.any(inputs[chosen] == 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -441,6 +446,14 @@ def test_bad_tokens_are_refused_with_a_clear_message():
         logits_of(ed_params, ed_config, ed_tokens)
     with pytest.raises(ValueError, match="positions must be < max_len"):
         tf.generate(params, config, tokens, 9)                 # the 13th position would be fed in
+    with pytest.raises(ValueError, match="prompt must hold ids in"):
+        tf.generate(params, config, tokens + 20, 2)
+    with pytest.raises(ValueError, match="n_new must be a non-negative integer, got -1"):
+        tf.generate(params, config, tokens, -1)
+    with pytest.raises(ValueError, match="temperature must be 0 \\(greedy\\) or > 0 with an rng"):
+        tf.generate(params, config, tokens, 2, temperature=0.5)
+    out, logits = tf.generate(params, config, tokens, 0)
+    assert out is tokens and logits.shape == (2, 0, 11)
 
 
 @pytest.mark.parametrize("change,error,message", [
