@@ -55,6 +55,7 @@ def softmax(x, axis=-1):
     A row that is entirely -inf (no allowed entry) gives zeros instead of 0/0 = NaN.
     """
     check_float_array("x", x, "(..., S)")
+    check_axis(axis, x)
     xp = get_xp(x)
     if x.shape[axis] == 0:                                     # no entries (S = 0): nothing to normalise
         return x.copy()
@@ -72,6 +73,7 @@ def softmax_backward(dy, y, axis=-1):
     ever building the S x S matrix. Rows where y is all zeros (no allowed entry) get zero gradient.
     """
     check_float_array("y", y, "(..., S)")
+    check_axis(axis, y)
     check_upstream("dy", dy, y)
     return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
 
@@ -85,6 +87,7 @@ def causal_mask(T, S=None, xp=np):
     check_size("T", T, 0)
     S = T if S is None else S
     check_size("S", S, 0)
+    check_array_module(xp)
     i = xp.arange(T)[:, None]                                  # (T, 1) query positions
     j = xp.arange(S)[None, :]                                  # (1, S) key positions
     return j <= i + (S - T)
@@ -201,6 +204,18 @@ def check_size(name, value, minimum):
     """A length, width or count: an integer (not a bool) >= minimum."""
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {describe(value)}")
+
+
+def check_axis(axis, x):
+    """An axis of x: an integer in [-x.ndim, x.ndim)."""
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis must be an integer in [{-x.ndim}, {x.ndim}) for shape {x.shape}, got {describe(axis)}")
+
+
+def check_array_module(xp):
+    """xp, where a function builds a table, must be an array module: numpy or cupy."""
+    if not all(hasattr(xp, name) for name in ("arange", "asarray", "ndarray")):
+        raise TypeError(f"xp must be an array module (numpy or cupy), got {describe(xp)}")
 
 
 def check_float_array(name, x, need, like=None, like_name=None):

@@ -73,8 +73,9 @@ def init_multihead(D, rng, dtype=np.float32):
     check_size("D", D, 1)
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator (numpy.random.default_rng(seed)), got {describe(rng)}")
-    if np.dtype(dtype).kind != "f":
-        raise TypeError(f"dtype must be a floating-point dtype, got {np.dtype(dtype)}")
+    if dtype is None or np.dtype(dtype).kind != "f":                   # None would silently mean float64
+        raise TypeError(f"dtype must be a floating-point dtype such as numpy.float32, "
+                        f"got {None if dtype is None else np.dtype(dtype)}")
     in_bound = math.sqrt(6.0 / (D + 3 * D))
     out_bound = 1.0 / math.sqrt(D)
     params = {}

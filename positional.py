@@ -65,7 +65,7 @@ def sinusoidal_encoding(T, D, base=10000.0, dtype=np.float32, xp=np):
     _check_size("T", T, 0)
     _check_size("D", D, 1)
     _check_base(base)
-    _check_float_dtype(dtype)
+    _check_float_dtype(dtype, xp)
     column = xp.arange(D)                                      # (D,)
     two_i = column - column % 2                                # (D,) 0, 0, 2, 2, 4, 4, ...
     inv_freq = base ** (-two_i / D)                            # (D,) float64, from 1 down to ~1/base
@@ -212,7 +212,7 @@ def alibi_bias(H, T, S, dtype=np.float32, xp=np):
     """
     _check_size("T", T, 0)
     _check_size("S", S, 0)
-    _check_float_dtype(dtype)
+    _check_float_dtype(dtype, xp)
     slopes = xp.asarray(alibi_slopes(H, dtype=np.float64))     # (H,)
     query_position = xp.arange(T)[:, None] + (S - T)           # (T, 1)
     key_position = xp.arange(S)[None, :]                       # (1, S)
@@ -246,13 +246,17 @@ def _check_base(base):
         raise ValueError(f"base must be a finite number > 0, got {base!r}")
 
 
-def _check_float_dtype(dtype):
+def _check_float_dtype(dtype, xp=np):
+    """A table's dtype (None would silently mean float64) and the array module that builds it."""
     try:
-        kind = np.dtype(dtype).kind
+        kind = None if dtype is None else np.dtype(dtype).kind
     except TypeError:
-        raise TypeError(f"dtype must be a floating-point dtype, got {_got(dtype)}") from None
+        kind = None
     if kind != "f":
-        raise TypeError(f"dtype must be a floating-point dtype, got {np.dtype(dtype)}")
+        got = np.dtype(dtype) if kind else _got(dtype)
+        raise TypeError(f"dtype must be a floating-point dtype such as numpy.float32, got {got}")
+    if not all(hasattr(xp, name) for name in ("arange", "asarray", "ndarray")):
+        raise TypeError(f"xp must be an array module (numpy or cupy), got {_got(xp)}")
 
 
 def _check_sequence(name, x, need, like=None):

@@ -757,7 +757,16 @@ BAD_CALLS = {
                                              TypeError, r"dy must have dtype float64 \(the forward's\), got float32"),
     "softmax_backward y integer": (lambda xp: softmax_backward(xp.ones(3), xp.ones(3, np.int64)), TypeError,
                                    r"y must be a floating-point array"),
-    # causal_mask: lengths are integers >= 0
+    "softmax axis out of range": (lambda xp: softmax(xp.ones((2, 3)), axis=2), ValueError,
+                                  r"axis must be an integer in \[-2, 2\) for shape \(2, 3\), got 2"),
+    "softmax axis a float": (lambda xp: softmax(xp.ones((2, 3)), axis=1.0), ValueError,
+                             r"axis must be an integer in \[-2, 2\) for shape \(2, 3\), got 1\.0"),
+    "softmax of a 0-d array": (lambda xp: softmax(xp.ones(())), ValueError, r"axis must be an integer in \[0, 0\)"),
+    "softmax_backward axis out of range": (lambda xp: softmax_backward(xp.ones(3), xp.ones(3) / 3, axis=-2),
+                                           ValueError, r"axis must be an integer in \[-1, 1\) for shape \(3,\), got -2"),
+    # causal_mask: lengths are integers >= 0, and xp an array module
+    "causal_mask(3, xp='numpy')": (lambda xp: causal_mask(3, xp="numpy"), TypeError,
+                                   r"xp must be an array module \(numpy or cupy\), got 'numpy'"),
     "causal_mask(-3)": (lambda xp: causal_mask(-3, xp=xp), ValueError, r"T must be an integer >= 0, got -3"),
     "causal_mask(2.5)": (lambda xp: causal_mask(2.5, xp=xp), ValueError, r"T must be an integer >= 0, got 2\.5"),
     "causal_mask(3.0)": (lambda xp: causal_mask(3.0, xp=xp), ValueError, r"T must be an integer >= 0, got 3\.0"),

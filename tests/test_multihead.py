@@ -568,7 +568,9 @@ BAD_CALLS = {
     "init D 8.0": (lambda q, kv, p: init_multihead(8.0, np.random.default_rng(0)), ValueError,
                    r"D " + SIZE + r"1, got 8\.0"),
     "init integer dtype": (lambda q, kv, p: init_multihead(8, np.random.default_rng(0), dtype=np.int32), TypeError,
-                           r"dtype must be a floating-point dtype, got int32"),   # would round every weight to 0
+                           r"dtype must be a floating-point dtype such as numpy\.float32, got int32"),   # would round every weight to 0
+    "init dtype None": (lambda q, kv, p: init_multihead(8, np.random.default_rng(0), dtype=None), TypeError,
+                        r"dtype must be a floating-point dtype such as numpy\.float32, got None"),
     "init rng a seed": (lambda q, kv, p: init_multihead(8, 0), TypeError,
                         r"rng must be a numpy\.random\.Generator \(numpy\.random\.default_rng\(seed\)\), got 0"),
 }
@@ -592,6 +594,20 @@ def test_every_mask_the_forward_accepts_gives_an_output_its_backward_accepts(xp,
     assert out.shape == x_q.shape
     dx_q, dx_kv, grads = multihead_backward(xp.ones_like(out), cache)
     assert dx_q.shape == x_q.shape and dx_kv.shape == x_kv.shape
+
+
+@pytest.mark.parametrize("B, T, S", [(0, 3, 5), (2, 0, 5), (2, 3, 0), (2, 0, 0)])
+@pytest.mark.parametrize("variant", ["plain", "mask", "causal", "rope"])
+def test_empty_batches_and_sequences_run_forward_and_backward(xp, B, T, S, variant):
+    # No sequence, no query or no key: shapes follow, every number is finite (S = 0 gives zeros).
+    rng, x_q, x_kv, params = make_case(xp, 11, B, T, S, 4)
+    options = {"plain": {}, "mask": {"mask": xp.ones((T, S), dtype=bool)}, "causal": {"causal": True},
+               "rope": {"rope": True, "rope_offset": max(0, T - S)}}[variant]
+    out, cache = multihead_forward(x_q, x_kv, params, 2, **options)
+    dx_q, dx_kv, grads = multihead_backward(random_like(out, rng), cache)
+    assert out.shape == x_q.shape and dx_q.shape == x_q.shape and dx_kv.shape == x_kv.shape
+    for array in (out, dx_q, dx_kv, *grads.values()):
+        assert np.isfinite(to_numpy(array)).all()
 
 
 def test_cache_is_a_dict_with_the_fields_the_docstring_names(xp):
