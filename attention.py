@@ -145,8 +145,10 @@ def attention_backward(dout, cache):
     if not isinstance(cache, dict) or set(cache) != {"q", "k", "v", "weights", "scale"}:
         raise TypeError(f"cache must be the dict attention_forward returned, got {describe(cache)}")
     q, k, v, weights, scale = cache["q"], cache["k"], cache["v"], cache["weights"], cache["scale"]
-    check_upstream("dout", dout, q, shape=weights.shape[:-1] + v.shape[-1:])
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])   # out's leading axes (v may add some)
+    check_upstream("dout", dout, q, shape=lead + (q.shape[-2], v.shape[-1]))
     xp = get_xp(dout)
+    weights = xp.broadcast_to(weights, lead + weights.shape[-2:])   # (..., T, S) a view, where v added axes
     weights_t = xp.swapaxes(weights, -1, -2)                   # (..., S, T)
     dv = weights_t @ dout                                      # (..., S, Dv)  out = weights v
     dweights = dout @ xp.swapaxes(v, -1, -2)                   # (..., T, S)

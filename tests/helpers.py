@@ -8,6 +8,9 @@
   (its own asserts hold), and return the CompletedProcess for checking what it printed.
 - `with_examples(argument, values, **others)`: one hypothesis @example per value, to pin the edges a
   property test must always try (T < S, T > S, one token, ...) whatever hypothesis draws.
+- `spoiled(good)`: a hypothesis strategy giving a good NumPy array or a mistake made with it (another
+  dtype, an axis added, dropped, resized or swapped, not an array at all), for "any input gives a clear
+  error or a result whose backward works" tests.
 
 Test files import from here (and from gradcheck.py), never from each other.
 """
@@ -16,7 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from hypothesis import example
+from hypothesis import example, strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,3 +59,28 @@ def with_examples(argument, values, **others):
             test = example(**{argument: value}, **others)(test)
         return test
     return decorate
+
+
+_odd_dtypes = st.sampled_from([np.float64, np.float32, np.float16, np.int64, np.int8, bool, np.complex64])
+
+
+@st.composite
+def spoiled(draw, good):
+    """`good` (an array), or a mistake a user might make with it: another dtype, an axis added, dropped,
+    resized or swapped, or no array at all."""
+    mistake = draw(st.sampled_from(["none", "none", "none", "dtype", "add axis", "drop axis", "resize",
+                                    "swap", "not an array"]))
+    shape = list(good.shape)
+    if mistake == "dtype":
+        return good.astype(draw(_odd_dtypes))
+    if mistake == "add axis":
+        shape.insert(draw(st.integers(0, len(shape))), draw(st.integers(0, 3)))
+    elif mistake == "drop axis" and shape:
+        shape.pop(draw(st.integers(0, len(shape) - 1)))
+    elif mistake == "resize" and shape:
+        shape[draw(st.integers(0, len(shape) - 1))] = draw(st.integers(0, 4))
+    elif mistake == "swap" and len(shape) >= 2:
+        shape[-1], shape[-2] = shape[-2], shape[-1]
+    elif mistake == "not an array":
+        return draw(st.sampled_from([None, 0.0, 1, True, float("nan"), "x", [[0.0, 1.0]], good.tolist()]))
+    return np.zeros(shape, dtype=good.dtype) if mistake != "none" else good

@@ -17,7 +17,7 @@ from hypothesis import given, strategies as st
 
 from attention import attention_backward, attention_forward, causal_mask, softmax, softmax_backward
 from gradcheck import check_gradients, random_like
-from helpers import random_array, run_demo, to_numpy, with_examples
+from helpers import random_array, run_demo, spoiled, to_numpy, with_examples
 
 seeds = st.integers(0, 2**32 - 1)
 dtypes = st.sampled_from([np.float32, np.float64])
@@ -839,3 +839,30 @@ def test_numpy_scalars_and_booleans_are_accepted_where_python_ones_are(xp):
 def test_demo_runs_and_its_asserts_hold():
     result = run_demo("attention.py")
     assert "Every allowed row sums to 1 and masked entries are exactly 0." in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# Any input at all: a clear error, or a result whose backward accepts its own output's shape
+
+
+@given(data=st.data(), problem=attention_problems(max_len=3, max_width=3),
+       wrong=st.sampled_from(["nothing", "q", "k", "v", "mask", "bias"]), use_mask=st.booleans(),
+       use_bias=st.booleans(), causal=st.sampled_from([False, True] * 3 + [None, 1, np.ones(2, bool)]),
+       scale=st.sampled_from([None] * 6 + [0.5, 0, -1.0, float("nan"), float("inf"), "0.5", True]))
+def test_any_input_gives_a_clear_error_or_a_result_its_backward_accepts(data, problem, wrong, use_mask, use_bias,
+                                                                       causal, scale):
+    lead, T, S, Dk, Dv = problem
+    q, k, v = random_qkv(np, np.random.default_rng(0), lead, T, S, Dk, Dv)
+    mask = np.ones(lead + (T, S), dtype=bool) if use_mask or wrong == "mask" else None
+    bias = np.zeros((T, S)) if use_bias or wrong == "bias" else None
+    q, k, v, mask, bias = (data.draw(spoiled(a)) if name == wrong else a   # one argument spoiled
+                           for name, a in (("q", q), ("k", k), ("v", v), ("mask", mask), ("bias", bias)))
+    try:
+        out, cache = attention_forward(q, k, v, mask=mask, causal=causal, bias=bias, scale=scale)
+    except (ValueError, TypeError) as error:   # the message starts with the argument's name
+        assert str(error).split()[0] in {"q", "k", "v", "mask", "causal", "bias", "scale", "leading"}, error
+        return
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    assert out.shape == lead + (q.shape[-2], v.shape[-1]) and out.dtype == q.dtype
+    dq, dk, dv = attention_backward(np.ones_like(out), cache)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)

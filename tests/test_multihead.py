@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 
 from attention import causal_mask
 from gradcheck import check_directional_derivative, check_gradients, random_like
-from helpers import run_demo, to_numpy, with_examples
+from helpers import run_demo, spoiled, to_numpy, with_examples
 from multihead import PARAM_NAMES, init_multihead, multihead_backward, multihead_forward
 from positional import alibi_bias
 
@@ -622,3 +622,32 @@ def test_cache_is_a_dict_with_the_fields_the_docstring_names(xp):
 
 def test_demo_runs_and_its_asserts_hold():
     assert "dx_q + dx_kv is the gradient of self-attention" in run_demo("multihead.py").stdout
+
+
+@given(data=st.data(), seed=seeds, wrong=st.sampled_from(["nothing", "x_q", "x_kv", "params", "mask", "bias"]),
+       n_heads=st.sampled_from([2, 2, 2, 2, 1, 4, 3, 0, 2.0, None]),
+       rope=st.sampled_from([False, True] * 3 + [None, 1]), rope_offset=st.sampled_from([0] * 6 + [2, -1, 2.5]),
+       causal=st.sampled_from([False, True] * 3 + [None]), use_mask=st.booleans(), use_bias=st.booleans())
+def test_any_input_gives_a_clear_error_or_a_result_its_backward_accepts(data, seed, wrong, n_heads, rope, rope_offset,
+                                                                       causal, use_mask, use_bias):
+    B, T, S, D = 2, data.draw(st.integers(0, 3)), data.draw(st.integers(0, 3)), 4
+    _, x_q, x_kv, params = make_case(np, seed, B, T, S, D)
+    mask = np.ones((B, 1, 1, S), dtype=bool) if use_mask or wrong == "mask" else None
+    bias = np.zeros((2, T, S)) if use_bias or wrong == "bias" else None
+    if wrong in ("x_q", "x_kv", "mask", "bias"):          # one argument spoiled, the others as they should be
+        x_q, x_kv, mask, bias = (data.draw(spoiled(a)) if name == wrong else a
+                                 for name, a in (("x_q", x_q), ("x_kv", x_kv), ("mask", mask), ("bias", bias)))
+    elif wrong == "params":
+        name = data.draw(st.sampled_from(PARAM_NAMES))
+        params = {**params, name: data.draw(spoiled(params[name]))}
+    try:
+        out, cache = multihead_forward(x_q, x_kv, params, n_heads, mask=mask, causal=causal, rope=rope,
+                                       rope_offset=rope_offset, bias=bias)
+    except (ValueError, TypeError) as error:   # the message starts with the argument's name
+        assert str(error).split()[0].split("[")[0] in {"x_q", "x_kv", "params", "n_heads", "D", "rope", "rope=True",
+                                                       "rope_offset", "mask", "causal", "bias"}, error
+        return
+    assert out.shape == x_q.shape and out.dtype == x_q.dtype
+    dx_q, dx_kv, grads = multihead_backward(np.ones_like(out), cache)
+    assert dx_q.shape == x_q.shape and dx_kv.shape == x_kv.shape
+    assert all(grads[n].shape == params[n].shape for n in PARAM_NAMES)

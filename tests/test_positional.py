@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from attention import attention_forward
 from gradcheck import check_gradients, random_like
-from helpers import random_array, run_demo, to_numpy
+from helpers import random_array, run_demo, spoiled, to_numpy
 from positional import (alibi_bias, alibi_slopes, init_learned_positions, learned_position_backward,
                         learned_position_forward, rope_backward, rope_forward, sinusoidal_encoding)
 
@@ -533,3 +533,35 @@ def test_a_table_or_dout_on_another_array_module_is_refused():
     out, cache = rope_forward(x)
     with pytest.raises(TypeError, match=r"dout must be a cupy_on_cpu array like the forward's inputs, got numpy"):
         rope_backward(np.ones((2, 3, 4)), cache)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Any input at all: a clear error, or a result whose backward accepts its own output's shape
+
+
+@given(data=st.data(), T=st.integers(0, 3), offset=st.sampled_from([0] * 4 + [3, -1, 2.5, None, True]),
+       base=st.sampled_from([10000.0] * 4 + [500, 0, -1.0, float("nan"), float("inf"), "1e4", None]))
+def test_any_input_to_rope_gives_a_clear_error_or_a_result_its_backward_accepts(data, T, offset, base):
+    x = data.draw(spoiled(np.random.default_rng(0).standard_normal((2, T, 4))))
+    try:
+        out, cache = rope_forward(x, offset=offset, base=base)
+    except (ValueError, TypeError) as error:   # the message starts with the argument's name
+        assert str(error).split()[0] in {"x", "offset", "base"}, error
+        return
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert rope_backward(np.ones_like(out), cache).shape == x.shape
+
+
+@given(data=st.data(), T=st.integers(0, 4), wrong=st.sampled_from(["nothing", "x", "table"]))
+def test_any_input_to_learned_positions_gives_a_clear_error_or_a_result_its_backward_accepts(data, T, wrong):
+    rng = np.random.default_rng(0)
+    x, table = rng.standard_normal((2, T, 3)), rng.standard_normal((4, 3))
+    x, table = (data.draw(spoiled(a)) if name == wrong else a for name, a in (("x", x), ("table", table)))
+    try:
+        out, cache = learned_position_forward(x, table)
+    except (ValueError, TypeError) as error:   # the message starts with the argument's name
+        assert str(error).split()[0] in {"x", "table"}, error
+        return
+    assert out.shape == x.shape and out.dtype == x.dtype
+    dx, dtable = learned_position_backward(np.ones_like(out), cache)
+    assert dx.shape == x.shape and dtable.shape == table.shape
