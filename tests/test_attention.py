@@ -501,6 +501,17 @@ def test_keys_shared_across_heads_get_the_sum_of_every_heads_gradient(xp, B, H, 
     check_gradients(attention_loss(q, k, v, dout, **options), [q, k, v], [dq, dk, dv], atol=FD_ATOL)
 
 
+@pytest.mark.parametrize("q_shape, k_shape, v_shape", [((3, 2), (4, 2), (2, 4, 5)), ((1, 3, 2), (2, 1, 4, 2), (4, 5)),
+                                                     ((2, 1, 3, 2), (3, 4, 2), (1, 3, 4, 1))])
+def test_gradients_are_right_whichever_input_carries_the_leading_axes(xp, q_shape, k_shape, v_shape):
+    rng = np.random.default_rng(0)
+    q, k, v = (random_array(rng, shape, xp=xp) for shape in (q_shape, k_shape, v_shape))
+    out, cache = attention_forward(q, k, v, causal=True)
+    dout = random_like(out, rng)
+    check_gradients(attention_loss(q, k, v, dout, causal=True), [q, k, v], attention_backward(dout, cache),
+                    atol=FD_ATOL)
+
+
 # ----------------------------------------------------------------------------------------------------
 # PyTorch cross-check
 
