@@ -10,21 +10,13 @@ with central differences (L(x + eps) - L(x - eps)) / (2 eps), in float64.
   the slope of L with <grad, u>: one number, cheap enough for whole blocks and models.
 
 Inputs and gradients are "trees": an array, or nested dicts / lists / tuples of arrays (the params
-dicts of API.md). `leaves` flattens both trees in the same order.
+dicts of API.md). training.tree_leaves flattens both trees in the same order.
 """
 import numpy as np
 
 from attention import get_xp
 from helpers import to_numpy
-
-
-def leaves(tree):
-    """The arrays of a tree in a fixed order (dict keys sorted), so params and grads line up."""
-    if isinstance(tree, dict):
-        return [leaf for key in sorted(tree) for leaf in leaves(tree[key])]
-    if isinstance(tree, (list, tuple)):
-        return [leaf for item in tree for leaf in leaves(item)]
-    return [tree]
+from training import tree_leaves as leaves   # the arrays of a tree, dict keys sorted: params and grads line up
 
 
 def random_like(x, rng):
