@@ -21,7 +21,8 @@ queries are the newest T positions of a longer sequence, as in cached decoding).
 allowed key returns zeros and passes zero gradient, never NaN. A key that no query may attend (padding)
 changes nothing whatever its k and v hold, NaN and inf included: its k and v rows are set to 0 before
 the products, since a weight of 0 times NaN would still be NaN. A key masked for some queries only is
-excluded from their rows exactly as long as its v is finite (0 * inf = NaN in weights V).
+excluded from their rows exactly as long as its k and v are finite (0 * inf = NaN in weights V, and in
+dscores K in the backward).
 
 Shapes: q (..., T, Dk), k (..., S, Dk), v (..., S, Dv); any leading batch/head axes that broadcast.
 Bad input raises ValueError or TypeError naming the argument, what it got and what it needs.
