@@ -22,14 +22,18 @@ util/pos_embed.py), with the class token's row zero. For the patch in grid row r
 
     w_i = base^(-i / (D/4)),  i = 0 .. D/4 - 1
     pos[1 + r*(W/P) + c] = [sin(c w), cos(c w), sin(r w), cos(r w)]     four blocks of D/4 columns
-    (MAE's code names the first half "emb_h" but feeds it the column index, its issue 18; vit-pytorch
-    and "Better plain ViT baselines" (arXiv:2205.01580) use the same block order with w_i =
-    base^(-i / (D/4 - 1)).)  Without positions a ViT is blind to where a patch is: permuting the
+    (MAE's code names the first half "emb_h" but feeds it the column index, its issue 18; vit-pytorch's
+    simple_vit, after "Better plain ViT baselines" (arXiv:2205.01580), has the same block order with
+    w_i = base^(-i / (D/4 - 1)).)  Without positions a ViT is blind to where a patch is: permuting the
     patches permutes the patch outputs and leaves the class token's output unchanged.
 
 Attention rollout (Abnar & Zuidema 2020, arXiv:2005.00928): with W_l the layer-l weights averaged over
 heads, A_l = rownorm(W_l + I) (the identity stands for the residual) and R = A_L ... A_2 A_1. Row 0 of R
 without its first entry says how much of the class token's final state each patch feeds.
+
+Demo (`OPENBLAS_NUM_THREADS=1 python vit.py`, about 30 s): a same/different task where the label is a relation
+between two distant patches; it prints the learning curve, asserts a held-out accuracy far above chance
+and that rollout puts the class token's mass on the two patches, and draws figures/vit_rollout.png.
 
 Shapes: B batch, C channels, H x W image, P patch side, N patches, D width, F feed-forward width, K classes.
 Imports transformer.py (encoder layers, LayerNorm), positional.py (learned positions) and training.py
@@ -173,7 +177,8 @@ def init_vit(image_shape, P, D, depth, F, n_classes, rng, positions="learned", d
     """Parameters {'patch', 'cls', ['pos'], 'layers': [encoder layer] * depth, 'ln_f', 'head'}.
 
     image_shape (C, H, W). patch W and head W ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as torch's Conv2d and
-    Linear; cls and the learned table ~ N(0, 0.02^2). 'pos' exists only for positions='learned'.
+    Linear weights, biases 0; cls and the learned table ~ N(0, 0.02^2). 'pos' only for positions='learned'.
+    NumPy arrays of `dtype`; for the GPU, move them with cupy.asarray (training.tree_map).
     """
     C, H, W = image_shape
     if H % P or W % P:
@@ -181,16 +186,15 @@ def init_vit(image_shape, P, D, depth, F, n_classes, rng, positions="learned", d
     if positions not in ("learned", "sincos", None):
         raise ValueError(f"positions must be 'learned', 'sincos' or None, got {positions!r}")
     fan_in, N = C * P * P, (H // P) * (W // P)
-    params = {"patch": {"W": rng.uniform(-1, 1, (fan_in, D)) / math.sqrt(fan_in), "b": np.zeros(D)},
-              "cls": 0.02 * rng.standard_normal(D)}
+    params = {"patch": {"W": (rng.uniform(-1, 1, (fan_in, D)) / math.sqrt(fan_in)).astype(dtype),  # (C*P*P, D)
+                        "b": np.zeros(D, dtype)},                                            # (D,)
+              "cls": (0.02 * rng.standard_normal(D)).astype(dtype)}                          # (D,)
     if positions == "learned":
-        params["pos"] = init_learned_positions(N + 1, D, rng, dtype)              # (N+1, D)
+        params["pos"] = init_learned_positions(N + 1, D, rng, dtype)                         # (N+1, D)
     params["layers"] = [init_encoder_layer(D, F, rng, dtype) for _ in range(depth)]
-    params["ln_f"] = init_layer_norm(D, dtype)
-    params["head"] = {"W": rng.uniform(-1, 1, (D, n_classes)) / math.sqrt(D), "b": np.zeros(n_classes)}
-    for part in ("patch", "head"):
-        params[part] = {name: w.astype(dtype) for name, w in params[part].items()}
-    params["cls"] = params["cls"].astype(dtype)
+    params["ln_f"] = init_layer_norm(D, dtype)                                               # (D,) each
+    params["head"] = {"W": (rng.uniform(-1, 1, (D, n_classes)) / math.sqrt(D)).astype(dtype),  # (D, K)
+                      "b": np.zeros(n_classes, dtype)}                                       # (K,)
     return params
 
 
@@ -301,15 +305,18 @@ def same_different_images(n, rng, grid=4, P=4, noise=0.2, dtype=np.float32):
 
 if __name__ == "__main__":
     import argparse
+    import os
     import time
 
     from training import adam_init, adam_step, cross_entropy_backward, cross_entropy_forward, lr_schedule
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and a lower bar (for the tests)")
-    parser.add_argument("--figure", default="figures/vit_rollout.png")
+    parser.add_argument("--figure", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                         "figures", "vit_rollout.png"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # stated bars, with margin below what seed 0 measures (0.926 after 400 steps, 0.974 after 1500)
     steps, bar = (400, 0.80) if args.quick else (1500, 0.93)
     P, heads, batch = 4, 4, 64
     rng = np.random.default_rng(args.seed)
@@ -344,7 +351,11 @@ if __name__ == "__main__":
           f"test images both marked patches get more than the average patch")
     assert ratio > 1.5 and share > 0.9, (ratio, share)
 
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("(matplotlib is not installed: no figure)")
+        raise SystemExit(0)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
