@@ -20,20 +20,21 @@ Decoder layer: causal self-attention, then cross-attention CA to the encoder's o
     pre-LN:   h1 = y + SA(LN1(y));   h2 = h1 + CA(LN2(h1), memory);   out = h2 + FFN(LN3(h2))
     post-LN:  h1 = LN1(y + SA(y));   h2 = LN2(h1 + CA(h1, memory));   out = LN3(h2 + FFN(h2))
 
-A residual x + f(x) feeds x to two places, so its backward adds two gradients: dx = dout + df(x)/dx^T dout.
+A residual x + f(x) feeds x to two places, so its backward adds two gradients: dx = dout + (df/dx)^T dout.
 The memory feeds every decoder layer, so its gradient is the sum over the layers.
 
 The three shapes from the same parts (`config['kind']`):
 - 'encoder-decoder' (the paper, T5): source -> encoder stack -> memory; target -> decoder stack reading
   memory -> next-token logits. Trained with teacher forcing, decoded one token at a time.
 - 'encoder' (BERT, arXiv:1810.04805): one stack without a causal mask; logits at every position, trained
-  to fill in masked tokens (15 % of positions chosen; of those 80 % become [MASK], 10 % a random token,
+  to fill in masked tokens (each position chosen with probability 0.15; of those 80 % become [MASK], 10 % a random token,
   10 % stay) -- `mask_tokens`.
 - 'decoder' (GPT, Radford et al. 2018/2019): one stack of encoder layers with a causal mask; next-token
   logits, generated one token at a time.
 Each model: token embedding (V, D); positions (config['positions']: 'sinusoidal' or 'learned', added to
 the embedding; 'rope' rotating q and k in self-attention; 'alibi' biasing self-attention's scores; 'none');
-the layers; a final LayerNorm for pre-LN; logits = h W_out + b_out, with W_out = embed^T when `tied`
+the layers; a final LayerNorm for pre-LN (post-LN ends every layer with one; torch.nn.Transformer adds a
+final norm either way); logits = h W_out + b_out, with W_out = embed^T when `tied`
 (Press & Wolf, arXiv:1608.05859; the tied table's gradient is the sum of its two uses).
 
 Generation keeps a key/value cache: each layer's self-attention keys and values of the tokens so far
@@ -51,6 +52,7 @@ V vocabulary. Masks are boolean, True = may attend (the opposite of PyTorch's bo
 Imports attention.py, positional.py, multihead.py and training.py. Runs on NumPy or CuPy arrays unchanged.
 """
 import math
+import numbers
 
 import numpy as np
 
@@ -184,7 +186,7 @@ def activation_forward(x, kind="gelu"):
     if kind == "relu":
         return xp.maximum(x, 0), cache
     if kind == "gelu":
-        cache["phi"] = 0.5 * erfc(x * -math.sqrt(0.5))           # Phi(x)
+        cache["phi"] = 0.5 * erfc(-x / math.sqrt(2))             # Phi(x)
         return x * cache["phi"], cache
     cache["t"] = xp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))   # x * x * x: NumPy's x**3 is slow
     return 0.5 * x * (1 + cache["t"]), cache
@@ -215,13 +217,15 @@ def activation_backward(dout, cache):
 def dropout_forward(x, p, rng=None):
     """out = x * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn from rng (inverted dropout).
 
-    p = 0 (or rng None) is the identity, as at evaluation time. rng is a random Generator of x's array
-    module (numpy.random.default_rng(seed) for NumPy arrays, cupy.random.default_rng(seed) on the GPU), so
-    a seed fixes the mask. Returns out and cache = {'keep' (x's shape, bool, or None), 'scale'}.
+    p = 0 is the identity, as at evaluation time. rng is a random Generator of x's array module
+    (numpy.random.default_rng(seed) for NumPy arrays, cupy.random.default_rng(seed) on the GPU), so a seed
+    fixes the mask. Returns out and cache = {'keep' (x's shape, bool, or None), 'scale'}.
     """
-    if not (0 <= p < 1):
+    if not isinstance(p, numbers.Real) or not (0 <= p < 1):
         raise ValueError(f"dropout p must be in [0, 1), got {p!r}")
-    if p == 0 or rng is None:
+    if p > 0 and rng is None:
+        raise ValueError(f"dropout p = {p} needs rng, a random Generator of x's array module, got None")
+    if p == 0:
         return x, {"keep": None, "scale": 1.0}
     keep = rng.random(x.shape) >= p                            # (...) True with probability 1 - p
     if get_xp(keep) is not get_xp(x):
@@ -256,6 +260,7 @@ def feed_forward_forward(x, params, activation="gelu", dropout=0.0, rng=None):
 
     x (B, L, D). Returns out (B, L, D) and cache = {'x', 'act', 'drop', 'hidden', 'params'}.
     """
+    _check_feed_forward(x, params)
     hidden, act_cache = activation_forward(x @ params["W_1"] + params["b_1"], activation)  # (B, L, F)
     hidden, drop_cache = dropout_forward(hidden, dropout, rng)                           # (B, L, F)
     out = hidden @ params["W_2"] + params["b_2"]                                         # (B, L, D)
@@ -298,40 +303,40 @@ def init_decoder_layer(D, F, rng, dtype=np.float32):
 def _sublayer_forward(x, norm, sublayer, norm_first, dropout, rng):
     """One residual sublayer: pre-LN x + drop(f(LN(x))), or post-LN LN(x + drop(f(x))).
 
-    sublayer(z) -> (f(z), f's cache). Returns out and cache = {'norm', 'f', 'drop', 'norm_first'}.
+    sublayer(z) -> (f(z), f's cache). Returns out (B, T, D) and (f's cache, the norm's, the dropout's).
     """
     if norm_first:
-        z, norm_cache = layer_norm_forward(x, norm["gamma"], norm["beta"])
-        f, f_cache = sublayer(z)
-        f, drop_cache = dropout_forward(f, dropout, rng)
-        return x + f, {"norm": norm_cache, "f": f_cache, "drop": drop_cache, "norm_first": True}
-    f, f_cache = sublayer(x)
-    f, drop_cache = dropout_forward(f, dropout, rng)
-    out, norm_cache = layer_norm_forward(x + f, norm["gamma"], norm["beta"])
-    return out, {"norm": norm_cache, "f": f_cache, "drop": drop_cache, "norm_first": False}
+        z, norm_cache = layer_norm_forward(x, norm["gamma"], norm["beta"])     # (B, T, D)
+        update, f_cache = sublayer(z)                                          # (B, T, D)
+        update, drop_cache = dropout_forward(update, dropout, rng)
+        return x + update, (f_cache, norm_cache, drop_cache)
+    update, f_cache = sublayer(x)                                              # (B, T, D)
+    update, drop_cache = dropout_forward(update, dropout, rng)
+    out, norm_cache = layer_norm_forward(x + update, norm["gamma"], norm["beta"])   # (B, T, D)
+    return out, (f_cache, norm_cache, drop_cache)
 
 
-def _sublayer_backward(dout, cache, sublayer_backward):
-    """Backward of _sublayer_forward. sublayer_backward(df, f_cache) -> (dz, grads of f).
+def _sublayer_backward(dout, caches, norm_first, sublayer_backward):
+    """Backward of _sublayer_forward; sublayer_backward(dupdate, f_cache) -> (dz, *f's other gradients).
 
-    Returns dx, grads of f, (dgamma, dbeta). x feeds both the residual and f: dx is their sum.
+    Returns dx, [f's other gradients], and the norm's gradients {'gamma', 'beta'}. x feeds both the
+    residual and f, so dx is the sum of the two paths.
     """
-    if cache["norm_first"]:                                    # out = x + drop(f(LN(x)))
-        df = dropout_backward(dout, cache["drop"])
-        dz, grads = sublayer_backward(df, cache["f"])
-        dx_f, dgamma, dbeta = layer_norm_backward(dz, cache["norm"])
+    f_cache, norm_cache, drop_cache = caches
+    if norm_first:                                             # out = x + drop(f(LN(x)))
+        dz, *f_grads = sublayer_backward(dropout_backward(dout, drop_cache), f_cache)
+        dx_f, dgamma, dbeta = layer_norm_backward(dz, norm_cache)
         dx = dout + dx_f                                       # residual path + path through f
-        return dx, grads, {"gamma": dgamma, "beta": dbeta}
-    dsum, dgamma, dbeta = layer_norm_backward(dout, cache["norm"])   # out = LN(x + drop(f(x)))
-    df = dropout_backward(dsum, cache["drop"])
-    dx_f, grads = sublayer_backward(df, cache["f"])
-    dx = dsum + dx_f                                           # residual path + path through f
-    return dx, grads, {"gamma": dgamma, "beta": dbeta}
+    else:                                                      # out = LN(x + drop(f(x)))
+        dsum, dgamma, dbeta = layer_norm_backward(dout, norm_cache)
+        dx_f, *f_grads = sublayer_backward(dropout_backward(dsum, drop_cache), f_cache)
+        dx = dsum + dx_f                                       # residual path + path through f
+    return dx, f_grads, {"gamma": dgamma, "beta": dbeta}
 
 
-def _self_attention_backward(df, cache):
-    """Self-attention fed one tensor as both x_q and x_kv: its gradient is dx_q + dx_kv."""
-    dx_q, dx_kv, grads = multihead_backward(df, cache)
+def _self_attention_backward(dupdate, cache):
+    """Self-attention is fed one tensor as both x_q and x_kv, so that tensor's gradient is dx_q + dx_kv."""
+    dx_q, dx_kv, grads = multihead_backward(dupdate, cache)
     return dx_q + dx_kv, grads
 
 
@@ -341,11 +346,13 @@ def encoder_layer_forward(x, params, n_heads, mask=None, norm_first=True, activa
 
     x (B, T, D). mask: bool broadcastable to (B, H, T, T), True = may attend (a padding mask is
     (B, 1, 1, T)). causal=True makes it a GPT block. rope / bias (an ALiBi table (H, T, T)) go to the
-    self-attention (multihead.py). dropout > 0 with a Generator rng drops sublayer outputs and FFN hiddens.
-    Returns out (B, T, D) and cache = {'attn', 'ff'}, each a sublayer cache whose 'f' is the multihead /
-    FFN cache; the per-head attention weights (B, H, T, T) are cache['attn']['f']['attn']['weights'].
+    self-attention (multihead.py). dropout > 0 (with a Generator rng) drops each sublayer's output and
+    the FFN's hidden activations.
+    Returns out (B, T, D) and cache = {'attn' (multihead's cache), 'ln1', 'drop1', 'ff', 'ln2', 'drop2',
+    'norm_first'}, keyed like params; the per-head attention weights (B, H, T, T) are
+    cache['attn']['attn']['weights'].
     """
-    _check_layer_options(x, n_heads, norm_first, activation)
+    _check_layer_options(x, params, ("attn", "ln1", "ff", "ln2"), n_heads, norm_first, activation)
 
     def attention(z):
         return multihead_forward(z, z, params["attn"], n_heads, mask=mask, causal=causal, rope=rope, bias=bias)
@@ -353,16 +360,22 @@ def encoder_layer_forward(x, params, n_heads, mask=None, norm_first=True, activa
     def feed_forward(z):
         return feed_forward_forward(z, params["ff"], activation, dropout, rng)
 
-    h, attn_cache = _sublayer_forward(x, params["ln1"], attention, norm_first, dropout, rng)      # (B, T, D)
-    out, ff_cache = _sublayer_forward(h, params["ln2"], feed_forward, norm_first, dropout, rng)   # (B, T, D)
-    return out, {"attn": attn_cache, "ff": ff_cache}
+    cache = {"norm_first": norm_first}
+    h, (cache["attn"], cache["ln1"], cache["drop1"]) = _sublayer_forward(x, params["ln1"], attention, norm_first,
+                                                                         dropout, rng)             # (B, T, D)
+    out, (cache["ff"], cache["ln2"], cache["drop2"]) = _sublayer_forward(h, params["ln2"], feed_forward, norm_first,
+                                                                         dropout, rng)             # (B, T, D)
+    return out, cache
 
 
 def encoder_layer_backward(dout, cache):
     """dx (B, T, D) and grads (the params' keys) of encoder_layer_forward: its two sublayers in reverse."""
-    dh, ff_grads, ln2_grads = _sublayer_backward(dout, cache["ff"], feed_forward_backward)
-    dx, attn_grads, ln1_grads = _sublayer_backward(dh, cache["attn"], _self_attention_backward)
-    return dx, {"attn": attn_grads, "ln1": ln1_grads, "ff": ff_grads, "ln2": ln2_grads}
+    norm_first, grads = cache["norm_first"], {}
+    dh, (grads["ff"],), grads["ln2"] = _sublayer_backward(dout, (cache["ff"], cache["ln2"], cache["drop2"]),
+                                                          norm_first, feed_forward_backward)      # (B, T, D)
+    dx, (grads["attn"],), grads["ln1"] = _sublayer_backward(dh, (cache["attn"], cache["ln1"], cache["drop1"]),
+                                                            norm_first, _self_attention_backward)  # (B, T, D)
+    return dx, {key: grads[key] for key in ("attn", "ln1", "ff", "ln2")}
 
 
 def decoder_layer_forward(y, memory, params, n_heads, memory_mask=None, norm_first=True, activation="gelu",
@@ -372,9 +385,11 @@ def decoder_layer_forward(y, memory, params, n_heads, memory_mask=None, norm_fir
     y (B, T, D) the target so far; memory (B, S, D) the encoder's output. Self-attention is always causal,
     AND-ed with tgt_mask (e.g. a (B, 1, 1, T) padding mask); memory_mask (bool, broadcastable to
     (B, H, T, S)) limits cross-attention (e.g. source padding). rope / bias act on self-attention only.
-    Returns out (B, T, D) and cache = {'attn', 'cross_attn', 'ff'} (sublayer caches, as the encoder's).
+    Returns out (B, T, D) and cache = {'attn', 'ln1', 'drop1', 'cross_attn', 'ln2', 'drop2', 'ff', 'ln3',
+    'drop3', 'norm_first'}; the cross-attention weights (B, H, T, S) are cache['cross_attn']['attn']['weights'].
     """
-    _check_layer_options(y, n_heads, norm_first, activation)
+    _check_layer_options(y, params, ("attn", "ln1", "cross_attn", "ln2", "ff", "ln3"), n_heads, norm_first,
+                         activation)
     if not hasattr(memory, "ndim") or memory.ndim != 3 or memory.shape[0] != y.shape[0] \
             or memory.shape[2] != y.shape[2]:
         raise ValueError(f"memory must have shape ({y.shape[0]}, S, {y.shape[2]}) to match y {y.shape}, "
@@ -389,27 +404,29 @@ def decoder_layer_forward(y, memory, params, n_heads, memory_mask=None, norm_fir
     def feed_forward(z):
         return feed_forward_forward(z, params["ff"], activation, dropout, rng)
 
-    h1, attn_cache = _sublayer_forward(y, params["ln1"], attention, norm_first, dropout, rng)              # (B, T, D)
-    h2, cross_cache = _sublayer_forward(h1, params["ln2"], cross_attention, norm_first, dropout, rng)      # (B, T, D)
-    out, ff_cache = _sublayer_forward(h2, params["ln3"], feed_forward, norm_first, dropout, rng)           # (B, T, D)
-    return out, {"attn": attn_cache, "cross_attn": cross_cache, "ff": ff_cache}
+    cache = {"norm_first": norm_first}
+    h1, (cache["attn"], cache["ln1"], cache["drop1"]) = _sublayer_forward(
+        y, params["ln1"], attention, norm_first, dropout, rng)                                     # (B, T, D)
+    h2, (cache["cross_attn"], cache["ln2"], cache["drop2"]) = _sublayer_forward(
+        h1, params["ln2"], cross_attention, norm_first, dropout, rng)                              # (B, T, D)
+    out, (cache["ff"], cache["ln3"], cache["drop3"]) = _sublayer_forward(
+        h2, params["ln3"], feed_forward, norm_first, dropout, rng)                                 # (B, T, D)
+    return out, cache
 
 
 def decoder_layer_backward(dout, cache):
-    """dy (B, T, D), dmemory (B, S, D) and grads of decoder_layer_forward, sublayers in reverse."""
-    dmemory = []                                               # cross-attention's dx_kv, collected below
+    """dy (B, T, D), dmemory (B, S, D) and grads of decoder_layer_forward, sublayers in reverse.
 
-    def cross_attention_backward(df, attn_cache):
-        dz, dx_kv, grads = multihead_backward(df, attn_cache)
-        dmemory.append(dx_kv)
-        return dz, grads
-
-    dh2, ff_grads, ln3_grads = _sublayer_backward(dout, cache["ff"], feed_forward_backward)
-    dh1, cross_grads, ln2_grads = _sublayer_backward(dh2, cache["cross_attn"], cross_attention_backward)
-    dy, attn_grads, ln1_grads = _sublayer_backward(dh1, cache["attn"], _self_attention_backward)
-    grads = {"attn": attn_grads, "ln1": ln1_grads, "cross_attn": cross_grads, "ln2": ln2_grads,
-             "ff": ff_grads, "ln3": ln3_grads}
-    return dy, dmemory[0], grads
+    Cross-attention's backward (multihead_backward) returns (dx_q, dx_kv, grads): dx_kv is dmemory.
+    """
+    norm_first, grads = cache["norm_first"], {}
+    dh2, (grads["ff"],), grads["ln3"] = _sublayer_backward(
+        dout, (cache["ff"], cache["ln3"], cache["drop3"]), norm_first, feed_forward_backward)     # (B, T, D)
+    dh1, (dmemory, grads["cross_attn"]), grads["ln2"] = _sublayer_backward(
+        dh2, (cache["cross_attn"], cache["ln2"], cache["drop2"]), norm_first, multihead_backward)
+    dy, (grads["attn"],), grads["ln1"] = _sublayer_backward(
+        dh1, (cache["attn"], cache["ln1"], cache["drop1"]), norm_first, _self_attention_backward)
+    return dy, dmemory, {key: grads[key] for key in ("attn", "ln1", "cross_attn", "ln2", "ff", "ln3")}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -451,14 +468,15 @@ def init_transformer(config, rng, dtype=np.float32):
 def embed_forward(ids, params, config, offset=0):
     """x = sqrt(D) * embed[ids] + positions (sinusoidal or learned; RoPE and ALiBi act inside attention).
 
-    ids int (B, T) at positions offset .. offset + T - 1. Returns x (B, T, D) and cache = {'tokens', 'pos'}.
+    ids int (B, T) at positions offset .. offset + T - 1. Returns x (B, T, D) and cache = {'embed', 'pos'}
+    (training.embedding_forward's cache, learned_position_forward's or None).
     """
     table = params["embed"]
     xp = get_xp(table)
     T, D = ids.shape[1], table.shape[1]
     if offset + T > config["max_len"]:
         raise ValueError(f"positions must be < max_len = {config['max_len']}, got {T} tokens from position {offset}")
-    x, token_cache = embedding_forward(ids, table)                              # (B, T, D)
+    x, embed_cache = embedding_forward(ids, table)                              # (B, T, D)
     x = x * table.dtype.type(math.sqrt(D))
     pos_cache = None
     if config["positions"] == "sinusoidal":
@@ -467,21 +485,15 @@ def embed_forward(ids, params, config, offset=0):
         x, pos_cache = learned_position_forward(x, params["pos"])                # adds pos[:T]
     elif config["positions"] == "learned":
         x = x + params["pos"][offset:offset + T]                                  # decoding: no backward
-    return x, {"tokens": token_cache, "pos": pos_cache}
+    return x, {"embed": embed_cache, "pos": pos_cache}
 
 
-def embed_backward(dx, cache, grads):
-    """Add the embedding's (and learned positions') gradients into grads; x = sqrt(D) embed[ids] + pos."""
+def embed_backward(dx, cache):
+    """dembed (V, D) and dpos (max_len, D) or None, of x = sqrt(D) embed[ids] + pos[:T]."""
+    dpos = None
     if cache["pos"] is not None:
         dx, dpos = learned_position_backward(dx, cache["pos"])
-        _accumulate(grads, "pos", dpos)                        # the source's and the target's positions
-    _accumulate(grads, "embed", embedding_backward(dx * dx.dtype.type(math.sqrt(dx.shape[-1])), cache["tokens"]))
-
-
-def _accumulate(grads, key, g):
-    """grads[key] += g. A table used in two places (the tied output and the input, or the source and the
-    target of an encoder-decoder) gets the sum of both uses' gradients."""
-    grads[key] = g if key not in grads else grads[key] + g
+    return embedding_backward(dx * dx.dtype.type(math.sqrt(dx.shape[-1])), cache["embed"]), dpos
 
 
 def _attention_options(config, T, xp, dtype):
@@ -499,10 +511,13 @@ def _padding_mask(ids, config):
     return (ids != config["pad_id"])[:, None, None, :]
 
 
+_NORM = {"encoder": "enc_norm", "decoder": "dec_norm"}        # each stack's final norm (pre-LN only)
+
+
 def _stack_forward(ids, params, config, stack, memory=None, memory_mask=None, dropout=0.0, rng=None):
     """Embed ids (B, L), run the layers of params[stack] ('encoder' or 'decoder'), then the final norm
     (pre-LN only). The 'decoder' stack is causal; given memory its layers also cross-attend to it.
-    Returns h (B, L, D) and cache = {'embed', 'layers', 'norm'}."""
+    Returns h (B, L, D) and (the embedding's cache, the list of layer caches, the final norm's or None)."""
     norm_first, activation, H = config["norm_first"], config["activation"], config["n_heads"]
     x, embed_cache = embed_forward(ids, params, config)                          # (B, L, D)
     rope, bias = _attention_options(config, ids.shape[1], get_xp(x), x.dtype)
@@ -519,18 +534,18 @@ def _stack_forward(ids, params, config, stack, memory=None, memory_mask=None, dr
         layer_caches.append(layer_cache)                                         # x: (B, L, D)
     norm_cache = None
     if norm_first:
-        norm = params[_NORM[stack]]
-        x, norm_cache = layer_norm_forward(x, norm["gamma"], norm["beta"])
-    return x, {"embed": embed_cache, "layers": layer_caches, "norm": norm_cache}
+        x, norm_cache = layer_norm_forward(x, params[_NORM[stack]]["gamma"], params[_NORM[stack]]["beta"])
+    return x, (embed_cache, layer_caches, norm_cache)
 
 
-def _stack_backward(dh, cache, config, stack, grads):
-    """Backward of _stack_forward: puts the stack's gradients into grads; returns dmemory (0 without memory)."""
-    if cache["norm"] is not None:
-        dh, dgamma, dbeta = layer_norm_backward(dh, cache["norm"])
+def _stack_backward(dh, cache, stack, grads):
+    """Backward of _stack_forward from the model's cache: puts the layers' and the final norm's gradients
+    into grads; returns dx (B, L, D) at the embedding's output and dmemory (B, S, D) (0 without memory)."""
+    if cache[_NORM[stack]] is not None:
+        dh, dgamma, dbeta = layer_norm_backward(dh, cache[_NORM[stack]])
         grads[_NORM[stack]] = {"gamma": dgamma, "beta": dbeta}
     layer_grads, dmemory = [], 0
-    for layer_cache in reversed(cache["layers"]):
+    for layer_cache in reversed(cache[stack]):
         if "cross_attn" in layer_cache:
             dh, dmemory_layer, g = decoder_layer_backward(dh, layer_cache)
             dmemory = dmemory + dmemory_layer                  # the memory feeds every decoder layer: sum them
@@ -538,11 +553,7 @@ def _stack_backward(dh, cache, config, stack, grads):
             dh, g = encoder_layer_backward(dh, layer_cache)
         layer_grads.append(g)
     grads[stack] = layer_grads[::-1]
-    embed_backward(dh, cache["embed"], grads)
-    return dmemory
-
-
-_NORM = {"encoder": "enc_norm", "decoder": "dec_norm"}
+    return dh, dmemory
 
 
 def _output_forward(h, params, config):
@@ -552,17 +563,16 @@ def _output_forward(h, params, config):
 
 
 def _output_backward(dlogits, cache, params, config, grads):
-    """dh (B, L, D) of _output_forward; puts the head's gradients into grads."""
+    """dh (B, L, D) of _output_forward, and the tied table's gradient from this use (None when untied);
+    puts W_out's and b_out's gradients into grads."""
     h = cache["h"]
     dlogits_rows = dlogits.reshape(-1, dlogits.shape[-1])                        # (B*L, V)
     dW_out = h.reshape(-1, h.shape[-1]).T @ dlogits_rows                         # (D, V)
-    if config["tied"]:
-        grads["embed"] = dW_out.T              # the output's use of the tied table; embed_backward adds the input's
-        dh = dlogits @ params["embed"]                                           # (B, L, D)
-    else:
-        grads["W_out"], dh = dW_out, dlogits @ params["W_out"].T
     grads["b_out"] = dlogits_rows.sum(axis=0)                                    # (V,)
-    return dh
+    if config["tied"]:                                         # W_out = embed^T, so dembed = dW_out^T
+        return dlogits @ params["embed"], dW_out.T                               # (B, L, D), (V, D)
+    grads["W_out"] = dW_out
+    return dlogits @ params["W_out"].T, None                                     # (B, L, D)
 
 
 def transformer_forward(params, config, tokens, src=None, dropout=0.0, rng=None):
@@ -571,20 +581,22 @@ def transformer_forward(params, config, tokens, src=None, dropout=0.0, rng=None)
     tokens int (B, T): BERT's input, GPT's input, or the encoder-decoder's target shifted right.
     src int (B, S): the encoder-decoder's source (required there, refused elsewhere).
     Padding (config['pad_id']) is masked as a key everywhere: in self-attention, and for source padding in
-    cross-attention. Returns logits and cache = {'encoder' (a stack cache, encoder-decoder only),
-    'encoder' or 'decoder' (the stack that makes the logits), 'out', 'config', 'params'}; the per-head
-    attention weights of layer i of a stack are cache[stack]['layers'][i][sublayer]['f']['attn']['weights']
-    with sublayer 'attn' or 'cross_attn'.
+    cross-attention. Returns logits and a cache keyed like params: 'encoder' / 'decoder' (lists of layer
+    caches), 'enc_norm' / 'dec_norm' (None for post-LN), 'embed' ({stack: its embedding's cache}), 'out',
+    and 'config', 'params'. The per-head weights (B, H, T, S) of layer i are
+    cache[stack][i]['attn']['attn']['weights'] (self-attention) or [i]['cross_attn']['attn']['weights'].
     """
     config = check_config(config)
     _check_tokens(tokens, src, params, config)
-    cache = {"config": config, "params": params}
+    cache = {"config": config, "params": params, "embed": {}}
     memory = memory_mask = None
     if config["kind"] == "encoder-decoder":                    # the encoder reads the source once
-        memory, cache["encoder"] = _stack_forward(src, params, config, "encoder", dropout=dropout, rng=rng)
+        memory, (cache["embed"]["encoder"], cache["encoder"], cache["enc_norm"]) = _stack_forward(
+            src, params, config, "encoder", dropout=dropout, rng=rng)            # (B, S, D)
         memory_mask = _padding_mask(src, config)                                 # (B, 1, 1, S)
     stack = "encoder" if config["kind"] == "encoder" else "decoder"
-    h, cache[stack] = _stack_forward(tokens, params, config, stack, memory, memory_mask, dropout, rng)  # (B, T, D)
+    h, (cache["embed"][stack], cache[stack], cache[_NORM[stack]]) = _stack_forward(
+        tokens, params, config, stack, memory, memory_mask, dropout, rng)        # (B, T, D)
     logits, cache["out"] = _output_forward(h, params, config)                    # (B, T, V)
     return logits, cache
 
@@ -595,11 +607,21 @@ def transformer_backward(dlogits, cache):
     h = cache["out"]["h"]
     check_upstream("dlogits", dlogits, h.shape[:-1] + params["b_out"].shape, h.dtype)
     grads = {}
-    dh = _output_backward(dlogits, cache["out"], params, config, grads)           # (B, T, D)
+    dh, dembed_output = _output_backward(dlogits, cache["out"], params, config, grads)   # (B, T, D)
     stack = "encoder" if config["kind"] == "encoder" else "decoder"
-    dmemory = _stack_backward(dh, cache[stack], config, stack, grads)            # (B, S, D) or 0
-    if config["kind"] == "encoder-decoder":                    # source and target share the embedding table
-        _stack_backward(dmemory, cache["encoder"], config, "encoder", grads)
+    dx, dmemory = _stack_backward(dh, cache, stack, grads)                       # (B, T, D), (B, S, D) or 0
+    dembed, dpos = embed_backward(dx, cache["embed"][stack])
+    if config["kind"] == "encoder-decoder":                    # back through the encoder to the source tokens
+        dx_src, _ = _stack_backward(dmemory, cache, "encoder", grads)            # (B, S, D)
+        dembed_src, dpos_src = embed_backward(dx_src, cache["embed"]["encoder"])
+        # Source and target read one table (and one position table): their gradients add.
+        dembed = dembed + dembed_src
+        dpos = None if dpos is None else dpos + dpos_src
+    if dembed_output is not None:
+        dembed = dembed + dembed_output                        # tied: the table is also the output projection
+    grads["embed"] = dembed
+    if dpos is not None:
+        grads["pos"] = dpos
     return {key: grads[key] for key in params}
 
 
@@ -641,51 +663,61 @@ def mask_tokens(tokens, rng, V, mask_id, p=0.15, keep_ids=()):
 # Generation with a key/value cache
 
 
-def _cached_attention(z, params, kv, config, position, keep):
-    """Self-attention of new tokens z (B, n, D) at positions position .. position + n - 1 against every
-    earlier token's cached keys and values, which it extends. kv = {'k', 'v'} (B, H, S, Dh) and 'keep'
-    (B, 1, 1, S), which keys are not padding, or empty; keep (B, 1, 1, n) for the new tokens, or None."""
-    xp = get_xp(z)
-    H = config["n_heads"]
-    q = split_heads(z @ params["W_q"] + params["b_q"], H)                        # (B, H, n, Dh)
-    k = split_heads(z @ params["W_k"] + params["b_k"], H)                        # (B, H, n, Dh)
-    v = split_heads(z @ params["W_v"] + params["b_v"], H)                        # (B, H, n, Dh)
+def _project_heads(x, params, name, n_heads):
+    """split_heads(x W + b) for name 'q', 'k' or 'v' of a multihead params dict: (B, L, D) -> (B, H, L, Dh)."""
+    return split_heads(x @ params[f"W_{name}"] + params[f"b_{name}"], n_heads)
+
+
+def _cached_attention(z, params, kv, config, n_cached, keep):
+    """Self-attention of new tokens z (B, n, D), at positions n_cached .. n_cached + n - 1, against every
+    token so far. kv holds the earlier tokens' keys and values {'k', 'v'} (B, H, n_cached, Dh), after RoPE,
+    and 'keep' (B, 1, 1, n_cached), which of them are not padding; it is extended with the new tokens'.
+    keep: (B, 1, 1, n) for the new tokens, or None without a pad_id."""
+    xp, H = get_xp(z), config["n_heads"]
+    q, k, v = (_project_heads(z, params, name, H) for name in "qkv")           # (B, H, n, Dh) each
     if config["positions"] == "rope":                          # rotate by the tokens' true positions
-        q, _ = rope_forward(q, offset=position)
-        k, _ = rope_forward(k, offset=position)
-    kv["k"] = k if "k" not in kv else xp.concatenate([kv["k"], k], axis=2)       # (B, H, S, Dh)
-    kv["v"] = v if "v" not in kv else xp.concatenate([kv["v"], v], axis=2)       # (B, H, S, Dh)
+        q, _ = rope_forward(q, offset=n_cached)
+        k, _ = rope_forward(k, offset=n_cached)
+    kv["k"] = k if n_cached == 0 else xp.concatenate([kv["k"], k], axis=2)       # (B, H, S, Dh), S = n_cached + n
+    kv["v"] = v if n_cached == 0 else xp.concatenate([kv["v"], v], axis=2)       # (B, H, S, Dh)
     if keep is not None:                                       # padding stays masked as a key, as in training
-        kv["keep"] = keep if "keep" not in kv else xp.concatenate([kv["keep"], keep], axis=3)   # (B, 1, 1, S)
+        kv["keep"] = keep if n_cached == 0 else xp.concatenate([kv["keep"], keep], axis=3)   # (B, 1, 1, S)
     n, S = z.shape[1], kv["k"].shape[2]
     bias = alibi_bias(H, n, S, dtype=z.dtype, xp=xp) if config["positions"] == "alibi" else None   # (H, n, S)
     # Causal, bottom-right aligned: new query i (position S - n + i) sees keys 0 .. S - n + i.
     heads, _ = attention_forward(q, kv["k"], kv["v"], mask=kv.get("keep"), causal=True, bias=bias)  # (B, H, n, Dh)
-    return merge_heads(heads) @ params["W_o"] + params["b_o"]                   # (B, n, D)
+    return merge_heads(heads) @ params["W_o"] + params["b_o"], None                 # (B, n, D), no cache
 
 
-def _layer_step(x, layer, kv, config, position, keep, memory=None, memory_mask=None):
-    """A layer's forward for new tokens only, reading and extending its cache (no backward needed)."""
-    def residual(x, norm, f):                                  # the sublayer rule of _sublayer_forward
-        if config["norm_first"]:
-            return x + f(layer_norm_forward(x, norm["gamma"], norm["beta"])[0])
-        return layer_norm_forward(x + f(x), norm["gamma"], norm["beta"])[0]
+def _cached_cross_attention(z, params, memory_kv, memory_mask, n_heads):
+    """Cross-attention of new tokens z (B, n, D) to the memory's keys and values, projected once:
+    memory_kv = {'k', 'v'} (B, H, S, Dh)."""
+    q = _project_heads(z, params, "q", n_heads)                                   # (B, H, n, Dh)
+    heads, _ = attention_forward(q, memory_kv["k"], memory_kv["v"], mask=memory_mask)   # (B, H, n, Dh)
+    return merge_heads(heads) @ params["W_o"] + params["b_o"], None                 # (B, n, D)
 
-    x = residual(x, layer["ln1"], lambda z: _cached_attention(z, layer["attn"], kv, config, position, keep))
-    ff_norm = "ln2"
-    if "cross_attn" in layer:                                  # the memory's keys/values: projected once
-        x = residual(x, layer["ln2"], lambda z: multihead_forward(z, memory, layer["cross_attn"],
-                                                                  config["n_heads"], mask=memory_mask)[0])
-        ff_norm = "ln3"
-    return residual(x, layer[ff_norm], lambda z: feed_forward_forward(z, layer["ff"], config["activation"])[0])
+
+def _layer_step(x, layer, kv, config, n_cached, keep, memory_kv=None, memory_mask=None):
+    """A layer's forward for the new tokens x (B, n, D) only, reading and extending its cache kv."""
+    def sublayer(x, norm_key, f):                              # the same residual rule as in training
+        return _sublayer_forward(x, layer[norm_key], f, config["norm_first"], 0.0, None)[0]
+
+    x = sublayer(x, "ln1", lambda z: _cached_attention(z, layer["attn"], kv, config, n_cached, keep))
+    if "cross_attn" in layer:
+        x = sublayer(x, "ln2", lambda z: _cached_cross_attention(z, layer["cross_attn"], memory_kv, memory_mask,
+                                                                 config["n_heads"]))
+    ff_norm = "ln3" if "cross_attn" in layer else "ln2"
+    return sublayer(x, ff_norm, lambda z: feed_forward_forward(z, layer["ff"], config["activation"]))
 
 
 def generate(params, config, prompt, n_new, src=None, temperature=0.0, rng=None, use_cache=True):
     """Continue prompt (B, T0) by n_new tokens, greedily (temperature 0) or by sampling softmax(logits / temp).
 
     For 'decoder' (GPT) and 'encoder-decoder' (prompt = the start symbol, src = the source). use_cache=True
-    keeps every layer's keys and values so each step runs one new row through the stack; use_cache=False
-    recomputes the whole sequence every step (the reference the cache must equal).
+    keeps every layer's keys and values, so each step runs one new row through the stack (the memory's keys
+    and values too are projected once); use_cache=False recomputes the whole sequence every step (the
+    reference the cache must equal). rng, for sampling, is a Generator of the params' array module
+    (numpy.random.default_rng or cupy.random.default_rng).
     Returns tokens (B, T0 + n_new) and the logits of each new token (B, n_new, V).
     """
     config = check_config(config)
@@ -694,26 +726,30 @@ def generate(params, config, prompt, n_new, src=None, temperature=0.0, rng=None,
     _check_tokens(prompt, src, params, config, name="prompt")
     if isinstance(n_new, bool) or not isinstance(n_new, (int, np.integer)) or n_new < 0:
         raise ValueError(f"n_new must be a non-negative integer, got {n_new!r}")
-    if not isinstance(temperature, (int, float)) or not temperature >= 0 or (temperature > 0 and rng is None):
+    if not isinstance(temperature, numbers.Real) or not temperature >= 0 or (temperature > 0 and rng is None):
         raise ValueError(f"temperature must be 0 (greedy) or > 0 with an rng, got {temperature!r}, rng={rng!r}")
-    xp = get_xp(params["embed"])
+    xp, H = get_xp(params["embed"]), config["n_heads"]
     tokens, all_logits = prompt, []
-    memory = memory_mask = None
-    if use_cache and config["kind"] == "encoder-decoder":      # encode once: the same code as training
-        memory = _stack_forward(src, params, config, "encoder")[0]
-        memory_mask = _padding_mask(src, config)
-    kvs = [{} for _ in params["decoder"]]
-    position = 0
+    kvs = [{} for _ in params["decoder"]]                      # one key/value cache per layer
+    memory_kvs, memory_mask = [None] * len(params["decoder"]), None
+    if use_cache and config["kind"] == "encoder-decoder":      # encode once, project the memory once per layer
+        memory = _stack_forward(src, params, config, "encoder")[0]               # (B, S, D)
+        memory_mask = _padding_mask(src, config)                                 # (B, 1, 1, S)
+        memory_kvs = [{name: _project_heads(memory, layer["cross_attn"], name, H) for name in "kv"}
+                      for layer in params["decoder"]]
+    n_cached = 0                                               # tokens whose keys and values are cached
     for _ in range(n_new):
         if use_cache:
-            new = tokens[:, position:]                         # the whole prompt first, then one token
-            x, _ = embed_forward(new, params, config, offset=position)             # (B, n, D)
-            for layer, kv in zip(params["decoder"], kvs):
-                x = _layer_step(x, layer, kv, config, position, _padding_mask(new, config), memory, memory_mask)
-            position = tokens.shape[1]
+            new_tokens = tokens[:, n_cached:]                  # the whole prompt first, then one token
+            x, _ = embed_forward(new_tokens, params, config, offset=n_cached)    # (B, n, D)
+            keep = _padding_mask(new_tokens, config)
+            for layer, kv, memory_kv in zip(params["decoder"], kvs, memory_kvs):
+                x = _layer_step(x, layer, kv, config, n_cached, keep, memory_kv, memory_mask)
+            n_cached = tokens.shape[1]
+            h = x[:, -1:]                                                          # (B, 1, D) the newest token
             if config["norm_first"]:
-                x = layer_norm_forward(x[:, -1:], **params["dec_norm"])[0]
-            logits = _output_forward(x[:, -1:], params, config)[0][:, 0]           # (B, V)
+                h = layer_norm_forward(h, params["dec_norm"]["gamma"], params["dec_norm"]["beta"])[0]
+            logits = _output_forward(h, params, config)[0][:, 0]                   # (B, V)
         else:
             logits = transformer_forward(params, config, tokens, src)[0][:, -1]    # (B, V)
         all_logits.append(logits)
@@ -811,14 +847,31 @@ def _check_layer_norm(x, gamma, beta):
             raise TypeError(f"{name} must have dtype {x.dtype} like x, got {p.dtype}")
 
 
+def _check_feed_forward(x, params):
+    _check_float("x", x)
+    if not isinstance(params, dict) or set(params) != {"W_1", "b_1", "W_2", "b_2"}:
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"params must be a dict with keys ['W_1', 'b_1', 'W_2', 'b_2'], got {got}")
+    D, F = x.shape[-1], getattr(params["b_1"], "shape", (None,))[0]
+    for name, need in (("W_1", (D, F)), ("b_1", (F,)), ("W_2", (F, D)), ("b_2", (D,))):
+        got = getattr(params[name], "shape", type(params[name]).__name__)
+        if got != need:
+            raise ValueError(f"params['{name}'] must have shape {need} for x {x.shape} and F = {F}, got {got}")
+        if params[name].dtype != x.dtype:
+            raise TypeError(f"params['{name}'] must have dtype {x.dtype} like x, got {params[name].dtype}")
+
+
 def _check_dout(dout, like):
     check_upstream("dout", dout, like.shape, like.dtype)
 
 
-def _check_layer_options(x, n_heads, norm_first, activation):
+def _check_layer_options(x, params, keys, n_heads, norm_first, activation):
     _check_float("x", x)
     if x.ndim != 3:
         raise ValueError(f"x must have shape (B, T, D), got {x.shape}")
+    if not isinstance(params, dict) or set(params) != set(keys):
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"params must be a dict with keys {list(keys)} (see init_*_layer), got {got}")
     if not isinstance(norm_first, bool):
         raise TypeError(f"norm_first must be True or False, got {norm_first!r}")
     if activation not in ACTIVATIONS:
@@ -887,7 +940,7 @@ if __name__ == "__main__":
     # Where does output position t look? The cross-attention of the last decoder layer, heads averaged.
     bos_and_output = np.concatenate([np.ones((1, 1), np.int64), test_targets[:1, :-1]], axis=1)
     _, cache = transformer_forward(params, config, bos_and_output, src=test_src[:1])
-    cross = cache["decoder"]["layers"][-1]["cross_attn"]["f"]["attn"]["weights"][0].mean(axis=0)  # (T, S)
+    cross = cache["decoder"][-1]["cross_attn"]["attn"]["weights"][0].mean(axis=0)         # (T, S)
     anti_diagonal = cross[np.arange(L), L - 1 - np.arange(L)]
     print(f"cross-attention mass on the mirrored source position: {anti_diagonal.mean():.2f} (1/S = {1 / L:.2f})")
     assert anti_diagonal.mean() > 0.5, "output t should attend mostly to source position L - 1 - t"

@@ -202,7 +202,7 @@ def vit_forward(images, params, P, n_heads, pool="cls", positions="learned"):
     """logits (B, K) of a pre-LN ViT (module docstring), and a cache keyed like params.
 
     positions: 'learned' (params['pos']), 'sincos' (sincos_2d_positions, nothing to learn) or None.
-    The layer-l attention weights (B, H, N+1, N+1) are cache['layers'][l]['attn']['f']['attn']['weights'];
+    The layer-l attention weights (B, H, N+1, N+1) are cache['layers'][l]['attn']['attn']['weights'];
     attention_weights(cache) lists them for attention_rollout.
     """
     if positions not in ("learned", "sincos", None):
@@ -254,7 +254,7 @@ def vit_backward(dlogits, cache):
 
 def attention_weights(cache):
     """The per-layer attention weights [(B, H, N+1, N+1)] * depth from vit_forward's cache."""
-    return [layer["attn"]["f"]["attn"]["weights"] for layer in cache["layers"]]
+    return [layer["attn"]["attn"]["weights"] for layer in cache["layers"]]
 
 
 def attention_rollout(weights):

@@ -131,7 +131,9 @@ def test_dropout_is_seeded_inverted_and_its_backward_uses_the_same_mask():
     assert np.all(out[~kept] == 0)
     dout = rng.standard_normal(x.shape)
     np.testing.assert_allclose(tf.dropout_backward(dout, cache), dout * kept / 0.75)
-    assert tf.dropout_forward(x, 0.0, np.random.default_rng(7))[0] is x    # p = 0: the identity
+    assert tf.dropout_forward(x, 0.0)[0] is x                  # p = 0: the identity, no rng needed
+    with pytest.raises(ValueError, match="dropout p = 0.5 needs rng"):
+        tf.dropout_forward(x, 0.5)                             # never a silent no-op
 
 
 @pytest.mark.parametrize("activation", tf.ACTIVATIONS)
@@ -261,17 +263,82 @@ def test_a_tied_table_gets_the_sum_of_its_output_and_input_gradients():
 def test_the_memory_gradient_is_the_sum_over_every_decoder_layer():
     config, params, tokens, src = make_model("encoder-decoder", "none", n_layers=3)
     _, cache = tf.transformer_forward(params, config, tokens, src)
-    layer_caches = cache["decoder"]["layers"]
-    dmemory_each = []
     dh = np.random.default_rng(0).standard_normal((2, 5, 8))
-    for layer_cache in reversed(layer_caches):
-        dh, dmemory, _ = tf.decoder_layer_backward(dh, layer_cache)
+    dmemory_each, d = [], dh
+    for layer_cache in reversed(cache["decoder"]):
+        d, dmemory, _ = tf.decoder_layer_backward(d, layer_cache)
         dmemory_each.append(dmemory)
-    grads = {}
-    total = tf._stack_backward(np.random.default_rng(0).standard_normal((2, 5, 8)),
-                               dict(cache["decoder"], norm=None), config, "decoder", grads)
+    _, total = tf._stack_backward(dh, dict(cache, dec_norm=None), "decoder", {})
     assert all(np.abs(d).max() > 1e-3 for d in dmemory_each)   # every layer reads the memory
     np.testing.assert_allclose(total, sum(dmemory_each), rtol=1e-12)
+
+
+def written_out_layer(x, params, H, memory=None, norm_first=True):
+    """An encoder (memory None) or decoder layer written from the module docstring's equations, with
+    attention.py and multihead.py as the only helpers (an independent reference, no torch)."""
+    from multihead import multihead_forward
+    LN = lambda v, n: (v - v.mean(-1, keepdims=True)) / np.sqrt(v.var(-1, keepdims=True) + 1e-5) * n["gamma"] + n["beta"]
+    SA = lambda v: multihead_forward(v, v, params["attn"], H, causal=memory is not None)[0]
+    CA = lambda v: multihead_forward(v, memory, params["cross_attn"], H)[0]
+    gelu = lambda v: v * 0.5 * (1 + np.vectorize(math.erf)(v / math.sqrt(2)))
+    FFN = lambda v: gelu(v @ params["ff"]["W_1"] + params["ff"]["b_1"]) @ params["ff"]["W_2"] + params["ff"]["b_2"]
+    ff_norm = "ln2" if memory is None else "ln3"
+    if norm_first:                                             # h1 = y + SA(LN1(y)); h2 = h1 + CA(LN2(h1)); ...
+        h = x + SA(LN(x, params["ln1"]))
+        if memory is not None:
+            h = h + CA(LN(h, params["ln2"]))
+        return h + FFN(LN(h, params[ff_norm]))
+    h = LN(x + SA(x), params["ln1"])                           # h1 = LN1(y + SA(y)); h2 = LN2(h1 + CA(h1)); ...
+    if memory is not None:
+        h = LN(h + CA(h), params["ln2"])
+    return LN(h + FFN(h), params[ff_norm])
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("layer", ["encoder", "decoder"])
+def test_layers_equal_their_equations_written_out(layer, norm_first):
+    rng = np.random.default_rng(4)
+    x, memory = rng.standard_normal((2, 4, 8)), rng.standard_normal((2, 5, 8))
+    init = tf.init_encoder_layer if layer == "encoder" else tf.init_decoder_layer
+    # Every norm gets its own gamma and beta, so a swapped or misplaced norm changes the output.
+    params = tree_map(lambda p: p + 0.3 * rng.standard_normal(p.shape), init(8, 12, rng, np.float64))
+    if layer == "encoder":
+        out, _ = tf.encoder_layer_forward(x, params, 2, norm_first=norm_first)
+        expected = written_out_layer(x, params, 2, norm_first=norm_first)
+    else:
+        out, _ = tf.decoder_layer_forward(x, memory, params, 2, norm_first=norm_first)
+        expected = written_out_layer(x, params, 2, memory, norm_first=norm_first)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_post_ln_ends_in_a_norm_and_pre_ln_models_alone_have_final_norms():
+    rng = np.random.default_rng(0)
+    params = tf.init_encoder_layer(8, 12, rng, np.float64)    # gamma = 1, beta = 0
+    x = 3 + 2 * rng.standard_normal((2, 4, 8))
+    post, _ = tf.encoder_layer_forward(x, params, 2, norm_first=False)
+    pre, _ = tf.encoder_layer_forward(x, params, 2, norm_first=True)
+    np.testing.assert_allclose(post.mean(-1), 0, atol=1e-12)  # post-LN: every row normalised
+    np.testing.assert_allclose(post.var(-1), 1, rtol=1e-4)    # var / (var + eps) with eps = 1e-5
+    assert np.abs(pre.mean(-1)).min() > 0.1                    # pre-LN: the residual stream is not
+    for kind in tf.KINDS:
+        post_params = make_model(kind, "none", norm_first=False)[1]
+        pre_params = make_model(kind, "none", norm_first=True)[1]
+        assert not {"enc_norm", "dec_norm"} & set(post_params)
+        assert {"enc_norm", "dec_norm"} & set(pre_params)
+
+
+def test_dropout_acts_where_torch_applies_it():
+    rng = np.random.default_rng(0)
+    B, T, S, D, F = 2, 3, 4, 8, 12
+    cache = tf.decoder_layer_forward(rng.standard_normal((B, T, D)), rng.standard_normal((B, S, D)),
+                                     tf.init_decoder_layer(D, F, rng, np.float64), 2, dropout=0.5, rng=rng)[1]
+    # On each sublayer's output before its residual add, and after the FFN's activation.
+    for key in ("drop1", "drop2", "drop3"):
+        assert cache[key]["keep"].shape == (B, T, D)
+    assert cache["ff"]["drop"]["keep"].shape == (B, T, F)
+    no_dropout = tf.decoder_layer_forward(rng.standard_normal((B, T, D)), rng.standard_normal((B, S, D)),
+                                          tf.init_decoder_layer(D, F, rng, np.float64), 2)[1]
+    assert all(no_dropout[key]["keep"] is None for key in ("drop1", "drop2", "drop3"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -499,3 +566,9 @@ def test_bad_layer_inputs_are_refused():
         tf.encoder_layer_backward(out.astype(np.float32), cache)
     with pytest.raises(ValueError, match=r"dropout p must be in \[0, 1\), got 1.0"):
         tf.dropout_forward(x, 1.0, rng)
+    with pytest.raises(ValueError, match="params must be a dict with keys \\['attn', 'ln1', 'ff', 'ln2'\\]"):
+        tf.encoder_layer_forward(x, {k: v for k, v in params.items() if k != "ff"}, 2)
+    with pytest.raises(ValueError, match=r"params\['W_2'\] must have shape \(16, 8\) for x \(2, 3, 8\)"):
+        tf.feed_forward_forward(x, dict(params["ff"], W_2=np.zeros((16, 4))))
+    with pytest.raises(TypeError, match=r"params\['W_1'\] must have dtype float64 like x, got float32"):
+        tf.feed_forward_forward(x, dict(params["ff"], W_1=params["ff"]["W_1"].astype(np.float32)))
