@@ -161,8 +161,9 @@ def erfc(x):
     u = 1 / xp.maximum(a, 1)                                   # (...) 1/a in (0, 1]
     tail = xp.exp(-a * a) * u                                  # exp(-a^2) / a
     middle = tail * _horner(_ERF_B, u - 0.625)                 # 1 <= a < 4
-    far = tail * _horner(_ERF_C, u - 0.125)                    # a >= 4
-    positive = xp.where(a < 1, small, xp.where(a < 4, middle, far))
+    if bool((a >= 4).any()):                                   # rare for activations: skip it when unused
+        middle = xp.where(a < 4, middle, tail * _horner(_ERF_C, u - 0.125))    # a >= 4
+    positive = xp.where(a < 1, small, middle)
     return xp.where(x < 0, 2 - positive, positive)
 
 
