@@ -1,15 +1,18 @@
-"""The README's figures, each drawn by one small function from the project's own public functions.
+"""The README's figures, all made by one command, each by one small piece of code.
 
-    python figures/make_figures.py                     # every figure into figures/ (about a minute)
+    python figures/make_figures.py                     # every figure into figures/ (a minute on 2 cores)
     python figures/make_figures.py attention_masks     # only the named ones
     python figures/make_figures.py --list              # the names
 
-Needs matplotlib (`python -m pip install matplotlib`). A figure is a function `name(path, quick=False)`
-registered with `@figure`; it writes a PNG to `path`, and the command writes it to figures/<name>.png.
-`quick=True` makes it with tiny sizes so tests/test_figures.py can check in seconds that it still runs
-(the picture is then meaningless). To add a figure, write such a function below and decorate it; keep it
-small (about 600 x 400 pixels, under 100 KB) and let it call the file that owns the numbers rather than
-copy its code, so the picture and the README's numbers come from the same place.
+Needs matplotlib (`python -m pip install matplotlib`). Two kinds of figure, both easy to add:
+- A figure a demo already draws stays the demo's: add its command line to DEMO_FIGURES, with the PNGs it
+  writes. Its own test runs the same command into a temporary folder.
+- Any other: a function `name(path, quick=False)` decorated with `@figure`, which writes figures/<name>.png.
+  It calls the file that owns the numbers (its public functions) rather than copy its code, so the picture
+  and the README's numbers come from the same place. `quick=True` draws it from tiny sizes, so that
+  tests/test_figures.py checks in seconds that it still runs (the picture is then meaningless).
+Keep each PNG small (about 600 x 400 pixels, under 100 KB; the test checks the size) and show it in the
+README next to its numbers (the test checks that too).
 """
 import os
 import subprocess
@@ -25,11 +28,32 @@ for folder in (ROOT, os.path.join(ROOT, "experiments"), os.path.join(ROOT, "benc
 
 FIGURES = {}                                                   # name -> function(path, quick=False)
 
+# Figures a demo draws itself: the PNGs (figures/<name>.png) -> the demo's command, {out} standing for the
+# folder the PNGs go to.
+DEMO_FIGURES = {
+    ("rnn_gradient_norms",): ["rnn.py", "--figure", "{out}/rnn_gradient_norms.png"],
+    ("transformer_cross_attention", "transformer_learning_curve"): ["transformer.py", "--figures", "{out}"],
+    ("vit_rollout",): ["vit.py", "--figure", "{out}/vit_rollout.png"],
+}
+
 
 def figure(function):
     """Register `function` as the figure figures/<its name>.png."""
     FIGURES[function.__name__] = function
     return function
+
+
+def run_demo_figures(command, out):
+    """Run a DEMO_FIGURES command from the repository root, its figures written into the folder `out`;
+    returns the command line it ran.
+
+    One BLAS thread unless the caller chose: on 2 cores two threads spin on the demos' small matrices
+    (vit.py takes minutes with two, under a minute with one)."""
+    env = dict(os.environ, MPLBACKEND="Agg")
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    argv = [arg.replace("{out}", os.path.abspath(out)) for arg in command]
+    subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    return argv
 
 
 def pyplot():
@@ -48,16 +72,6 @@ def save(fig, path):
 
 # ----------------------------------------------------------------------------------------------------
 # The figures, in the README's order
-
-
-@figure
-def rnn_gradient_norms(path, quick=False):
-    """||d h_T / d h_t|| against T - t for a tanh RNN, LSTM and GRU, and the bound 0.9^(T-t): rnn.py's demo
-    draws it (--figure); the demo also trains its char model first and asserts both, so quick changes nothing."""
-    subprocess.run([sys.executable, os.path.join(ROOT, "rnn.py"), "--figure", os.path.abspath(path)],
-                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, MPLBACKEND="Agg"))
-    if not os.path.isfile(path):
-        raise RuntimeError(f"python rnn.py --figure {path} wrote no figure (is matplotlib installed?)")
 
 
 @figure
@@ -168,20 +182,27 @@ if __name__ == "__main__":
     import argparse
     import time
 
+    demo_names = {name: command for names, command in DEMO_FIGURES.items() for name in names}
     parser = argparse.ArgumentParser(description="Draw the README's figures into figures/.")
     parser.add_argument("names", nargs="*", metavar="name", help="figures to draw (default: all)")
     parser.add_argument("--out", default=HERE, help="folder to write the PNGs to (default: figures/)")
     parser.add_argument("--list", action="store_true", help="print the figure names and exit")
     args = parser.parse_args()
     if args.list:
-        print("\n".join(FIGURES))
+        print("\n".join([*demo_names, *FIGURES]))
         sys.exit(0)
-    unknown = [name for name in args.names if name not in FIGURES]
+    unknown = [name for name in args.names if name not in FIGURES and name not in demo_names]
     if unknown:
-        parser.error(f"unknown figure {unknown}; choose from {list(FIGURES)}")
+        parser.error(f"unknown figure {unknown}; choose from {[*demo_names, *FIGURES]}")
     pyplot()                                                   # fails here, not after a minute, without matplotlib
     os.makedirs(args.out, exist_ok=True)
-    for name in args.names or FIGURES:
+    names = args.names or [*demo_names, *FIGURES]
+    commands = dict.fromkeys(tuple(demo_names[name]) for name in names if name in demo_names)  # each once
+    for command in commands:
+        start = time.perf_counter()
+        argv = run_demo_figures(command, args.out)
+        print(f"python {' '.join(argv)}  {time.perf_counter() - start:.1f} s")
+    for name in (name for name in names if name in FIGURES):
         start = time.perf_counter()
         path = os.path.join(args.out, f"{name}.png")
         FIGURES[name](path)

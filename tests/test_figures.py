@@ -1,9 +1,10 @@
-"""figures/make_figures.py: every figure function still runs against the current code, and every figure
-it registers is committed, small, and shown in the README."""
+"""figures/make_figures.py: every figure it draws still runs against the current code, every demo it calls
+still has the figure option it uses, and every figure in figures/ is made by it, small, and shown in the
+README."""
 import importlib.util
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, run_demo
 
 FIGURES_DIR = ROOT / "figures"
 
@@ -15,21 +16,35 @@ def load_make_figures():
     return module
 
 
-FIGURES = load_make_figures().FIGURES
+make_figures = load_make_figures()
+NAMES = [*make_figures.FIGURES, *(name for names in make_figures.DEMO_FIGURES for name in names)]
 
 
-@pytest.mark.parametrize("name", list(FIGURES))
+@pytest.mark.parametrize("name", list(make_figures.FIGURES))
 def test_figure_function_writes_a_png(name, tmp_path):
-    # quick=True: tiny sizes, seconds in all (rnn_gradient_norms runs `python rnn.py --figure`, about 6 s).
     pytest.importorskip("matplotlib")
     path = tmp_path / f"{name}.png"
-    FIGURES[name](str(path), quick=True)
+    make_figures.FIGURES[name](str(path), quick=True)          # tiny sizes: seconds for all of them
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{name} did not write a PNG"
 
 
-@pytest.mark.parametrize("name", list(FIGURES))
+@pytest.mark.parametrize("command", list(make_figures.DEMO_FIGURES.values()), ids=lambda command: command[0])
+def test_each_demo_still_has_the_figure_option_the_command_uses(command):
+    # Running the demo is its own test's job (test_rnn.py, test_transformer.py, test_vit.py run it with this
+    # option into a temporary folder); here `--help` proves the option is still there, in a second.
+    script, option = command[0], command[1]
+    assert option in run_demo(script, "--help").stdout, f"python {script} has no option {option} any more"
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_every_figure_is_committed_small_and_shown_in_the_readme(name):
     path = FIGURES_DIR / f"{name}.png"
     assert path.is_file(), f"{path} is missing: run python figures/make_figures.py {name}"
     assert path.stat().st_size < 100 * 1024, f"{path} is {path.stat().st_size / 1024:.0f} KB; keep it < 100 KB"
     assert f"figures/{name}.png" in (ROOT / "README.md").read_text(), f"README.md does not show {path.name}"
+
+
+def test_every_png_in_figures_is_made_by_the_command():
+    made = {f"{name}.png" for name in NAMES}
+    strays = sorted(path.name for path in FIGURES_DIR.glob("*.png") if path.name not in made)
+    assert not strays, f"figures/ holds {strays}, which python figures/make_figures.py does not make"
