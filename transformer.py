@@ -902,7 +902,8 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Train an encoder-decoder transformer to reverse sequences.")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--figures", default="figures", help="folder for the two figures (if matplotlib is there)")
+    parser.add_argument("--figures", default=".", help="folder for the two figures, if matplotlib is there "
+                        "(figures/make_figures.py writes the README's)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     L, n_symbols, B = 8, 10, 64
