@@ -27,11 +27,11 @@ The three shapes from the same parts (`config['kind']`):
 - 'encoder-decoder' (the paper, T5): source -> encoder stack -> memory; target -> decoder stack reading
   memory -> next-token logits. Trained with teacher forcing, decoded one token at a time.
 - 'encoder' (BERT, arXiv:1810.04805): one stack without a causal mask; logits at every position, trained
-  to fill in masked tokens (each position chosen with probability 0.15; of those 80 % become [MASK], 10 % a random token,
-  10 % stay) -- `mask_tokens`.
+  to fill in masked tokens (each position chosen with probability 0.15; of those 80 % become [MASK],
+  10 % a random token, 10 % stay) -- `mask_tokens`.
 - 'decoder' (GPT, Radford et al. 2018/2019): one stack of encoder layers with a causal mask; next-token
   logits, generated one token at a time.
-Each model: token embedding (V, D); positions (config['positions']: 'sinusoidal' or 'learned', added to
+Each model: token embedding x = sqrt(D) embed[ids] (the paper's section 3.4); positions (config['positions']: 'sinusoidal' or 'learned', added to
 the embedding; 'rope' rotating q and k in self-attention; 'alibi' biasing self-attention's scores; 'none');
 the layers; a final LayerNorm for pre-LN (post-LN ends every layer with one; torch.nn.Transformer adds a
 final norm either way); logits = h W_out + b_out, with W_out = embed^T when `tied`

@@ -33,7 +33,8 @@ without its first entry says how much of the class token's final state each patc
 
 Demo (`OPENBLAS_NUM_THREADS=1 python vit.py`, about 30 s): a same/different task where the label is a relation
 between two distant patches; it prints the learning curve, asserts a held-out accuracy far above chance
-and that rollout puts the class token's mass on the two patches, and draws figures/vit_rollout.png.
+and that rollout puts the class token's mass on the two patches, and draws vit_rollout.png
+(`python figures/make_figures.py vit_rollout` makes the README's copy).
 
 Shapes: B batch, C channels, H x W image, P patch side, N patches, D width, F feed-forward width, K classes.
 Imports transformer.py (encoder layers, LayerNorm), positional.py (learned positions) and training.py
@@ -47,17 +48,6 @@ from positional import init_learned_positions, learned_position_backward, learne
 from training import check_upstream, get_xp
 from transformer import (encoder_layer_backward, encoder_layer_forward, init_encoder_layer, init_layer_norm,
                          layer_norm_backward, layer_norm_forward)
-
-
-def _check_images(images, P):
-    if not isinstance(P, (int, np.integer)) or isinstance(P, bool) or P < 1:
-        raise ValueError(f"P must be a positive integer, got {P!r}")
-    if not hasattr(images, "dtype") or images.dtype.kind != "f":
-        raise TypeError(f"images must be a floating-point array, got {getattr(images, 'dtype', type(images))}")
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape (B, C, H, W), got {images.shape}")
-    if images.shape[2] % P or images.shape[3] % P:
-        raise ValueError(f"images must have H and W multiples of P = {P}, got {images.shape}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,6 +267,21 @@ def attention_rollout(weights):
         a = a / a.sum(axis=-1, keepdims=True)                      # (B, T, T) row i divided by row i's sum
         rollout = a if rollout is None else a @ rollout            # (B, T, T) this layer after those below
     return rollout
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks (below the math they guard)
+
+
+def _check_images(images, P):
+    if not isinstance(P, (int, np.integer)) or isinstance(P, bool) or P < 1:
+        raise ValueError(f"P must be a positive integer, got {P!r}")
+    if not hasattr(images, "dtype") or images.dtype.kind != "f":
+        raise TypeError(f"images must be a floating-point array, got {getattr(images, 'dtype', type(images))}")
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (B, C, H, W), got {images.shape}")
+    if images.shape[2] % P or images.shape[3] % P:
+        raise ValueError(f"images must have H and W multiples of P = {P}, got {images.shape}")
 
 
 # ----------------------------------------------------------------------------------------------------
