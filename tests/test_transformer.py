@@ -32,6 +32,11 @@ def make_model(kind, positions, seed=0, norm_first=True, tied=False, pad_id=None
     return config, params, tokens, src
 
 
+def on(xp, ids):
+    """ids moved to the array module xp (None stays None)."""
+    return None if ids is None else xp.asarray(ids)
+
+
 def logits_of(params, config, tokens, src=None):
     return tf.transformer_forward(params, config, tokens, src)[0]
 
@@ -82,11 +87,11 @@ def test_gelu_backward_at_three_is_phi_plus_x_times_density():
 
 
 @pytest.mark.parametrize("kind", tf.ACTIVATIONS)
-def test_activation_gradients_match_finite_differences(kind):
+def test_activation_gradients_match_finite_differences(xp, kind):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 7)) * 3
     x[np.abs(x) < 1e-3] = 0.5                                  # ReLU's kink: keep finite differences away
-    dout = rng.standard_normal(x.shape)
+    x, dout = xp.asarray(x), random_array(rng, x.shape, np.float64, xp)
     dx = tf.activation_backward(dout, tf.activation_forward(x, kind)[1])
     check_gradients(lambda: float((tf.activation_forward(x, kind)[0] * dout).sum()), [x], [dx])
 
@@ -95,10 +100,10 @@ def test_activation_gradients_match_finite_differences(kind):
 # Layer norm, dropout, feed-forward
 
 
-def test_layer_norm_gradients_match_finite_differences_with_a_random_upstream_gradient():
+def test_layer_norm_gradients_match_finite_differences_with_a_random_upstream_gradient(xp):
     rng = np.random.default_rng(0)
-    x, gamma, beta = rng.standard_normal((2, 3, 6)), rng.standard_normal(6), rng.standard_normal(6)
-    dout = rng.standard_normal(x.shape)                        # all ones would cancel the sum(dy * xhat) term
+    x, gamma, beta = (random_array(rng, shape, np.float64, xp) for shape in ((2, 3, 6), (6,), (6,)))
+    dout = random_array(rng, x.shape, np.float64, xp)          # all ones would cancel the sum(dy * xhat) term
     out, cache = tf.layer_norm_forward(x, gamma, beta)
     grads = tf.layer_norm_backward(dout, cache)
     check_gradients(lambda: float((tf.layer_norm_forward(x, gamma, beta)[0] * dout).sum()), [x, gamma, beta],
@@ -137,11 +142,11 @@ def test_dropout_is_seeded_inverted_and_its_backward_uses_the_same_mask():
 
 
 @pytest.mark.parametrize("activation", tf.ACTIVATIONS)
-def test_feed_forward_gradients_match_finite_differences(activation):
+def test_feed_forward_gradients_match_finite_differences(xp, activation):
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 3, 4))
-    params = tf.init_feed_forward(4, 6, rng, np.float64)
-    dout = rng.standard_normal(x.shape)
+    x = random_array(rng, (2, 3, 4), np.float64, xp)
+    params = tree_map(xp.asarray, tf.init_feed_forward(4, 6, rng, np.float64))
+    dout = random_array(rng, x.shape, np.float64, xp)
     dx, grads = tf.feed_forward_backward(dout, tf.feed_forward_forward(x, params, activation)[1])
     check_gradients(lambda: float((tf.feed_forward_forward(x, params, activation)[0] * dout).sum()),
                     [x, params], [dx, grads])
@@ -168,48 +173,52 @@ LAYER_OPTIONS = [
 ]
 
 
-def layer_kwargs(options, rng, B, T, H):
+def layer_kwargs(options, rng, B, T, H, xp=np):
     kwargs = {k: v for k, v in options.items() if k not in ("alibi", "mask")}
     if options.get("alibi"):
         from positional import alibi_bias
-        kwargs["bias"] = alibi_bias(H, T, T, dtype=np.float64)
+        kwargs["bias"] = alibi_bias(H, T, T, dtype=np.float64, xp=xp)
     if options.get("mask"):
         keep = np.ones((B, 1, 1, T), bool)
         keep[0, ..., -2:] = False                              # the first sequence's last two tokens are padding
-        kwargs["mask"] = keep
+        kwargs["mask"] = xp.asarray(keep)
     if "dropout" in kwargs:
         kwargs["rng_seed"] = 5
     return kwargs
 
 
 @pytest.mark.parametrize("options", LAYER_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_encoder_layer_gradients_match_finite_differences(options):
+def test_encoder_layer_gradients_match_finite_differences(xp, options):
+    if "dropout" in options and xp is not np:
+        pytest.skip("dropout draws its mask from a Generator of the data's array module; the stand-in has none")
     rng = np.random.default_rng(0)
     B, T, D, H = 2, 4, 4, 2
-    x = rng.standard_normal((B, T, D))
-    params = tree_map(lambda p: p + 0.1 * rng.standard_normal(p.shape), tf.init_encoder_layer(D, 6, rng, np.float64))
-    kwargs = layer_kwargs(options, rng, B, T, H)
+    x = random_array(rng, (B, T, D), np.float64, xp)
+    params = tree_map(lambda p: xp.asarray(p + 0.1 * rng.standard_normal(p.shape)),
+                      tf.init_encoder_layer(D, 6, rng, np.float64))
+    kwargs = layer_kwargs(options, rng, B, T, H, xp)
     seed = kwargs.pop("rng_seed", None)
     forward = lambda: tf.encoder_layer_forward(x, params, H, **kwargs,
                                                rng=None if seed is None else np.random.default_rng(seed))
-    dout = rng.standard_normal(x.shape)
+    dout = random_array(rng, x.shape, np.float64, xp)
     dx, grads = tf.encoder_layer_backward(dout, forward()[1])
     check_gradients(lambda: float((forward()[0] * dout).sum()), [x, params], [dx, grads])
 
 
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("with_masks", [False, True])
-def test_decoder_layer_gradients_match_finite_differences(norm_first, with_masks):
+def test_decoder_layer_gradients_match_finite_differences(xp, norm_first, with_masks):
     rng = np.random.default_rng(1)
     B, T, S, D, H = 2, 3, 4, 4, 2
-    y, memory = rng.standard_normal((B, T, D)), rng.standard_normal((B, S, D))
-    params = tree_map(lambda p: p + 0.1 * rng.standard_normal(p.shape), tf.init_decoder_layer(D, 6, rng, np.float64))
+    y, memory = random_array(rng, (B, T, D), np.float64, xp), random_array(rng, (B, S, D), np.float64, xp)
+    params = tree_map(lambda p: xp.asarray(p + 0.1 * rng.standard_normal(p.shape)),
+                      tf.init_decoder_layer(D, 6, rng, np.float64))
     kwargs = {"norm_first": norm_first}
     if with_masks:
         memory_keep = np.ones((B, 1, 1, S), bool)
         memory_keep[1, ..., -1] = False                        # source padding
-        kwargs.update(memory_mask=memory_keep, tgt_mask=np.ones((B, 1, 1, T), bool), rope=True)
-    dout = rng.standard_normal(y.shape)
+        kwargs.update(memory_mask=xp.asarray(memory_keep), tgt_mask=xp.ones((B, 1, 1, T), bool), rope=True)
+    dout = random_array(rng, y.shape, np.float64, xp)
     dy, dmemory, grads = tf.decoder_layer_backward(dout, tf.decoder_layer_forward(y, memory, params, H, **kwargs)[1])
     loss = lambda: float((tf.decoder_layer_forward(y, memory, params, H, **kwargs)[0] * dout).sum())
     check_gradients(loss, [y, memory, params], [dy, dmemory, grads])
@@ -223,15 +232,16 @@ MODEL_CASES = [(kind, positions) for kind in tf.KINDS for positions in tf.POSITI
 
 
 @pytest.mark.parametrize("kind,positions", MODEL_CASES)
-def test_model_gradients_along_a_random_direction(kind, positions):
+def test_model_gradients_along_a_random_direction(xp, kind, positions):
     for tied, norm_first in ((False, True), (True, False)):
         config, params, tokens, src = make_model(kind, positions, norm_first=norm_first, tied=tied, pad_id=0)
         tokens[0, -1] = 0                                      # a padded target position
         if src is not None:
             src[1, -2:] = 0                                    # and padded source positions
+        params, tokens, src = tree_map(xp.asarray, params), xp.asarray(tokens), on(xp, src)
         rng = np.random.default_rng(3)
         logits, cache = tf.transformer_forward(params, config, tokens, src)
-        dlogits = rng.standard_normal(logits.shape)
+        dlogits = random_array(rng, logits.shape, np.float64, xp)
         grads = tf.transformer_backward(dlogits, cache)
         assert [g.shape for g in tree_leaves(grads)] == [p.shape for p in tree_leaves(params)]
         loss = lambda: float((logits_of(params, config, tokens, src) * dlogits).sum())
@@ -372,54 +382,67 @@ GENERATING = [(kind, positions) for kind in ("decoder", "encoder-decoder") for p
 @given(seed=st.integers(0, 2**16), position=st.integers(0, 4))
 @example(seed=0, position=0)
 @example(seed=0, position=4)
-def test_future_tokens_change_no_earlier_logit(kind, positions, seed, position):
+def test_future_tokens_change_no_earlier_logit(xp, kind, positions, seed, position):
     config, params, tokens, src = make_model(kind, positions, seed=seed)
     changed = tokens.copy()
     changed[:, position:] = np.random.default_rng(seed + 1).integers(1, config["V"], changed[:, position:].shape)
-    before, after = logits_of(params, config, tokens, src), logits_of(params, config, changed, src)
+    params, src = tree_map(xp.asarray, params), on(xp, src)
+    before = to_numpy(logits_of(params, config, xp.asarray(tokens), src))
+    after = to_numpy(logits_of(params, config, xp.asarray(changed), src))
     # Future keys get weight exp(-inf) = 0 exactly, so the earlier rows are bit-for-bit the same.
     np.testing.assert_array_equal(before[:, :position], after[:, :position])
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder-decoder"])
-def test_future_positions_get_exactly_zero_gradient_from_earlier_logits(kind):
+def test_future_positions_get_exactly_zero_gradient_from_earlier_logits(xp, kind):
     config, params, _, src = make_model(kind, "learned")
     tokens = np.array([[1, 2, 3, 7, 8], [2, 3, 1, 9, 10]])     # ids 7..10 occur only at positions 3 and 4
     if src is not None:
         src = np.array([[1, 2, 3], [4, 5, 6]])                 # the source uses positions 0..2 and ids 1..6 only
     dlogits = np.random.default_rng(0).standard_normal((2, 5, config["V"]))
     dlogits[:, 3:] = 0                                         # a loss on positions 0, 1, 2 only
-    grads = tf.transformer_backward(dlogits, tf.transformer_forward(params, config, tokens, src)[1])
+    params = tree_map(xp.asarray, params)
+    _, cache = tf.transformer_forward(params, config, xp.asarray(tokens), on(xp, src))
+    grads = tree_map(to_numpy, tf.transformer_backward(xp.asarray(dlogits), cache))
     assert np.all(grads["pos"][3:] == 0) and np.all(grads["embed"][7:11] == 0)
     assert np.abs(grads["pos"][:3]).min() > 0
 
 
 @pytest.mark.parametrize("kind,positions", MODEL_CASES)
-def test_padding_changes_nothing_that_is_not_padding(kind, positions):
-    config, params, tokens, src = make_model(kind, positions, pad_id=0)
-    pad = np.zeros((2, 3), tokens.dtype)
+@given(seed=st.integers(0, 2**16), n_pad=st.integers(1, 4))
+@example(seed=0, n_pad=1)
+def test_padding_changes_nothing_that_is_not_padding(xp, kind, positions, seed, n_pad):
+    config, params, tokens, src = make_model(kind, positions, pad_id=0, seed=seed)
+    params, tokens, src = tree_map(xp.asarray, params), xp.asarray(tokens), on(xp, src)
+    pad = xp.zeros((2, n_pad), tokens.dtype)
+    unpadded = to_numpy(logits_of(params, config, tokens, src))                           # (B, T, V)
     if kind == "encoder-decoder":                              # pad the source: the target's logits stay
-        padded = logits_of(params, config, tokens, np.concatenate([src, pad], axis=1))
-        np.testing.assert_allclose(padded, logits_of(params, config, tokens, src), rtol=1e-12, atol=1e-12)
-    padded = logits_of(params, config, np.concatenate([tokens, pad], axis=1), src)      # (B, T + 3, V)
-    np.testing.assert_allclose(padded[:, :5], logits_of(params, config, tokens, src), rtol=1e-12, atol=1e-12)
+        padded = logits_of(params, config, tokens, xp.concatenate([src, pad], axis=1))
+        np.testing.assert_allclose(to_numpy(padded), unpadded, rtol=1e-12, atol=1e-12)
+    padded = logits_of(params, config, xp.concatenate([tokens, pad], axis=1), src)       # (B, T + n_pad, V)
+    np.testing.assert_allclose(to_numpy(padded)[:, :5], unpadded, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind,positions", GENERATING)
-@pytest.mark.parametrize("norm_first", [True, False])
-def test_cached_generation_equals_recomputation(kind, positions, norm_first):
-    config, params, tokens, src = make_model(kind, positions, norm_first=norm_first, pad_id=0)
-    prompt = tokens[:, :3] if kind == "decoder" else tokens[:, :1]
+@given(seed=st.integers(0, 2**16), prompt_length=st.integers(1, 4), norm_first=st.booleans())
+@example(seed=0, prompt_length=1, norm_first=True)              # one token: the cache starts empty
+@example(seed=0, prompt_length=4, norm_first=False)
+def test_cached_generation_equals_recomputation(xp, kind, positions, seed, prompt_length, norm_first):
+    config, params, tokens, src = make_model(kind, positions, norm_first=norm_first, pad_id=0, seed=seed)
+    prompt = tokens[:, :prompt_length].copy()
     prompt[0, 0] = 0                                           # padding in the prompt stays masked as a key
     if src is not None:
         src[1, -2:] = 0                                        # and source padding in cross-attention
-    n_new = config["max_len"] - prompt.shape[1]                # up to the last position the table holds
+    params, prompt, src = tree_map(xp.asarray, params), xp.asarray(prompt), on(xp, src)
+    # NumPy: up to the last position the table holds. The slower CuPy stand-in checks the same code path
+    # (the CuPy branch of every function) on three steps.
+    n_new = config["max_len"] - prompt_length if xp is np else 3
     cached, cached_logits = tf.generate(params, config, prompt, n_new, src=src)
     full, full_logits = tf.generate(params, config, prompt, n_new, src=src, use_cache=False)
-    np.testing.assert_array_equal(cached, full)
-    scale = np.abs(full_logits).max()
+    np.testing.assert_array_equal(to_numpy(cached), to_numpy(full))
+    cached_logits, full_logits = to_numpy(cached_logits), to_numpy(full_logits)
     # The same sums in another order: rounding of a few ulp of the largest logit, nothing more.
-    assert np.abs(cached_logits - full_logits).max() <= 1e3 * EPS64 * scale
+    assert np.abs(cached_logits - full_logits).max() <= 1e3 * EPS64 * np.abs(full_logits).max()
 
 
 def test_sampling_is_seeded_and_follows_the_temperature():
@@ -456,9 +479,10 @@ def test_mask_tokens_chooses_15_percent_then_80_10_10():
 # dtypes, the CuPy path, training
 
 
-def test_float32_stays_float32_through_a_whole_training_step():
+def test_float32_stays_float32_through_a_whole_training_step(xp):
     for kind in tf.KINDS:
         config, params, tokens, src = make_model(kind, "alibi", dtype=np.float32, tied=True)
+        params, tokens, src = tree_map(xp.asarray, params), xp.asarray(tokens), on(xp, src)
         loss, cache = tf.lm_loss_forward(params, config, tokens, tokens, src, label_smoothing=0.1)
         assert cache["model"]["out"]["h"].dtype == np.float32
         grads = tf.lm_loss_backward(cache)
