@@ -270,6 +270,18 @@ def test_a_tied_table_gets_the_sum_of_its_output_and_input_gradients():
     np.testing.assert_allclose(tied_grads["embed"], output_use + input_use, rtol=1e-12, atol=1e-14)
 
 
+def test_tokens_and_tied_logits_start_at_unit_scale():
+    # The embedding is drawn N(0, 1/D) and multiplied by sqrt(D): unit-scale tokens next to the sinusoids,
+    # and a tied output (unit-scale normalised h times N(0, 1/D) rows) gives logits of unit scale.
+    config = {"kind": "decoder", "V": 200, "D": 64, "n_heads": 4, "positions": "none", "tied": True}
+    params = tf.init_transformer(config, np.random.default_rng(0), np.float64)
+    tokens = np.random.default_rng(1).integers(0, 200, (8, 32))
+    x, _ = tf.embed_forward(tokens, params, tf.check_config(config))
+    logits = logits_of(params, config, tokens)
+    # 16384 and 51200 draws: their standard deviations are within a few percent of 1.
+    assert 0.9 < x.std() < 1.1 and 0.7 < logits.std() < 1.4
+
+
 def test_the_memory_gradient_is_the_sum_over_every_decoder_layer():
     config, params, tokens, src = make_model("encoder-decoder", "none", n_layers=3)
     _, cache = tf.transformer_forward(params, config, tokens, src)
