@@ -926,7 +926,7 @@ if __name__ == "__main__":
         src, decoder_input, targets = reversal_batch(rng, B, L, n_symbols)
         loss, cache = lm_loss_forward(params, config, decoder_input, targets, src=src)
         grads, norm = clip_gradients(lm_loss_backward(cache), max_norm=1.0)
-        lr = lr_schedule(step, 3e-3, warmup_steps=50, total_steps=args.steps, min_lr=1e-4)
+        lr = lr_schedule(step + 1, 3e-3, warmup_steps=50, total_steps=args.steps + 1, min_lr=1e-4)
         params, state = adam_step(params, grads, state, lr=lr, weight_decay=0.01, decay=decay)
         if step % 50 == 0:
             accuracy = exact_match(200)[0]
