@@ -222,7 +222,8 @@ def weight_decay_mask(params):
 
 def adam_init(params):
     """Adam's state: first and second moments m, v (trees of zeros shaped like params), step count t = 0."""
-    return {"m": tree_map(lambda p: p * 0, params), "v": tree_map(lambda p: p * 0, params), "t": 0}
+    zeros = lambda p: get_xp(p).zeros_like(p)                 # not p * 0, which would carry a NaN or inf along
+    return {"m": tree_map(zeros, params), "v": tree_map(zeros, params), "t": 0}
 
 
 def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decay=None):

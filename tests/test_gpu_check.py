@@ -79,7 +79,7 @@ def test_a_step_past_its_limit_is_killed_with_its_children_and_reported(tmp_path
         result = gpu_check.run_step([sys.executable, "-c", code], 1.0, [log], echo=False)
         elapsed = time.monotonic() - start
     assert result["status"] == "timed out" and result["rc"] is None
-    assert elapsed < 10                                        # 1 s limit + at most two 3 s grace periods
+    assert elapsed < 30       # 1 s limit + two 3 s grace periods, far below the step's 60 s (slack for a loaded CPU)
     grandchild = int(result["tail"][0])
     time.sleep(0.2)
     assert not running(grandchild)                             # the whole process group is gone

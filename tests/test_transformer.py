@@ -48,8 +48,10 @@ def logits_of(params, config, tokens, src=None):
 def test_erf_matches_math_erf_to_float64_rounding():
     x = np.linspace(-9, 9, 180_001)
     reference = np.array([math.erf(v) for v in x])
-    # erf is within [-1, 1]: a few units of float64 rounding at 1 (2.2e-16) is the best one can ask.
-    assert np.abs(tf.erf(x) - reference).max() <= 2 * EPS64
+    # erf is within [-1, 1]: a few units of float64 rounding at 1 (2.2e-16) is the best one can ask. The fits
+    # are below 1e-16; NumPy's exp (its SIMD path differs between CPUs) and the C library's math.erf each
+    # round within a couple of ulp, hence 4.
+    assert np.abs(tf.erf(x) - reference).max() <= 4 * EPS64
     reference_c = np.array([math.erfc(v) for v in x])
     # erfc keeps its relative accuracy in the tail (erfc(9) = 4e-37), where 1 - erf would be 0. The fits
     # are below 1e-16; exp(-x^2) turns the rounding of x^2 (relative eps) into a relative x^2 eps.
@@ -59,7 +61,7 @@ def test_erf_matches_math_erf_to_float64_rounding():
 
 def test_erf_at_its_pieces_boundaries_and_special_values():
     for v in (0.0, 1.0 - 1e-12, 1.0, 4.0 - 1e-12, 4.0, -1.0, -4.0, 30.0, -30.0):
-        assert abs(float(tf.erf(np.array(v))) - math.erf(v)) <= 2 * EPS64, v
+        assert abs(float(tf.erf(np.array(v))) - math.erf(v)) <= 4 * EPS64, v
     assert tf.erf(np.array(np.inf)) == 1 and tf.erf(np.array(-np.inf)) == -1
 
 
@@ -453,7 +455,10 @@ def test_cached_generation_equals_recomputation(xp, kind, positions, seed, promp
     full, full_logits = tf.generate(params, config, prompt, n_new, src=src, use_cache=False)
     np.testing.assert_array_equal(to_numpy(cached), to_numpy(full))
     cached_logits, full_logits = to_numpy(cached_logits), to_numpy(full_logits)
-    # The same sums in another order: rounding of a few ulp of the largest logit, nothing more.
+    # The same arithmetic on fewer rows at a time: matrix products may sum in another order, so the logits
+    # differ by rounding only. Each of the ~10 layers' sublayers adds a relative error of about (D + S) eps,
+    # here about 20 eps, so 1000 eps of the largest logit is a bound with room; any cache bug moves a logit
+    # by order 1e-2 or more.
     assert np.abs(cached_logits - full_logits).max() <= 1e3 * EPS64 * np.abs(full_logits).max()
 
 

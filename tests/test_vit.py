@@ -330,7 +330,7 @@ def test_bad_input_gets_clear_errors():
         patchify(good, 0)
     with pytest.raises(ValueError, match="D must be a positive multiple of 4"):
         sincos_2d_positions(2, 2, 6)
-    with pytest.raises(ValueError, match=r"weights\[1\] must have shape \(B, H, T, T\)"):
+    with pytest.raises(ValueError, match=r"weights\[1\] must have shape \(B, heads, N\+1, N\+1\)"):
         attention_rollout([np.ones((1, 2, 3, 3)), np.ones((1, 2, 3, 4))])
     with pytest.raises(ValueError, match="weights must be a non-empty list"):
         attention_rollout([])
