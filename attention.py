@@ -38,7 +38,7 @@ import numpy as np
 def get_xp(*arrays):
     """The array module of the inputs: cupy for CuPy arrays, numpy otherwise.
 
-    attention.py, positional.py and training.py each define this helper: they import no project file.
+    attention.py, positional.py, training.py and erf.py each define this helper: they import no project file.
     """
     cupy = sys.modules.get("cupy")  # no CuPy array exists unless cupy was imported; a failed import costs ~50 us
     return np if cupy is None else cupy.get_array_module(*arrays)

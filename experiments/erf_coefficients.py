@@ -1,6 +1,6 @@
-"""Regenerate the polynomial coefficients of transformer.erf (needs mpmath, which PyTorch installs).
+"""Regenerate the polynomial coefficients of erf.py (needs mpmath, which PyTorch installs).
 
-transformer.py evaluates erf with three polynomials (Horner's rule, highest power first):
+erf.py evaluates erf with three polynomials (Horner's rule, highest power first):
 
     |x| < 1:       erf(x)  = x * A(x^2)                          A fits erf(x)/x on x^2 in [0, 1]
     1 <= |x| < 4:  erfc(x) = exp(-x^2) / x * B(1/x - 0.625)      B fits x e^(x^2) erfc(x) on 1/x in [0.25, 1]
@@ -9,7 +9,7 @@ transformer.py evaluates erf with three polynomials (Horner's rule, highest powe
 x e^(x^2) erfc(x) tends to 1/sqrt(pi) as x grows and is smooth in u = 1/x, so a polynomial in u fits it
 over the whole tail. Each is a Chebyshev fit (mpmath.chebyfit, 50 significant digits) of the stated
 degree, centred on its interval so that the coefficients stay small. The fit errors (printed) are below
-float64 rounding; tests/test_transformer.py checks the float64 result against math.erf on a dense grid.
+float64 rounding; tests/test_erf.py checks the float64 result against math.erf on a dense grid.
 
     python experiments/erf_coefficients.py
 """

@@ -1,7 +1,7 @@
 """Conventions that hold across files (../shared/API.md), checked on the files themselves.
 
 The array-module helper get_xp: a copy in each file that imports no project file (attention.py,
-positional.py, training.py), all copies the same source, none anywhere else (a file that imports a project
+positional.py, training.py, erf.py), all copies the same source, none anywhere else (a file that imports a project
 file imports get_xp from it, tests/gradcheck.py included), and none of them pays for `import cupy`.
 """
 import ast
@@ -15,7 +15,7 @@ import pytest
 from helpers import ROOT
 
 PROJECT_MODULES = {path.stem for path in ROOT.glob("*.py")}      # the concept files at the top level
-COPIES = ["attention", "positional", "training"]                   # the files that import no project file
+COPIES = ["attention", "positional", "training", "erf"]                  # the files that import no project file
 
 
 def python_files():

@@ -1,6 +1,6 @@
 """Tests for transformer.py: every backward against finite differences, the properties a transformer must
 have (permutation equivariance without positions, no information from the future, padding changes nothing,
-cached generation equals recomputation), the exact GELU's erf, dtypes, the CuPy path and bad input.
+cached generation equals recomputation), the activations, dtypes, the CuPy path and bad input.
 
 The PyTorch cross-checks live in test_transformer_torch.py; every claim here holds without torch.
 """
@@ -42,27 +42,7 @@ def logits_of(params, config, tokens, src=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# erf and the activations
-
-
-def test_erf_matches_math_erf_to_float64_rounding():
-    x = np.linspace(-9, 9, 180_001)
-    reference = np.array([math.erf(v) for v in x])
-    # erf is within [-1, 1]: a few units of float64 rounding at 1 (2.2e-16) is the best one can ask. The fits
-    # are below 1e-16; NumPy's exp (its SIMD path differs between CPUs) and the C library's math.erf each
-    # round within a couple of ulp, hence 4.
-    assert np.abs(tf.erf(x) - reference).max() <= 4 * EPS64
-    reference_c = np.array([math.erfc(v) for v in x])
-    # erfc keeps its relative accuracy in the tail (erfc(9) = 4e-37), where 1 - erf would be 0. The fits
-    # are below 1e-16; exp(-x^2) turns the rounding of x^2 (relative eps) into a relative x^2 eps.
-    relative = np.abs(tf.erfc(x) - reference_c) / reference_c
-    assert np.all(relative <= (x * x + 32) * EPS64)
-
-
-def test_erf_at_its_pieces_boundaries_and_special_values():
-    for v in (0.0, 1.0 - 1e-12, 1.0, 4.0 - 1e-12, 4.0, -1.0, -4.0, 30.0, -30.0):
-        assert abs(float(tf.erf(np.array(v))) - math.erf(v)) <= 4 * EPS64, v
-    assert tf.erf(np.array(np.inf)) == 1 and tf.erf(np.array(-np.inf)) == -1
+# The activations (erf itself: test_erf.py)
 
 
 def test_gelu_is_x_times_the_normal_cdf_and_tanh_is_gpt2s_formula():

@@ -1,0 +1,81 @@
+"""erf and erfc for NumPy and CuPy arrays, to float64 rounding: what the exact GELU needs (transformer.py).
+
+NumPy has no erf (SciPy has, but this project needs only NumPy), so this file writes one. It is an
+appendix to the book, not a chapter: read it if you want to know how a special function is evaluated.
+
+    erf(x)  = 2/sqrt(pi) * integral_0^x exp(-t^2) dt          erfc(x) = 1 - erf(x)
+
+Three polynomials (Horner's rule, highest power first), fitted by Chebyshev's method at 50 digits by
+experiments/erf_coefficients.py, which explains them; every fit error is below float64 rounding:
+
+    |x| < 1:       erf(x)  = x A(x^2)
+    1 <= |x| < 4:  erfc(x) = exp(-x^2) / x * B(1/x - 0.625)
+    |x| >= 4:      erfc(x) = exp(-x^2) / x * C(1/x - 0.125)
+
+erfc is evaluated directly in the tail, so it keeps its relative accuracy where 1 - erf(x) would be 0.
+Imports no project file. Runs on NumPy or CuPy arrays unchanged; float32 in, float32 out.
+"""
+import sys
+
+import numpy as np
+
+
+def get_xp(*arrays):
+    """The array module of the inputs: cupy for CuPy arrays, numpy otherwise.
+
+    attention.py, positional.py, training.py and erf.py each define this helper: they import no project file.
+    """
+    cupy = sys.modules.get("cupy")  # no CuPy array exists unless cupy was imported; a failed import costs ~50 us
+    return np if cupy is None else cupy.get_array_module(*arrays)
+
+
+_ERF_A = (5.957176147748911e-11, -1.1372848856791674e-09, 1.4659775274047436e-08, -1.6350312701054695e-07,
+          1.6461000484121368e-06, -1.4925595266831182e-05, 0.0001205533111164271, -0.000854832698083379,
+          0.0052239776248180145, -0.026866170645076792, 0.11283791670954879, -0.3761263890318375,
+          1.1283791670955126)
+_ERF_B = (0.12050113120058671, -0.12871431670697847, 0.017568706879146103, 0.031034174157651077,
+          -0.03681029130279484, 0.049038892160920236, -0.05280094749762976, 0.03947112191931315,
+          -0.015619984910962892, -0.011508836147783176, 0.03492354423360488, -0.047720360762110725,
+          0.044782314091917415, -0.024447471731568877, -0.010086180527948928, 0.0496003206157116,
+          -0.07803847380014706, 0.07210217056614285, -0.0012945387364120967, -0.17158565208406368,
+          0.4895247876335057)
+_ERF_C = (423.2367383190292, -359.7565479121779, 26.789885485840593, 72.7610555468333,
+          -32.09596264423345, -3.718730597973516, 8.808752741450622, -2.499428073154463,
+          -1.4157073154752249, 1.31509418841499, -0.05036414328903669, -0.4890364113283093,
+          0.22738055056492232, 0.17575154004550925, -0.24594346562626765, -0.06739860157050254,
+          0.5598813296070474)
+
+
+def _horner(coefficients, z):
+    """c[0] z^n + c[1] z^(n-1) + ... + c[n], in z's dtype (updated in place: one temporary, not n)."""
+    result = get_xp(z).full_like(z, coefficients[0])
+    for c in coefficients[1:]:
+        result *= z
+        result += c
+    return result
+
+
+def erfc(x):
+    """1 - erf(x), accurate relative to its own size even far in the tail (where 1 - erf(x) would be 0).
+
+    erfc(-a) = 2 - erfc(a), so only a = |x| is evaluated. The relative error is a few ulp plus x^2 ulp,
+    the rounding of x^2 amplified by exp(-x^2). NumPy has no erf; this one runs on CuPy too.
+    """
+    xp = get_xp(x)
+    a = xp.abs(x)                                              # (...)
+    a_small = xp.minimum(a, 1)                                 # each piece sees only inputs it was fitted on
+    small = 1 - a_small * _horner(_ERF_A, a_small * a_small)   # a < 1, from erf = a A(a^2)
+    u = 1 / xp.maximum(a, 1)                                   # (...) 1/a in (0, 1]
+    tail = xp.exp(-a * a) * u                                  # exp(-a^2) / a
+    middle = tail * _horner(_ERF_B, u - 0.625)                 # 1 <= a < 4
+    if bool((a >= 4).any()):                                   # rare for activations: skip it when unused
+        middle = xp.where(a < 4, middle, tail * _horner(_ERF_C, u - 0.125))    # a >= 4
+    positive = xp.where(a < 1, small, middle)
+    return xp.where(x < 0, 2 - positive, positive)
+
+
+def erf(x):
+    """erf(x) = 2/sqrt(pi) * integral_0^x exp(-t^2) dt, to float64 rounding (tested against math.erf)."""
+    xp = get_xp(x)
+    x_small = xp.clip(x, -1, 1)                                # A was fitted on |x| < 1
+    return xp.where(xp.abs(x) < 1, x_small * _horner(_ERF_A, x_small * x_small), 1 - erfc(x))
