@@ -423,11 +423,11 @@ def char_lm_forward(ids, targets, params, cell="lstm"):
                   "cell": cell}
 
 
-def char_lm_backward(cache):
+def char_lm_backward(dloss, cache):
     """Gradient tree of char_lm_forward's loss with respect to params (same keys)."""
     check_cache(cache, "char_lm_forward", {"embed", "core", "hs", "loss", "params", "cell"})
     params, hs = cache["params"], cache["hs"]
-    dlogits = cross_entropy_backward(cache["loss"])            # (B, T, V)
+    dlogits = cross_entropy_backward(dloss, cache["loss"])     # (B, T, V)
     dhs = dlogits @ params["W_out"].T                          # (B, T, Hd)
     dx, _, dcore = cell_backward(cache["cell"], dhs, cache["core"])  # (B, T, E)
     return {"embed": embedding_backward(dx, cache["embed"]),  # (V, E)
@@ -587,7 +587,7 @@ if __name__ == "__main__":
         offsets = rng.integers(0, len(data) - T - 1, size=B)
         window = np.stack([data[o:o + T + 1] for o in offsets])  # (B, T + 1): inputs and next characters
         loss, cache = char_lm_forward(window[:, :-1], window[:, 1:], params, "lstm")
-        grads, norm = clip_gradients(char_lm_backward(cache), max_norm=5.0)
+        grads, norm = clip_gradients(char_lm_backward(1.0, cache), max_norm=5.0)
         params, optimizer = adam_step(params, grads, optimizer, lr=1e-2)
         losses.append(loss)
         if step % 50 == 0:

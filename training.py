@@ -162,7 +162,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-100, label_smoothing=0.
     return loss, cache
 
 
-def cross_entropy_backward(cache, dloss=1.0):
+def cross_entropy_backward(dloss, cache):
     """dlogits (..., V) = dloss * (softmax(logits) - (1 - eps) * onehot(t) - eps / V) / N, 0 where ignored.
 
     Softmax and cross-entropy differentiated together: d(-logp[t]) / dz = softmax(z) - onehot(t), and

@@ -580,9 +580,9 @@ def lm_loss_forward(params, config, tokens, targets, src=None, label_smoothing=0
     return loss, {"model": model_cache, "loss": loss_cache}
 
 
-def lm_loss_backward(cache):
+def lm_loss_backward(dloss, cache):
     """The gradient tree of lm_loss_forward's loss with respect to params."""
-    return transformer_backward(cross_entropy_backward(cache["loss"]), cache["model"])
+    return transformer_backward(cross_entropy_backward(dloss, cache["loss"]), cache["model"])
 
 
 def mask_tokens(tokens, rng, V, mask_id, p=0.15, keep_ids=()):
@@ -869,7 +869,7 @@ if __name__ == "__main__":
     for step in range(args.steps + 1):
         src, decoder_input, targets = reversal_batch(rng, B, L, n_symbols)
         loss, cache = lm_loss_forward(params, config, decoder_input, targets, src=src)
-        grads, norm = clip_gradients(lm_loss_backward(cache), max_norm=1.0)
+        grads, norm = clip_gradients(lm_loss_backward(1.0, cache), max_norm=1.0)
         lr = lr_schedule(step + 1, 3e-3, warmup_steps=50, total_steps=args.steps + 1, min_lr=1e-4)
         params, state = adam_step(params, grads, state, lr=lr, weight_decay=0.01, decay=decay)
         if step % 50 == 0:

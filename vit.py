@@ -340,7 +340,7 @@ if __name__ == "__main__":
         images, labels, _ = same_different_images(batch, rng)   # fresh images every step
         logits, cache = vit_forward(images, params, P, heads)
         loss, ce_cache = cross_entropy_forward(logits, labels)
-        _, grads = vit_backward(cross_entropy_backward(ce_cache), cache)
+        _, grads = vit_backward(cross_entropy_backward(1.0, ce_cache), cache)
         params, state = adam_step(params, grads, state, lr_schedule(step, 3e-3, 100, steps))
         if step % 100 == 0 or step == steps - 1:
             print(f"{step:5d}  {float(loss):.3f}  {accuracy(test_images, test_labels)[0]:.3f}")

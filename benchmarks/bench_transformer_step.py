@@ -67,7 +67,7 @@ def numpy_trainer(params, config, tokens, targets):
 
     def step():
         loss, cache = transformer.lm_loss_forward(held["params"], config, tokens, targets)
-        grads = transformer.lm_loss_backward(cache)
+        grads = transformer.lm_loss_backward(1.0, cache)
         held["params"], held["adam"] = training.adam_step(held["params"], grads, held["adam"], lr=LR,
                                                           weight_decay=WEIGHT_DECAY, decay=decay)
         return loss

@@ -111,7 +111,7 @@ def seq2seq_backward(cache):
     """Gradient tree of seq2seq_forward's loss, walking the forward in reverse."""
     params, features = cache["params"], cache["features"]
     Hd = params["encoder"]["W_h"].shape[0]
-    dlogits = cross_entropy_backward(cache["loss"])            # (B, L, K)
+    dlogits = cross_entropy_backward(1.0, cache["loss"])            # (B, L, K)
     xp = get_xp(dlogits)
     dfeatures = dlogits @ params["W_out"].T                    # (B, L, Hd or 2Hd)
     ddec_hs = dfeatures[..., :Hd]                              # (B, L, Hd)

@@ -175,7 +175,7 @@ def train(params, config, batch, steps, seed, B=32, max_lr=3e-3, weight_decay=0.
     for step in range(steps):
         tokens, targets, src = batch(rng, B)
         loss, cache = lm_loss_forward(params, config, tokens, targets, src)
-        grads, _ = clip_gradients(lm_loss_backward(cache), 1.0)
+        grads, _ = clip_gradients(lm_loss_backward(1.0, cache), 1.0)
         lr = lr_schedule(step + 1, max_lr, warmup, steps, min_lr=max_lr / 10)
         params, state = adam_step(params, grads, state, lr=lr, weight_decay=weight_decay, decay=decay)
         losses.append(loss)

@@ -408,7 +408,7 @@ def tiny_lm(cell, xp, V=5, E=3, Hd=4, B=2, T=4, seed=0, dtype=np.float64):
 def test_char_lm_gradients_match_finite_differences(xp, cell):
     params, ids, targets = tiny_lm(cell, xp)
     _, cache = rnn.char_lm_forward(ids, targets, params, cell)
-    grads = rnn.char_lm_backward(cache)
+    grads = rnn.char_lm_backward(1.0, cache)
     check_gradients(lambda: rnn.char_lm_forward(ids, targets, params, cell)[0], params, grads)
 
 
@@ -431,7 +431,7 @@ def test_char_lm_training_loss_falls_within_two_hundred_steps(cell):
         offsets = rng.integers(0, len(data) - 17, size=16)
         window = np.stack([data[o:o + 17] for o in offsets])
         loss, cache = rnn.char_lm_forward(window[:, :-1], window[:, 1:], params, cell)
-        grads, _ = training.clip_gradients(rnn.char_lm_backward(cache), 5.0)
+        grads, _ = training.clip_gradients(rnn.char_lm_backward(1.0, cache), 5.0)
         params, state = training.adam_step(params, grads, state, lr=1e-2)
         losses.append(loss)
     # From log(21) ~ 3.0 at the start; the seeded runs end near 0.5-0.65, far from the 1.5 threshold.
@@ -503,4 +503,4 @@ def test_char_lm_and_sampling_refuse_bad_params_and_arguments():
     with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
         rnn.sample_chars(params, 0, 3, 0, "gru")
     with pytest.raises(TypeError, match=r"cache must be the dict char_lm_forward returned .*, got tuple"):
-        rnn.char_lm_backward((ids, targets))
+        rnn.char_lm_backward(1.0, (ids, targets))

@@ -86,7 +86,7 @@ def test_cross_entropy_gradient_matches_finite_differences(xp, label_smoothing, 
     dloss = float(rng.standard_normal())                      # random upstream gradient of the scalar loss
     options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing)
     _, cache = training.cross_entropy_forward(logits, targets, **options)
-    dlogits = training.cross_entropy_backward(cache, dloss)
+    dlogits = training.cross_entropy_backward(dloss, cache)
     assert not bool(xp.any(dlogits[0, :2]))                   # ignored positions get no gradient
     check_gradients(lambda: dloss * training.cross_entropy_forward(logits, targets, **options)[0],
                     logits, dlogits)
@@ -98,7 +98,7 @@ def test_label_smoothing_is_pytorchs_eps_over_v_to_every_class_on_a_hand_compute
     logits = np.array([[math.log(3.0), 0.0]])
     loss, cache = training.cross_entropy_forward(logits, np.array([0]), label_smoothing=0.2)
     assert loss == pytest.approx(-(0.9 * math.log(0.75) + 0.1 * math.log(0.25)), rel=1e-15)
-    dlogits = training.cross_entropy_backward(cache)
+    dlogits = training.cross_entropy_backward(1.0, cache)
     np.testing.assert_allclose(dlogits, [[0.75 - 0.9, 0.25 - 0.1]], rtol=1e-14)   # softmax - target distribution
 
 
@@ -123,14 +123,14 @@ def test_every_position_ignored_gives_zero_loss_and_zero_gradient_not_nan(xp):
     logits = random_array(np.random.default_rng(3), (2, 3, 5), xp=xp)
     targets = xp.full((2, 3), -100)
     loss, cache = training.cross_entropy_forward(logits, targets, label_smoothing=0.1)
-    dlogits = training.cross_entropy_backward(cache)
+    dlogits = training.cross_entropy_backward(1.0, cache)
     assert loss == 0.0 and dlogits.shape == (2, 3, 5) and not bool(xp.any(dlogits))
 
 
 def test_cross_entropy_keeps_float32_and_huge_logits_stay_finite(xp):
     logits = xp.asarray(np.array([[1e4, 0.0, -1e4], [0.0, 0.0, 0.0]], dtype=np.float32))
     loss, cache = training.cross_entropy_forward(logits, xp.asarray(np.array([0, 1])), label_smoothing=0.1)
-    dlogits = training.cross_entropy_backward(cache, np.float32(2.0))
+    dlogits = training.cross_entropy_backward(np.float32(2.0), cache)
     assert dlogits.dtype == np.float32 and math.isfinite(loss) and bool(xp.all(xp.isfinite(dlogits)))
 
 
@@ -146,7 +146,7 @@ def test_cross_entropy_gradient_rows_sum_to_zero_and_the_loss_is_at_least_the_sm
     rng = np.random.default_rng(seed)
     logits, targets = ce_case(rng, V=V, n_ignored=1)
     loss, cache = training.cross_entropy_forward(logits, targets, label_smoothing=eps)
-    dlogits = training.cross_entropy_backward(cache)
+    dlogits = training.cross_entropy_backward(1.0, cache)
     np.testing.assert_allclose(dlogits.sum(axis=-1), 0, atol=1e-15)
     q = np.full(V, eps / V)
     q[0] += 1 - eps
@@ -175,11 +175,11 @@ def test_cross_entropy_refuses_bad_input():
         training.cross_entropy_forward(logits, targets, ignore_index=None)
     _, cache = training.cross_entropy_forward(logits, targets)
     with pytest.raises(ValueError, match=r"dloss must be a scalar, got shape \(2,\)"):
-        training.cross_entropy_backward(cache, np.ones(2))
+        training.cross_entropy_backward(np.ones(2), cache)
     with pytest.raises(TypeError, match="dloss must be a real number"):
-        training.cross_entropy_backward(cache, "1")
+        training.cross_entropy_backward("1", cache)
     with pytest.raises(TypeError, match=r"cache must be the dict cross_entropy_forward returned .*, got ndarray"):
-        training.cross_entropy_backward(np.ones((2, 3)) / 3, targets)   # the old (probs, targets) call
+        training.cross_entropy_backward(1.0, np.ones((2, 3)) / 3)   # probs where the cache belongs
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
@@ -190,7 +190,7 @@ def test_cross_entropy_matches_torch(ignore_index, label_smoothing, dtype, tol):
     rng = np.random.default_rng(4)
     logits, targets = ce_case(rng, B=3, T=5, V=6, ignore_index=ignore_index, n_ignored=4, dtype=dtype)
     loss, cache = training.cross_entropy_forward(logits, targets, ignore_index, label_smoothing)
-    dlogits = training.cross_entropy_backward(cache, 0.7)
+    dlogits = training.cross_entropy_backward(0.7, cache)
     t_logits = torch.tensor(logits, requires_grad=True)
     t_loss = torch.nn.functional.cross_entropy(t_logits.reshape(-1, 6), torch.tensor(targets).reshape(-1),
                                                ignore_index=ignore_index, label_smoothing=label_smoothing)

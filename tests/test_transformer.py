@@ -234,7 +234,7 @@ def test_small_model_gradients_match_finite_differences_entry_by_entry():
     config, params, tokens, src = make_model("encoder-decoder", "learned", tied=True, B=1, T=3, S=3, D=4, n_layers=1)
     targets = np.array([[2, -100, 5]])                         # one ignored position
     loss, cache = tf.lm_loss_forward(params, config, tokens, targets, src, label_smoothing=0.1)
-    grads = tf.lm_loss_backward(cache)
+    grads = tf.lm_loss_backward(1.0, cache)
     check_gradients(lambda: tf.lm_loss_forward(params, config, tokens, targets, src, label_smoothing=0.1)[0],
                     params, grads)
 
@@ -482,7 +482,7 @@ def test_float32_stays_float32_through_a_whole_training_step(xp):
         params, tokens, src = tree_map(xp.asarray, params), xp.asarray(tokens), on(xp, src)
         loss, cache = tf.lm_loss_forward(params, config, tokens, tokens, src, label_smoothing=0.1)
         assert cache["model"]["out"]["h"].dtype == np.float32
-        grads = tf.lm_loss_backward(cache)
+        grads = tf.lm_loss_backward(1.0, cache)
         new_params, _ = adam_step(params, grads, adam_init(params), lr=1e-3, weight_decay=0.1)
         assert all(x.dtype == np.float32 for x in tree_leaves(grads) + tree_leaves(new_params))
         assert np.isfinite(loss)

@@ -323,7 +323,7 @@ def test_decoder_only_model_loss_and_every_gradient_match_the_same_model_built_f
     targets[:, -1] = -100
 
     loss, cache = transformer.lm_loss_forward(params, config, tokens, targets)
-    grads = transformer.lm_loss_backward(cache)
+    grads = transformer.lm_loss_backward(1.0, cache)
     t_loss, t_grads = torch_decoder_only_loss(params, config, tokens, targets)
 
     assert set(grads) == set(params) == set(t_grads)
