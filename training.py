@@ -330,6 +330,49 @@ def check_cache(cache, forward, keys):
         raise TypeError(f"cache must be the dict {forward} returned (keys {sorted(keys)}), got {got}")
 
 
+def check_tree(name, tree, like):
+    """Raise unless `tree` has exactly the structure of `like` (the same dict keys, list lengths) and each
+    leaf the shape and dtype of like's leaf: a params tree built for another config, grads or an optimizer
+    state from another tree, is refused with the path of the first missing, extra or mis-shaped leaf
+    (e.g. params['layers'][1]['ff']['W_1']). `like` may hold shape tuples instead of arrays (no dtype check).
+    """
+    def walk(t, l, path):
+        if isinstance(l, dict):
+            if not isinstance(t, dict):
+                raise TypeError(f"{path} must be a dict with keys {sorted(l)}, got {describe(t)}")
+            missing, extra = sorted(set(l) - set(t)), sorted(set(t) - set(l))
+            if missing or extra:
+                raise ValueError(f"{path} must have keys {sorted(l)}: missing {missing}, extra {extra}")
+            for key in l:
+                walk(t[key], l[key], f"{path}[{key!r}]")
+        elif isinstance(l, list):
+            if not isinstance(t, (list, tuple)) or len(t) != len(l):
+                got = f"length {len(t)}" if isinstance(t, (list, tuple)) else describe(t)
+                raise ValueError(f"{path} must be a list of length {len(l)}, got {got}")
+            for i, (a, b) in enumerate(zip(t, l)):
+                walk(a, b, f"{path}[{i}]")
+        else:
+            shape, dtype = (l, None) if isinstance(l, tuple) else (l.shape, l.dtype)
+            if not hasattr(t, "dtype") or t.dtype.kind != "f" or tuple(t.shape) != tuple(shape) \
+                    or (dtype is not None and t.dtype != dtype):
+                need = f"{dtype or 'a float'} array of shape {tuple(shape)}"
+                raise ValueError(f"{path} must be a {need}, got {describe(t)}")
+    walk(tree, like, name)
+
+
+def check_rng(rng, name="rng"):
+    """Raise TypeError unless rng is a numpy.random.Generator (numpy.random.default_rng(seed))."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"{name} must be a numpy.random.Generator (numpy.random.default_rng(seed)), "
+                        f"got {describe(rng)}")
+
+
+def check_positive_int(name, value, minimum=1):
+    """Raise ValueError unless value is an integer (not a bool) >= minimum: sizes, counts, lengths."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 def _check_number(name, value, ok, need):
     """A hyperparameter: a real number (not a bool, not an array) for which ok(value) holds (nan never does)."""
     if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool) or not ok(value):

@@ -407,3 +407,38 @@ def test_check_ids_names_the_argument_and_what_it_needs():
     with pytest.raises(ValueError, match=r"ids must have shape \(B, T\) = \(1, 3\), got \(1, 2\)"):
         training.check_ids("ids", np.zeros((1, 2), dtype=int), 3, shape=(1, 3))
     training.check_ids("ids", np.zeros((0, 2), dtype=int), 3)   # an empty batch is fine
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shared checks every model file uses
+
+
+def test_check_tree_names_the_first_missing_extra_or_misshaped_leaf_by_its_path():
+    like = {"a": np.zeros((2, 3)), "layers": [{"w": np.zeros(4)}, {"w": np.zeros(4)}]}
+    training.check_tree("params", like, like)                                          # itself: accepted
+    training.check_tree("params", like, {"a": (2, 3), "layers": [{"w": (4,)}, {"w": (4,)}]})   # shapes only
+    cases = [({"a": like["a"]}, r"params must have keys \['a', 'layers'\]: missing \['layers'\], extra \[\]"),
+             ({**like, "b": like["a"]}, r"missing \[\], extra \['b'\]"),
+             ({**like, "layers": like["layers"][:1]}, r"params\['layers'\] must be a list of length 2, got length 1"),
+             ({**like, "layers": [{"w": np.zeros(4)}, {"w": np.zeros(5)}]},
+              r"params\['layers'\]\[1\]\['w'\] must be a float64 array of shape \(4,\), got float64 array of shape \(5,\)"),
+             ({**like, "a": like["a"].astype(np.float32)}, r"params\['a'\] must be a float64 array"),
+             ({**like, "a": np.zeros((2, 3), int)}, r"params\['a'\] must be a float64 array"),
+             ({**like, "layers": {"w": 1}}, r"params\['layers'\] must be a list of length 2, got dict")]
+    for tree, message in cases:
+        with pytest.raises(ValueError, match=message):
+            training.check_tree("params", tree, like)
+    with pytest.raises(TypeError, match=r"params\['layers'\]\[0\] must be a dict with keys \['w'\], got float64 array"):
+        training.check_tree("params", {**like, "layers": [np.zeros(4), {"w": np.zeros(4)}]}, like)
+
+
+def test_check_rng_and_check_positive_int_name_the_argument():
+    training.check_rng(np.random.default_rng(0))
+    for rng in (0, np.random.RandomState(0), None):
+        with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+            training.check_rng(rng)
+    training.check_positive_int("D", 3)
+    for value in (0, -1, 2.0, True, "3", None):
+        with pytest.raises(ValueError, match=r"D must be an integer >= 1, got"):
+            training.check_positive_int("D", value)
+    training.check_positive_int("n_new", 0, minimum=0)
