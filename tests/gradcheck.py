@@ -10,7 +10,7 @@ with central differences (L(x + eps) - L(x - eps)) / (2 eps), in float64.
   the slope of L with <grad, u>: one number, cheap enough for whole blocks and models.
 
 Inputs and gradients are "trees": an array, or nested dicts / lists / tuples of arrays (the params
-dicts of API.md). training.tree_leaves flattens both trees in the same order.
+dicts of every file). training.tree_leaves flattens both trees in the same order.
 """
 import numpy as np
 

@@ -1,4 +1,4 @@
-"""Conventions that hold across files (../shared/API.md), checked on the files themselves.
+"""Conventions that hold across files (the README's "Conventions" section), checked on the files themselves.
 
 The array-module helper get_xp: a copy in each file that imports no project file (attention.py,
 positional.py, training.py, erf.py), all copies the same source, none anywhere else (a file that imports a project
