@@ -368,6 +368,12 @@ def test_demo_trains_far_above_chance_and_rollout_finds_the_marked_patches():
     assert "held-out accuracy" in result.stdout and "rollout:" in result.stdout
 
 
+def test_vit_py_draws_nothing_its_figure_is_made_by_make_figures():
+    source = (ROOT / "vit.py").read_text()
+    assert "matplotlib" not in source and "savefig" not in source
+    assert "def vit_rollout(path, quick=False)" in (ROOT / "figures" / "make_figures.py").read_text()
+
+
 def test_the_schedule_never_takes_a_step_at_learning_rate_zero(monkeypatch):
     seen, real = [], vit.lr_schedule
 
