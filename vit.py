@@ -320,6 +320,7 @@ def train_same_different(steps, seed=0, batch=64, max_lr=3e-3, warmup_steps=100,
     The schedule is read at step + 1, so the first update is not taken at learning rate 0.
     Returns params (float32).
     """
+    check_positive_int("steps", steps)
     rng = np.random.default_rng(seed)
     (_, H, _), P = DEMO_CONFIG["image_shape"], DEMO_CONFIG["P"]
     params = init_vit(DEMO_CONFIG, rng)

@@ -196,8 +196,10 @@ def test_forward_is_the_composition_the_docstring_writes(positions, pool):
     x = layer_norm_forward(x, params["ln_f"]["gamma"], params["ln_f"]["beta"])[0]
     pooled = x[:, 0] if pool == "cls" else x[:, 1:].mean(axis=1)
     # the same operations in the same order
-    np.testing.assert_allclose(vit_forward(images, params, config)[0], pooled @ params["head"]["W"] + params["head"]["b"],
-                               rtol=1e-13, atol=1e-14)
+    logits, cache = vit_forward(images, params, config)
+    np.testing.assert_allclose(logits, pooled @ params["head"]["W"] + params["head"]["b"], rtol=1e-13, atol=1e-14)
+    assert set(cache) == {"config", "patch", "cls", "pos", "layers", "ln_f", "head"}
+    assert (cache["pos"] is None) == (positions != "learned")
 
 
 @pytest.mark.parametrize("positions", ["learned", "sincos", "none"])
@@ -341,6 +343,7 @@ def test_rollout_of_a_model_reads_every_layer_and_keeps_float32(xp):
     _, cache = vit_forward(random_array(rng, (2, 2, 4, 6), np.float32, xp), params, config)
     weights = attention_weights(cache)
     assert len(weights) == 3 and weights[0].shape == (2, 2, 7, 7)        # (B, heads, N+1, N+1)
+    assert all(w is layer["attn"]["attn"]["weights"] for w, layer in zip(weights, cache["layers"]))
     rollout = attention_rollout(weights)
     assert rollout.dtype == np.float32
     np.testing.assert_allclose(to_numpy(rollout).sum(axis=-1), 1, rtol=1e-5)   # float32 rounding over 3 layers
@@ -359,6 +362,11 @@ def test_same_different_images_put_two_patterns_in_noise_with_balanced_labels():
     np.testing.assert_array_equal((first == second).all(axis=1), labels == 1)
     assert np.count_nonzero(patches.any(axis=2), axis=1).max() == 2       # nothing else without noise
     assert 150 < labels.sum() < 250                                       # balanced: chance is 50 %
+    # one marked patch alone says nothing: in both classes each pixel is +1 half the time (1600+ draws
+    # per class and patch, standard deviation 0.0125: 0.44 .. 0.56 is 4.8 of them)
+    for label in (0, 1):
+        for pattern in (first, second):
+            assert 0.44 < (pattern[labels == label] > 0).mean() < 0.56
 
 
 def test_demo_trains_far_above_chance_and_rollout_finds_the_marked_patches():
