@@ -239,7 +239,7 @@ def vit_forward(images, params, config):
 
 def vit_backward(dlogits, cache):
     """dimages (B, C, H, W) and grads (params' tree) of vit_forward, walking its cache in reverse."""
-    check_cache(cache, "vit_forward", {"config", "patch", "cls", "pos", "layers", "ln_f", "head"})
+    check_cache(cache, "vit_forward", CACHE_KEYS)
     grads = {}
     dx, grads["head"] = head_backward(dlogits, cache["head"])                     # (B, N+1, D)
     dx, dgamma, dbeta = layer_norm_backward(dx, cache["ln_f"])                    # (B, N+1, D)
@@ -260,7 +260,7 @@ def vit_backward(dlogits, cache):
 
 def attention_weights(cache):
     """The per-layer attention weights [(B, heads, N+1, N+1)] * n_layers from vit_forward's cache."""
-    check_cache(cache, "vit_forward", {"config", "patch", "cls", "pos", "layers", "ln_f", "head"})
+    check_cache(cache, "vit_forward", CACHE_KEYS)
     return [layer["attn"]["attn"]["weights"] for layer in cache["layers"]]
 
 
@@ -342,6 +342,7 @@ def train_same_different(steps, seed=0, batch=64, max_lr=3e-3, warmup_steps=100,
 
 CONFIG_DEFAULTS = {"n_heads": 4, "F": None, "n_layers": 2, "positions": "learned", "pool": "cls"}
 REQUIRED = ("image_shape", "P", "D", "n_classes")
+CACHE_KEYS = {"config", "patch", "cls", "pos", "layers", "ln_f", "head"}           # vit_forward's cache
 
 
 def check_config(config):
