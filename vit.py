@@ -88,8 +88,9 @@ def unpatchify(patches, P, H, W):
     if H % P or W % P or N != (H // P) * (W // P) or CPP % (P * P):
         raise ValueError(f"patches must have shape (B, {(H // P) * (W // P)}, C*{P * P}) for H = {H}, W = {W}, "
                          f"P = {P} (H, W multiples of P), got {patches.shape}")
-    grid = patches.reshape(B, H // P, W // P, CPP // (P * P), P, P)  # (B, Gh, Gw, C, P, P)
-    return grid.transpose(0, 3, 1, 4, 2, 5).reshape(B, -1, H, W)     # (B, C, H, W)
+    C = CPP // (P * P)
+    grid = patches.reshape(B, H // P, W // P, C, P, P)               # (B, Gh, Gw, C, P, P)
+    return grid.transpose(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)      # (B, C, H, W)
 
 
 def patch_embed_forward(images, params, P):
@@ -433,7 +434,7 @@ def _check_attention_weights(weights):
             raise ValueError(f"weights[{l}] must have shape (B, heads, N+1, N+1) = {shape}, got {w.shape}")
         # softmax rows sum to 1 to a few eps per entry; sqrt(eps) (3e-4 in float32) is far above that and
         # far below any real mistake (logits, unnormalised scores)
-        low, error = float(w.min()), float(get_xp(w).abs(w.sum(axis=-1) - 1).max())
+        low, error = (float(w.min()), float(get_xp(w).abs(w.sum(axis=-1) - 1).max())) if w.size else (0, 0)
         if low < 0 or error > math.sqrt(np.finfo(dtype).eps):
             raise ValueError(f"weights[{l}] must be attention probabilities (entries >= 0, rows summing to 1), "
                              f"got a smallest entry {low:.3g} and a row sum off 1 by {error:.3g}")

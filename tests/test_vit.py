@@ -15,7 +15,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gradcheck import check_directional_derivative, check_gradients, random_like
-from helpers import ROOT, random_array, run_demo, to_numpy
+from helpers import ROOT, random_array, run_demo, spoiled, to_numpy
 from training import tree_leaves, tree_map
 from transformer import encoder_layer_forward, layer_norm_forward
 from vit import (attention_rollout, attention_weights, check_config, class_token_backward, class_token_forward,
@@ -528,6 +528,20 @@ def test_a_learned_table_is_refused_when_positions_are_not_learned(positions):
     rng, params, config = make_model(22)                                   # built with a 'pos' table
     with pytest.raises(ValueError, match=r"params must have keys .*extra \['pos'\]"):
         vit_forward(rng.standard_normal((2, 2, 4, 6)), params, {**config, "positions": positions})
+
+
+@given(images=spoiled(np.ones((2, 2, 4, 6))))
+@example(images=np.ones((0, 2, 4, 6)))                                   # an empty batch
+def test_any_images_give_a_clear_error_or_logits_whose_backward_works(images):
+    _, params, config = make_model(25)
+    try:
+        logits, cache = vit_forward(images, params, config)
+    except (ValueError, TypeError) as error:
+        assert str(error).startswith("images must"), error
+        return
+    dimages, _ = vit_backward(np.ones_like(logits), cache)
+    assert dimages.shape == images.shape
+    assert attention_rollout(attention_weights(cache)).shape == (len(images), 7, 7)
 
 
 def test_bad_images_are_refused():
