@@ -33,7 +33,6 @@ FIGURES = {}                                                   # name -> functio
 DEMO_FIGURES = {
     ("rnn_gradient_norms",): ["rnn.py", "--figure", "{out}/rnn_gradient_norms.png"],
     ("transformer_cross_attention", "transformer_learning_curve"): ["transformer.py", "--figures", "{out}"],
-    ("vit_rollout",): ["vit.py", "--figure", "{out}/vit_rollout.png"],
 }
 
 
@@ -48,7 +47,7 @@ def run_demo_figures(command, out):
     returns the command line it ran.
 
     One BLAS thread unless the caller chose: on 2 cores two threads spin on the demos' small matrices
-    (vit.py takes minutes with two, under a minute with one)."""
+    (the model demos take minutes with two, under a minute with one)."""
     env = dict(os.environ, MPLBACKEND="Agg")
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     argv = [arg.replace("{out}", os.path.abspath(out)) for arg in command]
@@ -172,6 +171,49 @@ def flash_memory(path, quick=False):
             transform=ax.transAxes, ha="right", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
     save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures of the model files' demos, drawn here from each file's public functions (the demo itself
+# prints and asserts the numbers; no model file imports matplotlib). One sub-block per model file.
+
+
+# --- vit.py -----------------------------------------------------------------------------------------
+
+@figure
+def vit_rollout(path, quick=False):
+    """vit.py's demo drawn: held-out same/different images (top, the two marked patches outlined) and the
+    class token's attention rollout over the patches (bottom), for the ViT that `python vit.py` trains
+    (train_same_different, 1500 steps, seed 0, the same held-out images: the same numbers)."""
+    from matplotlib.patches import Rectangle
+
+    from vit import (DEMO_CONFIG, attention_rollout, attention_weights, same_different_images, train_same_different,
+                     vit_forward)
+    (_, H, _), P = DEMO_CONFIG["image_shape"], DEMO_CONFIG["P"]
+    grid = H // P
+    params = train_same_different(5 if quick else 1500, seed=0)
+    images, labels, marked = same_different_images(64 if quick else 1000, np.random.default_rng(1), grid=grid, P=P)
+    logits, cache = vit_forward(images, params, DEMO_CONFIG)
+    accuracy = float((logits.argmax(axis=1) == labels).mean())
+    cls_map = attention_rollout(attention_weights(cache))[:, 0, 1:]    # (n, N) the class token's row, patches only
+    show = np.concatenate([np.flatnonzero(labels == 1)[:2], np.flatnonzero(labels == 0)[:2]])
+    plt = pyplot()
+    fig, axes = plt.subplots(2, len(show), figsize=(2.2 * len(show), 4.6), squeeze=False)
+    for column, i in enumerate(show):
+        for row, (picture, scale) in enumerate(((images[i, 0], P), (cls_map[i].reshape(grid, grid), 1))):
+            ax = axes[row, column]
+            ax.imshow(picture, cmap="gray" if row == 0 else "viridis")
+            for cell in marked[i]:                             # outline the two marked patches
+                y, x = divmod(int(cell), grid)
+                ax.add_patch(Rectangle((x * scale - 0.5, y * scale - 0.5), scale, scale, fill=False, ec="red", lw=1.5))
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[0, column].set_title("same" if labels[i] else "different")
+    axes[0, 0].set_ylabel("image")
+    axes[1, 0].set_ylabel("class-token rollout")
+    fig.suptitle(f"ViT, held-out accuracy {accuracy:.1%} (chance 50 %); red: the two marked patches")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------
