@@ -36,9 +36,9 @@ here trains with). Runs on NumPy or CuPy arrays unchanged.
 """
 import numpy as np
 
-from training import (adam_init, adam_step, check_cache, check_ids, check_upstream, clip_gradients,
-                      cross_entropy_backward, cross_entropy_forward, describe, embedding_backward,
-                      embedding_forward, get_xp, log_softmax)
+from training import (adam_init, adam_step, check_cache, check_ids, check_positive_int, check_rng, check_tree,
+                      check_upstream, clip_gradients, cross_entropy_backward, cross_entropy_forward, describe,
+                      embedding_backward, embedding_forward, get_xp, log_softmax)
 
 
 def sigmoid(a):
@@ -113,7 +113,7 @@ def rnn_forward(x, h0, params):
     Returns hs (B, T, Hd) (the last state is hs[:, -1]) and cache = {'x', 'h0', 'hs', 'params'}: the
     inputs and every state, which are all BPTT needs (tanh' = 1 - h^2 comes from the states).
     """
-    _check_inputs(x, h0, params, lambda D, Hd: {"W_xh": (D, Hd), "W_hh": (Hd, Hd), "b_h": (Hd,)})
+    _check_inputs("rnn", x, h0, params)
     xp = get_xp(x)
     W_xh, W_hh, b_h = params["W_xh"], params["W_hh"], params["b_h"]
     x_part = x @ W_xh + b_h                                    # (B, T, Hd) all steps at once: no recurrence
@@ -160,7 +160,7 @@ def lstm_forward(x, h0, c0, params):
     Returns hs (B, T, Hd), c_T (B, Hd) and cache = {'x', 'h0', 'c0', 'hs', 'cs', 'gates', 'params'}, where
     cs (B, T, Hd) holds every c_t and gates (B, T, 4Hd) the activated i, f, g, o.
     """
-    _check_inputs(x, h0, params, lambda D, Hd: {"W_x": (D, 4 * Hd), "W_h": (Hd, 4 * Hd), "b": (4 * Hd,)}, c0)
+    _check_inputs("lstm", x, h0, params, c0)
     xp = get_xp(x)
     B, T, _ = x.shape
     Hd = h0.shape[1]
@@ -229,8 +229,7 @@ def gru_forward(x, h0, params):
     Returns hs (B, T, Hd) and cache = {'x', 'h0', 'hs', 'gates', 'h_ns', 'params'}: gates (B, T, 3Hd) are
     the activated r, z, n and h_ns (B, T, Hd) the terms h_{t-1} W_hn + b_hn that r multiplies.
     """
-    _check_inputs(x, h0, params, lambda D, Hd: {"W_x": (D, 3 * Hd), "W_h": (Hd, 3 * Hd),
-                                                 "b_x": (3 * Hd,), "b_h": (3 * Hd,)})
+    _check_inputs("gru", x, h0, params)
     xp = get_xp(x)
     B, T, _ = x.shape
     Hd = h0.shape[1]
@@ -290,8 +289,8 @@ def init_cell(cell, D, Hd, rng, dtype=np.float32):
 
 def zero_state(cell, B, Hd, xp=np, dtype=np.float32):
     """The all-zero initial state tuple for a batch of B sequences: (h0,), or (h0, c0) for the LSTM."""
-    _check_count("B", B, 0)
-    _check_count("Hd", Hd, 1)
+    check_positive_int("B", B, minimum=0)                      # an empty batch is allowed, as everywhere
+    check_positive_int("Hd", Hd)
     return tuple(xp.zeros((B, Hd), dtype=dtype) for _ in range(2 if _check_cell(cell) == "lstm" else 1))
 
 
@@ -348,13 +347,12 @@ def hidden_jacobian_norms(cell, x, params):
         raise TypeError(f"x must be a floating-point array, got {describe(x)}")
     if x.ndim != 2:
         raise ValueError(f"x must have shape (T, D), got {x.shape}")
-    if not isinstance(params, dict):
-        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+    key = "W_hh" if cell == "rnn" else "W_h"                    # Hd comes from here; cell_forward checks the rest
+    if not hasattr(params.get(key) if isinstance(params, dict) else None, "shape"):
+        got = f"keys {sorted(map(str, params))}" if isinstance(params, dict) else describe(params)
+        raise ValueError(f"params must be {cell!r} parameters (with {key!r}), got {got}")
     xp = get_xp(x)
     T, D = x.shape
-    key = "W_hh" if cell == "rnn" else "W_h"
-    if key not in params:
-        raise ValueError(f"params must be {cell!r} parameters (with {key!r}), got keys {sorted(map(str, params))}")
     Hd = params[key].shape[0]
     states = [zero_state(cell, B=Hd, Hd=Hd, xp=xp, dtype=x.dtype)]  # states[t]: after t steps; a batch of Hd copies
     caches = []
@@ -373,6 +371,25 @@ def hidden_jacobian_norms(cell, x, params):
     return np.array(norms)
 
 
+def gradient_norm_curves(T=60, D=32, Hd=32, spectral_norms=(0.9, 6.0), seed=0):
+    """The demo's measurement (and the README's figure): hidden_jacobian_norms over one random sequence
+    x (T, D) for a tanh RNN whose W_hh is rescaled to each spectral norm in spectral_norms, an LSTM with
+    PyTorch's init, the same with forget bias +3, and a GRU. Returns {label: norms (T + 1,)}, float64."""
+    check_positive_int("T", T)
+    check_positive_int("D", D)
+    check_positive_int("Hd", Hd)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, D))                            # (T, D) one random input sequence
+    base = init_rnn(D, Hd, rng, np.float64)
+    spectral = float(np.linalg.norm(base["W_hh"], 2))
+    curves = {f"tanh RNN, ||W_hh||_2 = {target}": hidden_jacobian_norms(
+        "rnn", x, dict(base, W_hh=base["W_hh"] * (target / spectral))) for target in spectral_norms}
+    curves["LSTM, PyTorch init"] = hidden_jacobian_norms("lstm", x, init_lstm(D, Hd, rng, np.float64))
+    curves["LSTM, forget bias +3"] = hidden_jacobian_norms("lstm", x, init_lstm(D, Hd, rng, np.float64, 3.0))
+    curves["GRU, PyTorch init"] = hidden_jacobian_norms("gru", x, init_gru(D, Hd, rng, np.float64))
+    return curves
+
+
 # ----------------------------------------------------------------------------------------------------
 # A character-level language model: embedding -> recurrent core -> softmax over the next character
 
@@ -387,6 +404,8 @@ GRAMMAR = {"subject": ("the cat", "a dog", "the old man", "my sister", "a small 
 
 def grammar_text(rng, n_sentences):
     """Training text made here from a tiny grammar (no downloads): sentence = subject verb object end."""
+    check_rng(rng)
+    check_positive_int("n_sentences", n_sentences)
     pick = lambda slot: GRAMMAR[slot][rng.integers(len(GRAMMAR[slot]))]
     sentence = lambda: f"{pick('subject')} {pick('verb')} {pick('object')}{pick('ending')}"
     return " ".join(sentence() for _ in range(n_sentences))
@@ -394,8 +413,8 @@ def grammar_text(rng, n_sentences):
 
 def init_char_lm(V, E, Hd, rng, cell="lstm", dtype=np.float32):
     """{'embed' (V, E), 'core': <cell params>, 'W_out' (Hd, V), 'b_out' (V,)}."""
-    _check_count("V", V, 1)
-    _check_count("E", E, 1)
+    check_positive_int("V", V)
+    check_positive_int("E", E)
     _check_init(E, Hd, rng, dtype)
     _check_cell(cell)
     return {"embed": (0.1 * rng.standard_normal((V, E))).astype(dtype),
@@ -411,7 +430,7 @@ def char_lm_forward(ids, targets, params, cell="lstm"):
     Returns loss (a float) and cache = {'embed': embedding cache, 'core': the cell's cache, 'hs' (B, T, Hd),
     'loss': cross-entropy cache (its 'probs' (B, T, V) is softmax(logits)), 'params', 'cell'}.
     """
-    V = _check_char_lm(params)
+    V = _check_char_lm(params, cell)
     check_ids("ids", ids, V)
     check_ids("targets", targets, V, ids.shape)
     x, embed_cache = embedding_forward(ids, params["embed"])   # (B, T, E)
@@ -441,10 +460,10 @@ def sample_chars(params, first_id, n, rng, cell="lstm", temperature=1.0):
 
     Each id is drawn from softmax(logits / temperature): temperature -> 0 picks the most likely one.
     """
-    V = _check_char_lm(params)
-    _check_rng(rng)
-    _check_count("n", n, 0)
-    _check_count("first_id", first_id, 0)
+    V = _check_char_lm(params, cell)
+    check_rng(rng)
+    check_positive_int("n", n, minimum=0)
+    check_positive_int("first_id", first_id, minimum=0)
     if first_id >= V:
         raise ValueError(f"first_id must be in [0, {V}), got {first_id}")
     if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
@@ -466,12 +485,6 @@ def sample_chars(params, first_id, n, rng, cell="lstm", temperature=1.0):
 # Input checks (below the math they guard): ValueError / TypeError "{name} must be {need}, got {got}"
 
 
-def _check_count(name, value, low):
-    """A size or count: a Python or NumPy integer (not a bool) >= low."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
 def _check_cell(cell):
     if cell not in ("rnn", "lstm", "gru"):
         raise ValueError(f"cell must be 'rnn', 'lstm' or 'gru', got {cell!r}")
@@ -480,16 +493,11 @@ def _check_cell(cell):
 
 def _check_init(D, Hd, rng, dtype):
     """The arguments every init_* takes: D >= 0 (an empty input is allowed), Hd >= 1, a Generator, a float dtype."""
-    _check_count("D", D, 0)
-    _check_count("Hd", Hd, 1)
-    _check_rng(rng)
+    check_positive_int("D", D, minimum=0)
+    check_positive_int("Hd", Hd)
+    check_rng(rng)
     if not isinstance(dtype, (type, np.dtype)) or np.dtype(dtype).kind != "f":
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}")
-
-
-def _check_rng(rng):
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
 
 
 def _check_state(cell, state, name="state"):
@@ -501,16 +509,20 @@ def _check_state(cell, state, name="state"):
                          f"got {got}")
 
 
-def _check_inputs(x, h0, params, shapes, c0=False):
-    """The arguments of rnn_forward, lstm_forward (with c0) and gru_forward.
+def _param_shapes(cell, D, Hd):
+    """{key: shape} of a cell's parameters for input width D and hidden width Hd (what init_cell builds)."""
+    return {"rnn": {"W_xh": (D, Hd), "W_hh": (Hd, Hd), "b_h": (Hd,)},
+            "lstm": {"W_x": (D, 4 * Hd), "W_h": (Hd, 4 * Hd), "b": (4 * Hd,)},
+            "gru": {"W_x": (D, 3 * Hd), "W_h": (Hd, 3 * Hd), "b_x": (3 * Hd,), "b_h": (3 * Hd,)}}[cell]
 
-    shapes(D, Hd) -> {key: shape} gives the parameter shapes for input width D and hidden width Hd.
-    c0 is False for the cells that have no cell state.
-    """
+
+def _check_inputs(cell, x, h0, params, c0=False):
+    """The arguments of rnn_forward, lstm_forward (with c0) and gru_forward: D comes from x, Hd from h0,
+    and params must be that cell's tree for them, in x's dtype. c0 is False for the cells without one."""
     arrays = [("x", x), ("h0", h0)] + ([("c0", c0)] if c0 is not False else [])
     for name, a in arrays:
         if not hasattr(a, "dtype") or a.dtype.kind != "f":
-            raise TypeError(f"{name} must be a floating-point array, got {describe(a) if a is not None else None}")
+            raise TypeError(f"{name} must be a floating-point array, got {describe(a)}")
     for name, a in arrays[1:]:
         if a.dtype != x.dtype:
             raise TypeError(f"{name} must have dtype {x.dtype} (x's), got {a.dtype}")
@@ -521,40 +533,20 @@ def _check_inputs(x, h0, params, shapes, c0=False):
         raise ValueError(f"h0 must have shape (B, Hd) with B = {B} from x and Hd >= 1, got {h0.shape}")
     if c0 is not False and c0.shape != h0.shape:
         raise ValueError(f"c0 must have shape (B, Hd) = {h0.shape} (h0's), got {c0.shape}")
-    Hd = h0.shape[1]
-    needed = shapes(D, Hd)
-    if not isinstance(params, dict):
-        raise TypeError(f"params must be a dict with keys {sorted(needed)}, got {type(params).__name__}")
-    if set(params) != set(needed):
-        raise ValueError(f"params must have the keys {sorted(needed)}, got {sorted(map(str, params))}")
-    for key, shape in needed.items():
-        got = params[key]
-        if not hasattr(got, "dtype") or not hasattr(got, "shape"):
-            raise TypeError(f"params[{key!r}] must be an array of shape {shape}, got {type(got).__name__}")
-        if got.shape != shape:
-            raise ValueError(f"params[{key!r}] must have shape {shape} for D = {D} (from x) and "
-                             f"Hd = {Hd} (from h0), got {got.shape}")
-        if got.dtype != x.dtype:
-            raise TypeError(f"params[{key!r}] must have dtype {x.dtype} (x's), got {got.dtype}")
+    check_tree("params", params, _param_shapes(cell, D, h0.shape[1]), dtype=x.dtype)
 
 
-def _check_char_lm(params):
-    """The char model's own parameters (the core's are checked by its cell); returns V."""
-    keys = {"embed", "core", "W_out", "b_out"}
-    if not isinstance(params, dict) or set(params) != keys:
+def _check_char_lm(params, cell):
+    """params must be init_char_lm(V, E, Hd, rng, cell)'s tree (V, E read from embed, Hd from W_out), every
+    leaf in embed's dtype; returns V."""
+    embed, W_out = (params.get(key) if isinstance(params, dict) else None for key in ("embed", "W_out"))
+    if getattr(embed, "ndim", None) != 2 or getattr(W_out, "ndim", None) != 2:
         got = f"keys {sorted(map(str, params))}" if isinstance(params, dict) else type(params).__name__
-        raise TypeError(f"params must be init_char_lm's dict (keys {sorted(keys)}), got {got}")
-    embed, W_out, b_out = params["embed"], params["W_out"], params["b_out"]
-    if not hasattr(embed, "shape") or embed.ndim != 2:
-        raise ValueError(f"params['embed'] must be an array (V, E), got {describe(embed)}")
-    V = embed.shape[0]
-    if not hasattr(W_out, "shape") or W_out.ndim != 2 or W_out.shape[1] != V:
-        raise ValueError(f"params['W_out'] must be an array (Hd, V) with V = {V}, got {describe(W_out)}")
-    if not hasattr(b_out, "shape") or b_out.shape != (V,):
-        raise ValueError(f"params['b_out'] must be an array of shape ({V},), got {describe(b_out)}")
-    for key in ("W_out", "b_out"):
-        if params[key].dtype != embed.dtype:
-            raise TypeError(f"params[{key!r}] must have dtype {embed.dtype} (embed's), got {params[key].dtype}")
+        raise TypeError(f"params must be init_char_lm's dict ('embed' (V, E), 'core', 'W_out' (Hd, V), "
+                        f"'b_out' (V,)), got {got}")
+    (V, E), Hd = embed.shape, W_out.shape[0]
+    shapes = {"embed": (V, E), "core": _param_shapes(_check_cell(cell), E, Hd), "W_out": (Hd, V), "b_out": (V,)}
+    check_tree("params", params, shapes, dtype=embed.dtype)
     return V
 
 
@@ -568,7 +560,6 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Train a character LSTM; measure ||d h_T / d h_t||.")
     parser.add_argument("--steps", type=int, default=300, help="training steps of the char model")
-    parser.add_argument("--figure", default="rnn_gradient_norms.png", help="where to save the plot")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
 
@@ -600,17 +591,8 @@ if __name__ == "__main__":
     assert final < 0.25 * losses[0] and final < 0.5 * unigram, "the char model did not learn"
 
     print("\n2. How much gradient reaches h_t from h_T: ||d h_T / d h_t||_2 against T - t (Pascanu et al.)")
-    T, D, Hd = 60, 32, 32
-    x = rng.standard_normal((T, D))                            # (T, D) one random input sequence
-    base = init_rnn(D, Hd, rng, np.float64)
-    spectral = float(np.linalg.norm(base["W_hh"], 2))
-    curves = {}
-    for target in (0.9, 6.0):
-        scaled = dict(base, W_hh=base["W_hh"] * (target / spectral))  # ||W_hh||_2 = target
-        curves[f"tanh RNN, ||W_hh||_2 = {target}"] = hidden_jacobian_norms("rnn", x, scaled)
-    curves["LSTM, PyTorch init"] = hidden_jacobian_norms("lstm", x, init_lstm(D, Hd, rng, np.float64))
-    curves["LSTM, forget bias +3"] = hidden_jacobian_norms("lstm", x, init_lstm(D, Hd, rng, np.float64, 3.0))
-    curves["GRU, PyTorch init"] = hidden_jacobian_norms("gru", x, init_gru(D, Hd, rng, np.float64))
+    T = 60
+    curves = gradient_norm_curves(T)
     ks = list(range(0, T + 1, 10))
     print("   T - t:                      " + "".join(f"{k:>10d}" for k in ks))
     for name, norms in curves.items():
@@ -621,19 +603,4 @@ if __name__ == "__main__":
     assert curves["LSTM, forget bias +3"][-1] > 1e6 * curves["LSTM, PyTorch init"][-1]
     print("   ||W_hh||_2 < 1: below ||W_hh||_2^(T-t) (vanishes); large W_hh: explodes; the LSTM's cell")
     print("   keeps the gradient alive only when its forget gate is open (f near 1): a positive forget bias.")
-
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("   (matplotlib is not installed: no figure)")
-    else:
-        for name, norms in curves.items():
-            plt.semilogy(norms, label=name)
-        plt.semilogy(bound, "k--", label="bound 0.9^(T-t) for ||W_hh||_2 = 0.9")
-        plt.xlabel("T - t")
-        plt.ylabel("||d h_T / d h_t||_2")
-        plt.legend()
-        plt.savefig(args.figure, dpi=120)
-        print(f"   figure saved to {args.figure}")
+    print("   (python figures/make_figures.py rnn_gradient_norms draws these curves.)")

@@ -1,6 +1,6 @@
 """Tests for rnn.py: BPTT gradients, agreement with torch.nn.RNN/LSTM/GRU, causality, the gradient-norm
 measurement and the character model (training.py's tools have tests/test_training.py)."""
-import os
+import ast
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import rnn
 import training
 from gradcheck import check_gradients, random_like
-from helpers import run_demo
+from helpers import ROOT, run_demo
 
 CELLS = ["rnn", "lstm", "gru"]
 
@@ -216,22 +216,27 @@ def test_bad_inputs_raise_errors_naming_the_argument_and_shapes(cell):
     with pytest.raises(ValueError, match=r"h0 must have shape \(B, Hd\) with B = 2 from x and Hd >= 1, got \(2, 0\)"):
         run_forward(cell, x, tuple(s[:, :0] for s in state), params)
     wide = tuple(np.zeros((2, 5)) for _ in state)               # Hd = 5 but the params are for Hd = 4
-    with pytest.raises(ValueError, match=r"must have shape .* Hd = 5 \(from h0\), got"):
+    first = {"rnn": r"W_xh'\] must be a float64 array of shape \(3, 5\)", "lstm": r"W_x'\] .* shape \(3, 20\)",
+             "gru": r"W_x'\] .* shape \(3, 15\)"}[cell]   # D = 3 from x, Hd = 5 from h0
+    with pytest.raises(ValueError, match=r"params\['" + first + r", got float64 array of shape \(3, "):
         run_forward(cell, x, wide, params)
     with pytest.raises(TypeError, match="x must be a floating-point array, got int64"):
         run_forward(cell, x.astype(np.int64), state, params)
     with pytest.raises(TypeError, match=r"h0 must have dtype float64 \(x's\), got float32"):
         run_forward(cell, x, (state[0].astype(np.float32),) + state[1:], params)
-    with pytest.raises(TypeError, match=r"params\['.*'\] must have dtype float64 \(x's\), got float32"):
+    with pytest.raises(ValueError, match=r"params\['.*'\] must be a float64 array of shape .*, got float32 array"):
         run_forward(cell, x, state, {k: v.astype(np.float32) for k, v in params.items()})
-    with pytest.raises(ValueError, match=r"params must have the keys \[.*\], got \[\]"):
+    with pytest.raises(ValueError, match=r"params must have keys \[.*\]: missing \[.*'W_h.*\], extra \[\]"):
         run_forward(cell, x, state, {})
-    with pytest.raises(ValueError, match=r"params must have the keys .*, got .*'extra'"):
+    with pytest.raises(ValueError, match=r"params must have keys .*: missing \[\], extra \['extra'\]"):
         run_forward(cell, x, state, dict(params, extra=np.zeros(1)))
     with pytest.raises(TypeError, match=r"params must be a dict with keys .*, got list"):
         run_forward(cell, x, state, list(params.values()))
-    with pytest.raises(TypeError, match=rf"params\['{first_key}'\] must be an array of shape .*, got list"):
+    with pytest.raises(ValueError, match=rf"params\['{first_key}'\] must be a float64 array of shape .*, got list"):
         run_forward(cell, x, state, dict(params, **{first_key: params[first_key].tolist()}))
+    other = "gru" if cell != "gru" else "lstm"                 # another cell's params: refused by key
+    with pytest.raises(ValueError, match=r"params must have keys .*: missing .*, extra "):
+        run_forward(cell, x, state, rnn.init_cell(other, 3, 4, np.random.default_rng(0), np.float64))
     with pytest.raises(ValueError, match=r"T >= 1"):
         run_forward(cell, x[:, :0], state, params)
 
@@ -240,7 +245,7 @@ def test_lstm_rejects_a_missing_or_misshapen_cell_state():
     x, (h0, c0), params = make_inputs(np, "lstm")
     with pytest.raises(ValueError, match=r"c0 must have shape \(B, Hd\) = \(2, 4\) \(h0's\), got \(2, 3\)"):
         rnn.lstm_forward(x, h0, c0[:, :3], params)
-    with pytest.raises(TypeError, match="c0 must be a floating-point array, got None"):
+    with pytest.raises(TypeError, match="c0 must be a floating-point array, got NoneType"):
         rnn.lstm_forward(x, h0, None, params)
     with pytest.raises(TypeError, match=r"c0 must have dtype float64 \(x's\), got float32"):
         rnn.lstm_forward(x, h0, c0.astype(np.float32), params)
@@ -475,22 +480,40 @@ def test_char_lm_rejects_float_ids_out_of_range_ids_and_mismatched_targets():
         rnn.char_lm_forward(ids, targets[:, :3], params, "rnn")
 
 
-def test_demo_runs_and_checks_its_measurements(tmp_path):
+def test_demo_runs_and_checks_its_measurements():
     # python rnn.py: trains the char LSTM and prints the gradient-norm table, asserting both (about 5 s of CPU).
-    # The figure (saved only where matplotlib is installed) goes to a temporary folder, not the repository.
-    result = run_demo("rnn.py", "--figure", tmp_path / "norms.png", cwd=tmp_path, timeout=300,
-                      env=dict(os.environ, MPLBACKEND="Agg"))
+    # It writes nothing: its figure is figures/make_figures.py's rnn_gradient_norms (tests/test_figures.py).
+    result = run_demo("rnn.py", timeout=300)
     assert "How much gradient reaches h_t from h_T" in result.stdout
+
+
+def test_rnn_py_imports_only_training_py_names_it_at_the_top_and_keeps_no_plotting_code():
+    source = (ROOT / "rnn.py").read_text()
+    tree = ast.parse(source)
+    project = {path.stem for path in ROOT.glob("*.py")}
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported & project == {"training"} and "matplotlib" not in imported
+    assert "Imports training.py" in ast.get_docstring(tree)
+    assert "matplotlib" not in source and "--figure" not in source
 
 
 def test_char_lm_and_sampling_refuse_bad_params_and_arguments():
     params, ids, targets = tiny_lm("gru", np)
     with pytest.raises(TypeError, match=r"params must be init_char_lm's dict .*, got list"):
         rnn.char_lm_forward(ids, targets, list(params.values()), "gru")
-    with pytest.raises(ValueError, match=r"params\['W_out'\] must be an array \(Hd, V\) with V = 5, got .* \(4, 4\)"):
+    with pytest.raises(TypeError, match=r"params must be init_char_lm's dict .*, got keys \['b_out', 'core', 'embed'\]"):
+        rnn.char_lm_forward(ids, targets, {k: v for k, v in params.items() if k != "W_out"}, "gru")
+    with pytest.raises(ValueError, match=r"params\['W_out'\] must be a float64 array of shape \(4, 5\), got .* \(4, 4\)"):
         rnn.char_lm_forward(ids, targets, dict(params, W_out=params["W_out"][:, :4]), "gru")
-    with pytest.raises(TypeError, match=r"params\['b_out'\] must have dtype float64 \(embed's\), got float32"):
+    with pytest.raises(ValueError, match=r"params\['b_out'\] must be a float64 array of shape \(5,\), got float32"):
         rnn.char_lm_forward(ids, targets, dict(params, b_out=params["b_out"].astype(np.float32)), "gru")
+    with pytest.raises(ValueError, match=r"params\['core'\] must have keys \['W_h', 'W_x', 'b'\]: missing \['b'\], "
+                                         r"extra \['b_h', 'b_x'\]"):
+        rnn.char_lm_forward(ids, targets, params, "lstm")      # a GRU model run as an LSTM
+    with pytest.raises(ValueError, match=r"params\['core'\]\['W_x'\] must be a float64 array of shape \(3, 12\)"):
+        rnn.sample_chars(dict(params, core=tiny_lm("gru", np, E=2)[0]["core"]), 0, 3, np.random.default_rng(0), "gru")
     with pytest.raises(ValueError, match=r"first_id must be in \[0, 5\), got 5"):
         rnn.sample_chars(params, 5, 3, np.random.default_rng(0), "gru")
     with pytest.raises(ValueError, match="n must be an integer >= 0, got -1"):
@@ -504,3 +527,34 @@ def test_char_lm_and_sampling_refuse_bad_params_and_arguments():
         rnn.sample_chars(params, 0, 3, 0, "gru")
     with pytest.raises(TypeError, match=r"cache must be the dict char_lm_forward returned .*, got tuple"):
         rnn.char_lm_backward(1.0, (ids, targets))
+    x, state, core = make_inputs(np, "gru")
+    _, _, core_cache = rnn.cell_forward("gru", x, state, core)
+    with pytest.raises(TypeError, match=r"cache must be the dict char_lm_forward returned .*, got keys \['gates'"):
+        rnn.char_lm_backward(1.0, core_cache)                  # another function's cache
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: rnn.grammar_text(0, 3), TypeError, "rng must be a numpy.random.Generator .*, got int"),
+    (lambda: rnn.grammar_text(np.random.RandomState(0), 3), TypeError, "rng must be a numpy.random.Generator"),
+    (lambda: rnn.grammar_text(np.random.default_rng(0), 0), ValueError, "n_sentences must be an integer >= 1, got 0"),
+    (lambda: rnn.init_char_lm(5, 0, 4, np.random.default_rng(0)), ValueError, "E must be an integer >= 1, got 0"),
+    (lambda: rnn.init_char_lm(5, 3, 0, np.random.default_rng(0)), ValueError, "Hd must be an integer >= 1, got 0"),
+    (lambda: rnn.zero_state("rnn", 2, 0), ValueError, "Hd must be an integer >= 1, got 0"),
+    (lambda: rnn.gradient_norm_curves(T=0), ValueError, "T must be an integer >= 1, got 0"),
+    (lambda: rnn.gradient_norm_curves(Hd=0), ValueError, "Hd must be an integer >= 1, got 0"),
+    (lambda: rnn.hidden_jacobian_norms("gru", np.zeros((3, 2)), None), ValueError,
+     r"params must be 'gru' parameters \(with 'W_h'\), got NoneType"),
+], ids=["grammar-rng-int", "grammar-rng-RandomState", "grammar-0-sentences", "E-0", "Hd-0", "zero-state-Hd-0",
+        "curves-T-0", "curves-Hd-0", "jacobian-params-None"])
+def test_rngs_that_are_not_generators_and_sizes_of_0_are_refused_by_name(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_gradient_norm_curves_start_at_one_and_the_tanh_rnn_below_one_stays_under_its_bound():
+    curves = rnn.gradient_norm_curves(T=8, D=3, Hd=4, spectral_norms=(0.5, 3.0), seed=1)
+    assert list(curves) == ["tanh RNN, ||W_hh||_2 = 0.5", "tanh RNN, ||W_hh||_2 = 3.0", "LSTM, PyTorch init",
+                            "LSTM, forget bias +3", "GRU, PyTorch init"]
+    assert all(norms.shape == (9,) and norms[0] == 1.0 for norms in curves.values())
+    # ||J_k|| <= ||W_hh||^k; 1e-12 relative allows for the rounding of the SVD.
+    assert np.all(curves["tanh RNN, ||W_hh||_2 = 0.5"] <= 0.5 ** np.arange(9) * (1 + 1e-12))
