@@ -287,6 +287,13 @@ def init_cell(cell, D, Hd, rng, dtype=np.float32):
     return {"rnn": init_rnn, "lstm": init_lstm, "gru": init_gru}[_check_cell(cell)](D, Hd, rng, dtype)
 
 
+def param_shapes(cell, D, Hd):
+    """{key: shape} of cell's parameters for input width D and hidden width Hd (what init_cell builds)."""
+    return {"rnn": {"W_xh": (D, Hd), "W_hh": (Hd, Hd), "b_h": (Hd,)},
+            "lstm": {"W_x": (D, 4 * Hd), "W_h": (Hd, 4 * Hd), "b": (4 * Hd,)},
+            "gru": {"W_x": (D, 3 * Hd), "W_h": (Hd, 3 * Hd), "b_x": (3 * Hd,), "b_h": (3 * Hd,)}}[_check_cell(cell)]
+
+
 def zero_state(cell, B, Hd, xp=np, dtype=np.float32):
     """The all-zero initial state tuple for a batch of B sequences: (h0,), or (h0, c0) for the LSTM."""
     check_positive_int("B", B, minimum=0)                      # an empty batch is allowed, as everywhere
@@ -294,37 +301,36 @@ def zero_state(cell, B, Hd, xp=np, dtype=np.float32):
     return tuple(xp.zeros((B, Hd), dtype=dtype) for _ in range(2 if _check_cell(cell) == "lstm" else 1))
 
 
-def cell_forward(cell, x, state, params):
-    """Run cell over x (B, T, D) from `state`. Returns hs (B, T, Hd), the final state tuple and the
-    cell's cache (rnn_forward's, lstm_forward's or gru_forward's)."""
+def cell_forward(x, state, params, cell):
+    """Run cell ('rnn', 'lstm' or 'gru') over x (B, T, D) from `state`. Returns hs (B, T, Hd), the final
+    state tuple and cache = {'cell': cell, 'steps': the cache of rnn_forward, lstm_forward or gru_forward}."""
     _check_state(cell, state)
     if cell == "lstm":
-        hs, c_T, cache = lstm_forward(x, state[0], state[1], params)
-        return hs, (hs[:, -1], c_T), cache
-    forward = {"rnn": rnn_forward, "gru": gru_forward}[cell]
-    hs, cache = forward(x, state[0], params)
-    return hs, (hs[:, -1],), cache
+        hs, c_T, steps = lstm_forward(x, state[0], state[1], params)
+        return hs, (hs[:, -1], c_T), {"cell": cell, "steps": steps}
+    hs, steps = {"rnn": rnn_forward, "gru": gru_forward}[cell](x, state[0], params)
+    return hs, (hs[:, -1],), {"cell": cell, "steps": steps}
 
 
-def cell_backward(cell, dhs, cache, dstate=None):
+def cell_backward(dhs, cache, dstate=None):
     """dx, dstate0 (a tuple like the state), grads of cell_forward.
 
     dstate: gradient of the final state tuple, or None. The final h is hs[:, -1], so its gradient
     joins dhs[:, -1] (one array used twice: the gradients add).
     """
-    _check_cell(cell)
+    check_cache(cache, "cell_forward", {"cell", "steps"})
+    cell, steps = cache["cell"], cache["steps"]
     if dstate is not None:
         _check_state(cell, dstate, "dstate")
-        hs = cache["hs"] if isinstance(cache, dict) and "hs" in cache else None
-        if hs is not None:                                     # else the cell's backward names the bad cache
-            check_upstream("dhs", dhs, hs.shape, hs.dtype)
-            check_upstream("dstate[0]", dstate[0], hs[:, -1].shape, hs.dtype)
+        hs = steps["hs"]                                       # (B, T, Hd)
+        check_upstream("dhs", dhs, hs.shape, hs.dtype)
+        check_upstream("dstate[0]", dstate[0], hs[:, -1].shape, hs.dtype)
         dhs = dhs.copy()                                       # never modify the caller's array
         dhs[:, -1] += dstate[0]
     if cell == "lstm":
-        dx, dh0, dc0, grads = lstm_backward(dhs, cache, None if dstate is None else dstate[1])
+        dx, dh0, dc0, grads = lstm_backward(dhs, steps, None if dstate is None else dstate[1])
         return dx, (dh0, dc0), grads
-    dx, dh0, grads = {"rnn": rnn_backward, "gru": gru_backward}[cell](dhs, cache)
+    dx, dh0, grads = {"rnn": rnn_backward, "gru": gru_backward}[cell](dhs, steps)
     return dx, (dh0,), grads
 
 
@@ -358,7 +364,7 @@ def hidden_jacobian_norms(cell, x, params):
     caches = []
     for t in range(T):
         x_t = xp.broadcast_to(x[t], (Hd, 1, D))                # (Hd, 1, D) step t in every copy
-        _, state, cache = cell_forward(cell, x_t, states[-1], params)
+        _, state, cache = cell_forward(x_t, states[-1], params, cell)
         states.append(state)
         caches.append(cache)
     eye = xp.eye(Hd, dtype=x.dtype)                            # (Hd, Hd) copy a sends back e_a
@@ -366,7 +372,7 @@ def hidden_jacobian_norms(cell, x, params):
     no_output_gradient = xp.zeros((Hd, 1, Hd), dtype=x.dtype)  # only h_T is differentiated
     norms = [1.0]                                              # k = 0: d h_T / d h_T = I
     for t in reversed(range(T)):                               # step t took states[t] to states[t + 1]
-        _, dstate, _ = cell_backward(cell, no_output_gradient, caches[t], dstate)
+        _, dstate, _ = cell_backward(no_output_gradient, caches[t], dstate)
         norms.append(float(xp.linalg.svd(dstate[0], compute_uv=False)[0]))  # dstate[0] = J_{T-t}
     return np.array(norms)
 
@@ -427,8 +433,8 @@ def char_lm_forward(ids, targets, params, cell="lstm"):
 
     ids, targets: int (B, T). From a zero state:
         x = embed[ids],  hs = core(x),  logits = hs W_out + b_out,  loss = -mean log softmax(logits)[targets]
-    Returns loss (a float) and cache = {'embed': embedding cache, 'core': the cell's cache, 'hs' (B, T, Hd),
-    'loss': cross-entropy cache (its 'probs' (B, T, V) is softmax(logits)), 'params', 'cell'}.
+    Returns loss (a float) and cache = {'embed': embedding cache, 'core': cell_forward's cache, 'hs' (B, T, Hd),
+    'loss': cross-entropy cache (its 'probs' (B, T, V) is softmax(logits)), 'params'}.
     """
     V = _check_char_lm(params, cell)
     check_ids("ids", ids, V)
@@ -436,48 +442,52 @@ def char_lm_forward(ids, targets, params, cell="lstm"):
     x, embed_cache = embedding_forward(ids, params["embed"])   # (B, T, E)
     xp = get_xp(x)
     state = zero_state(cell, ids.shape[0], params["W_out"].shape[0], xp, x.dtype)
-    hs, _, core_cache = cell_forward(cell, x, state, params["core"])  # (B, T, Hd)
+    hs, _, core_cache = cell_forward(x, state, params["core"], cell)  # (B, T, Hd)
     loss, loss_cache = cross_entropy_forward(hs @ params["W_out"] + params["b_out"], targets)
-    return loss, {"embed": embed_cache, "core": core_cache, "hs": hs, "loss": loss_cache, "params": params,
-                  "cell": cell}
+    return loss, {"embed": embed_cache, "core": core_cache, "hs": hs, "loss": loss_cache, "params": params}
 
 
 def char_lm_backward(dloss, cache):
     """Gradient tree of char_lm_forward's loss with respect to params (same keys)."""
-    check_cache(cache, "char_lm_forward", {"embed", "core", "hs", "loss", "params", "cell"})
+    check_cache(cache, "char_lm_forward", {"embed", "core", "hs", "loss", "params"})
     params, hs = cache["params"], cache["hs"]
     dlogits = cross_entropy_backward(dloss, cache["loss"])     # (B, T, V)
     dhs = dlogits @ params["W_out"].T                          # (B, T, Hd)
-    dx, _, dcore = cell_backward(cache["cell"], dhs, cache["core"])  # (B, T, E)
+    dx, _, dcore = cell_backward(dhs, cache["core"])           # (B, T, E)
     return {"embed": embedding_backward(dx, cache["embed"]),  # (V, E)
             "core": dcore,
             "W_out": matmul_over_time(hs, dlogits),           # (Hd, V)
             "b_out": dlogits.sum(axis=(0, 1))}                 # (V,)
 
 
-def sample_chars(params, first_id, n, rng, cell="lstm", temperature=1.0):
-    """n character ids drawn one at a time, each fed back as the next input (the state carries over).
+def sample_chars(first_id, n_new, params, cell="lstm", temperature=0.0, rng=None):
+    """n_new character ids after first_id, each fed back as the next input (the state carries over).
 
-    Each id is drawn from softmax(logits / temperature): temperature -> 0 picks the most likely one.
+    Like transformer.py's generate: temperature 0 takes the most likely id (greedy, no rng needed);
+    temperature > 0 draws it from softmax(logits / temperature) with rng, a numpy.random.Generator.
     """
     V = _check_char_lm(params, cell)
-    check_rng(rng)
-    check_positive_int("n", n, minimum=0)
     check_positive_int("first_id", first_id, minimum=0)
     if first_id >= V:
         raise ValueError(f"first_id must be in [0, {V}), got {first_id}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    check_positive_int("n_new", n_new, minimum=0)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature < np.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if temperature > 0:
+        check_rng(rng)
     xp = get_xp(params["embed"])
-    Hd = params["W_out"].shape[0]
-    state = zero_state(cell, 1, Hd, xp, params["embed"].dtype)
+    state = zero_state(cell, 1, params["W_out"].shape[0], xp, params["embed"].dtype)
     ids = [first_id]
-    for _ in range(n):
+    for _ in range(n_new):
         x = params["embed"][ids[-1]][None, None]               # (1, 1, E)
-        hs, state, _ = cell_forward(cell, x, state, params["core"])
-        logp = log_softmax((hs[0, -1] @ params["W_out"] + params["b_out"]) / temperature)  # (V,)
-        below = xp.cumsum(xp.exp(logp)) < rng.random()         # inverse CDF: count entries below u
-        ids.append(min(int(below.sum()), logp.shape[0] - 1))
+        hs, state, _ = cell_forward(x, state, params["core"], cell)
+        logits = hs[0, -1] @ params["W_out"] + params["b_out"]  # (V,)
+        if temperature == 0:
+            ids.append(int(logits.argmax()))
+            continue
+        probs = xp.exp(log_softmax(logits / temperature))      # (V,)
+        below = xp.cumsum(probs) < rng.random()                # inverse CDF: count entries below u
+        ids.append(min(int(below.sum()), V - 1))
     return ids[1:]
 
 
@@ -509,13 +519,6 @@ def _check_state(cell, state, name="state"):
                          f"got {got}")
 
 
-def _param_shapes(cell, D, Hd):
-    """{key: shape} of a cell's parameters for input width D and hidden width Hd (what init_cell builds)."""
-    return {"rnn": {"W_xh": (D, Hd), "W_hh": (Hd, Hd), "b_h": (Hd,)},
-            "lstm": {"W_x": (D, 4 * Hd), "W_h": (Hd, 4 * Hd), "b": (4 * Hd,)},
-            "gru": {"W_x": (D, 3 * Hd), "W_h": (Hd, 3 * Hd), "b_x": (3 * Hd,), "b_h": (3 * Hd,)}}[cell]
-
-
 def _check_inputs(cell, x, h0, params, c0=False):
     """The arguments of rnn_forward, lstm_forward (with c0) and gru_forward: D comes from x, Hd from h0,
     and params must be that cell's tree for them, in x's dtype. c0 is False for the cells without one."""
@@ -533,7 +536,7 @@ def _check_inputs(cell, x, h0, params, c0=False):
         raise ValueError(f"h0 must have shape (B, Hd) with B = {B} from x and Hd >= 1, got {h0.shape}")
     if c0 is not False and c0.shape != h0.shape:
         raise ValueError(f"c0 must have shape (B, Hd) = {h0.shape} (h0's), got {c0.shape}")
-    check_tree("params", params, _param_shapes(cell, D, h0.shape[1]), dtype=x.dtype)
+    check_tree("params", params, param_shapes(cell, D, h0.shape[1]), dtype=x.dtype)
 
 
 def _check_char_lm(params, cell):
@@ -545,7 +548,7 @@ def _check_char_lm(params, cell):
         raise TypeError(f"params must be init_char_lm's dict ('embed' (V, E), 'core', 'W_out' (Hd, V), "
                         f"'b_out' (V,)), got {got}")
     (V, E), Hd = embed.shape, W_out.shape[0]
-    shapes = {"embed": (V, E), "core": _param_shapes(_check_cell(cell), E, Hd), "W_out": (Hd, V), "b_out": (V,)}
+    shapes = {"embed": (V, E), "core": param_shapes(cell, E, Hd), "W_out": (Hd, V), "b_out": (V,)}
     check_tree("params", params, shapes, dtype=embed.dtype)
     return V
 
@@ -585,7 +588,7 @@ if __name__ == "__main__":
             print(f"   step {step:4d}  loss {loss:.3f} nats/char  gradient norm {norm:.2f}")
     print(f"   {len(text)} characters, {len(chars)} distinct; a context-free (unigram) model scores "
           f"{unigram:.3f}; trained in {time.perf_counter() - start:.1f} s")
-    ids = sample_chars(params, chars.index("."), 160, rng, "lstm", temperature=0.5)
+    ids = sample_chars(chars.index("."), 160, params, "lstm", temperature=0.5, rng=rng)
     print("   sample:", "".join(chars[i] for i in ids))
     final = float(np.mean(losses[-20:]))
     assert final < 0.25 * losses[0] and final < 0.5 * unigram, "the char model did not learn"
