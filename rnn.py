@@ -338,7 +338,7 @@ def cell_backward(dhs, cache, dstate=None):
 # The measurement: how much of d h_T reaches h_t
 
 
-def hidden_jacobian_norms(cell, x, params):
+def hidden_jacobian_norms(x, params, cell):
     """norms[k] = ||d h_T / d h_{T-k}||_2 for k = 0..T, for one sequence x (T, D) from a zero state.
 
     The Jacobian J_k (Hd, Hd) is a chain of one-step Jacobians. For the tanh RNN each step is
@@ -389,10 +389,10 @@ def gradient_norm_curves(T=60, D=32, Hd=32, spectral_norms=(0.9, 6.0), seed=0):
     base = init_rnn(D, Hd, rng, np.float64)
     spectral = float(np.linalg.norm(base["W_hh"], 2))
     curves = {f"tanh RNN, ||W_hh||_2 = {target}": hidden_jacobian_norms(
-        "rnn", x, dict(base, W_hh=base["W_hh"] * (target / spectral))) for target in spectral_norms}
-    curves["LSTM, PyTorch init"] = hidden_jacobian_norms("lstm", x, init_lstm(D, Hd, rng, np.float64))
-    curves["LSTM, forget bias +3"] = hidden_jacobian_norms("lstm", x, init_lstm(D, Hd, rng, np.float64, 3.0))
-    curves["GRU, PyTorch init"] = hidden_jacobian_norms("gru", x, init_gru(D, Hd, rng, np.float64))
+        x, dict(base, W_hh=base["W_hh"] * (target / spectral)), "rnn") for target in spectral_norms}
+    curves["LSTM, PyTorch init"] = hidden_jacobian_norms(x, init_lstm(D, Hd, rng, np.float64), "lstm")
+    curves["LSTM, forget bias +3"] = hidden_jacobian_norms(x, init_lstm(D, Hd, rng, np.float64, 3.0), "lstm")
+    curves["GRU, PyTorch init"] = hidden_jacobian_norms(x, init_gru(D, Hd, rng, np.float64), "gru")
     return curves
 
 

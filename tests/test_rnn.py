@@ -329,11 +329,11 @@ def test_cell_names_and_state_sizes_are_checked():
     with pytest.raises(ValueError, match=r"state must be a tuple of 2 arrays for 'lstm' \(\(h, c\)\), got length 1"):
         rnn.cell_forward(x, state[:1], params, "lstm")
     with pytest.raises(ValueError, match=r"x must have shape \(T, D\), got \(2, 3, 3\)"):
-        rnn.hidden_jacobian_norms("lstm", x, params)
+        rnn.hidden_jacobian_norms(x, params, "lstm")
     with pytest.raises(TypeError, match=r"x must be a floating-point array, got int64"):
-        rnn.hidden_jacobian_norms("lstm", x[0].astype(np.int64), params)
-    with pytest.raises(ValueError, match=r"params must be 'rnn' parameters \(with 'W_hh'\), got keys \['W_h', 'W_x', 'b'\]"):
-        rnn.hidden_jacobian_norms("rnn", x[0], params)
+        rnn.hidden_jacobian_norms(x[0].astype(np.int64), params, "lstm")
+    with pytest.raises(ValueError, match=r"params must be 'rnn' parameters \(with 'W_hh'\), got keys \['W_h', 'W_x'"):
+        rnn.hidden_jacobian_norms(x[0], params, "rnn")
     with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
         rnn.init_char_lm(5, 3, 4, np.random.RandomState(0))
     with pytest.raises(ValueError, match="cell must be 'rnn', 'lstm' or 'gru', got 'GRU'"):
@@ -357,7 +357,7 @@ def test_jacobian_norms_equal_the_finite_difference_jacobian(cell, xp):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((T, D))
     params = rnn.init_cell(cell, D, Hd, rng, np.float64)
-    norms = rnn.hidden_jacobian_norms(cell, xp.asarray(x), {name: xp.asarray(p) for name, p in params.items()})
+    norms = rnn.hidden_jacobian_norms(xp.asarray(x), training.tree_map(xp.asarray, params), cell)
     assert type(norms) is np.ndarray                           # a few numbers for the host to print or plot
     # The state after T - k steps, then d h_T / d h_{T-k} (c held fixed) by central differences.
     _, start, _ = rnn.cell_forward(x[None, :T - k], rnn.zero_state(cell, 1, Hd, np, np.float64), params, cell)
@@ -377,7 +377,7 @@ def test_jacobian_norms_equal_the_finite_difference_jacobian(cell, xp):
 def test_rnn_gradient_decays_at_least_geometrically_when_spectral_norm_is_below_one(seed, spectral, Hd):
     T, D = 30, 3
     x = np.random.default_rng(seed).standard_normal((T, D)) * 2
-    norms = rnn.hidden_jacobian_norms("rnn", x, rnn_with_spectral_norm(D, Hd, spectral, seed))
+    norms = rnn.hidden_jacobian_norms(x, rnn_with_spectral_norm(D, Hd, spectral, seed), "rnn")
     # ||d h_T / d h_{T-k}|| <= ||W_hh||^k, and each further step back shrinks it by at least ||W_hh||;
     # 1e-12 relative allows for the rounding of the SVD.
     assert np.all(norms <= spectral ** np.arange(T + 1) * (1 + 1e-12))
@@ -388,7 +388,7 @@ def test_rnn_gradient_decays_at_least_geometrically_when_spectral_norm_is_below_
 def test_large_recurrent_weights_make_the_gradient_explode(seed):
     T, D, Hd = 40, 32, 32
     x = np.random.default_rng(seed).standard_normal((T, D))
-    norms = rnn.hidden_jacobian_norms("rnn", x, rnn_with_spectral_norm(D, Hd, 6.0, seed))
+    norms = rnn.hidden_jacobian_norms(x, rnn_with_spectral_norm(D, Hd, 6.0, seed), "rnn")
     assert norms[-1] > 1e3                                     # these seeds give 2e4 to 3e5
 
 
@@ -396,8 +396,8 @@ def test_an_open_forget_gate_keeps_the_lstm_gradient_alive_where_the_default_ini
     T, D, Hd = 40, 8, 16
     rng = np.random.default_rng(9)
     x = rng.standard_normal((T, D))
-    default = rnn.hidden_jacobian_norms("lstm", x, rnn.init_lstm(D, Hd, rng, np.float64))
-    open_gate = rnn.hidden_jacobian_norms("lstm", x, rnn.init_lstm(D, Hd, rng, np.float64, forget_bias=3.0))
+    default = rnn.hidden_jacobian_norms(x, rnn.init_lstm(D, Hd, rng, np.float64), "lstm")
+    open_gate = rnn.hidden_jacobian_norms(x, rnn.init_lstm(D, Hd, rng, np.float64, forget_bias=3.0), "lstm")
     assert default[-1] < 1e-4 < 1e-2 < open_gate[-1]
 
 
@@ -550,7 +550,7 @@ def test_char_lm_and_sampling_refuse_bad_params_and_arguments():
     (lambda: rnn.zero_state("rnn", 2, 0), ValueError, "Hd must be an integer >= 1, got 0"),
     (lambda: rnn.gradient_norm_curves(T=0), ValueError, "T must be an integer >= 1, got 0"),
     (lambda: rnn.gradient_norm_curves(Hd=0), ValueError, "Hd must be an integer >= 1, got 0"),
-    (lambda: rnn.hidden_jacobian_norms("gru", np.zeros((3, 2)), None), ValueError,
+    (lambda: rnn.hidden_jacobian_norms(np.zeros((3, 2)), None, "gru"), ValueError,
      r"params must be 'gru' parameters \(with 'W_h'\), got NoneType"),
 ], ids=["grammar-rng-int", "grammar-rng-RandomState", "grammar-0-sentences", "E-0", "Hd-0", "zero-state-Hd-0",
         "curves-T-0", "curves-Hd-0", "jacobian-params-None"])
