@@ -92,8 +92,8 @@ def embedding_forward(ids, table):
     ids int (B, T) with values in [0, V), table (V, E). Equal to one_hot(ids) @ table, without the one-hots.
     Returns x (B, T, E) and cache = {'ids': ids, 'table_shape': (V, E), 'dtype': table's dtype}.
     """
-    if not hasattr(table, "dtype") or table.dtype.kind != "f" or table.ndim != 2:
-        raise TypeError(f"table must be a floating-point array (V, E), got {describe(table)}")
+    if not hasattr(table, "dtype") or table.dtype.kind != "f" or table.ndim != 2 or table.shape[0] == 0:
+        raise TypeError(f"table must be a floating-point array (V, E) with V >= 1, got {describe(table)}")
     check_ids("ids", ids, table.shape[0])
     x = table[ids]                                             # (B, T, E)
     return x, {"ids": ids, "table_shape": table.shape, "dtype": table.dtype}

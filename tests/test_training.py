@@ -99,6 +99,8 @@ def test_embedding_refuses_bad_ids_tables_and_upstream_gradients():
         training.embedding_forward(np.array([[0, 1]]), np.zeros((4, 2), dtype=np.int64))
     with pytest.raises(TypeError, match="table must be a floating-point array"):
         training.embedding_forward(np.array([[0, 1]]), [[0.0, 1.0]] * 4)
+    with pytest.raises(TypeError, match=r"table must be .* with V >= 1, got float64 array of shape \(0, 2\)"):
+        training.embedding_forward(np.zeros((1, 0), dtype=int), np.zeros((0, 2)))   # no vocabulary at all
     _, cache = training.embedding_forward(np.array([[0, 1]]), table)
     with pytest.raises(ValueError, match=r"dx must have shape \(1, 2, 2\) \(the forward output's\), got \(1, 2\)"):
         training.embedding_backward(np.zeros((1, 2)), cache)
