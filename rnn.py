@@ -28,11 +28,13 @@ W_x = weight_ih_l0.T, W_h = weight_hh_l0.T; the RNN's b_h and the LSTM's b are b
 b_x = bias_ih and b_h = bias_hh apart, because b_hn sits inside r * (.).
 
 On top: a character-level language model (embedding, recurrent core, softmax cross-entropy, trained with
-training.py's clipping and Adam) with sampling, and the measurement of ||d h_T / d h_t|| against T - t.
+training.py's clipping and Adam) with sampling, and the measurement of ||d h_T / d h_t|| against T - t
+(gradient_norm_curves; figures/make_figures.py draws it, this file draws nothing).
 
 Shapes: B batch, T time steps, D input width, Hd hidden width, V vocabulary.
 Imports training.py (the params-tree helpers, the embedding, cross-entropy, clipping and Adam every model
-here trains with). Runs on NumPy or CuPy arrays unchanged.
+here trains with, and the input checks every model file shares) and no other project file.
+Runs on NumPy or CuPy arrays unchanged.
 """
 import numpy as np
 
