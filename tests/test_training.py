@@ -344,8 +344,8 @@ def test_first_adam_step_moves_every_parameter_by_about_lr_against_its_gradient(
 
 
 def adam_by_hand(p, gradients, lr, beta1, beta2, eps, weight_decay=0.0):
-    """AdamW on one float64 array, written out as Loshchilov & Hutter's Algorithm 2 (torch.optim.AdamW's
-    documentation has the same lines): decay, moments, bias-corrected moments, eps added to sqrt(v_hat)."""
+    """AdamW on one float64 array, line by line as torch.optim.AdamW's documentation writes its algorithm:
+    decay by lr * wd, the moments, the bias-corrected moments, then eps added to sqrt(v_hat) (Adam's paper)."""
     m = v = np.zeros_like(p)
     for t, g in enumerate(gradients, start=1):
         p = p - lr * weight_decay * p
@@ -379,7 +379,8 @@ def test_adam_adds_eps_outside_the_square_root_of_the_bias_corrected_second_mome
                                 lr=lr, beta2=beta2, eps=eps)
     outside = -lr * g / (np.abs(g) + eps)                      # sqrt(v_hat) + eps: Adam's paper and torch
     inside = -lr * g / np.sqrt(g * g + eps)                    # sqrt(v_hat + eps)
-    before_correction = -lr * g / (np.sqrt((1 - beta2) * g * g) + eps) * np.sqrt(1 - beta2)  # eps on sqrt(v)
+    before_correction = -lr * g / (np.sqrt((1 - beta2) * g * g) + eps) * np.sqrt(1 - beta2)  # eps on sqrt(v):
+    # the paper's "more efficient" ordering, which moves eps by sqrt(1 - beta2^t)
     np.testing.assert_allclose(new["p"], outside, rtol=1e-14)  # a handful of roundings
     for other in (inside, before_correction):
         assert np.all(np.abs(other) < np.abs(outside) / 9)     # so the test tells them apart by far
