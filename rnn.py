@@ -28,17 +28,19 @@ W_x = weight_ih_l0.T, W_h = weight_hh_l0.T; the RNN's b_h and the LSTM's b are b
 b_x = bias_ih and b_h = bias_hh apart, because b_hn sits inside r * (.).
 
 On top: a character-level language model (embedding, recurrent core, softmax cross-entropy, trained with
-training.py's clipping and Adam) with sampling, and the measurement of ||d h_T / d h_t|| against T - t.
+training.py's clipping and Adam) with sampling, and the measurement of ||d h_T / d h_t|| against T - t
+(gradient_norm_curves; figures/make_figures.py draws it, this file draws nothing).
 
 Shapes: B batch, T time steps, D input width, Hd hidden width, V vocabulary.
 Imports training.py (the params-tree helpers, the embedding, cross-entropy, clipping and Adam every model
-here trains with). Runs on NumPy or CuPy arrays unchanged.
+here trains with, and the input checks every model file shares) and no other project file.
+Runs on NumPy or CuPy arrays unchanged.
 """
 import numpy as np
 
-from training import (adam_init, adam_step, check_cache, check_ids, check_upstream, clip_gradients,
-                      cross_entropy_backward, cross_entropy_forward, describe, embedding_backward,
-                      embedding_forward, get_xp, log_softmax)
+from training import (adam_init, adam_step, check_cache, check_ids, check_positive_int, check_rng, check_tree,
+                      check_upstream, clip_gradients, cross_entropy_backward, cross_entropy_forward, describe,
+                      embedding_backward, embedding_forward, get_xp, log_softmax)
 
 
 def sigmoid(a):
@@ -113,7 +115,7 @@ def rnn_forward(x, h0, params):
     Returns hs (B, T, Hd) (the last state is hs[:, -1]) and cache = {'x', 'h0', 'hs', 'params'}: the
     inputs and every state, which are all BPTT needs (tanh' = 1 - h^2 comes from the states).
     """
-    _check_inputs(x, h0, params, lambda D, Hd: {"W_xh": (D, Hd), "W_hh": (Hd, Hd), "b_h": (Hd,)})
+    _check_inputs("rnn", x, h0, params)
     xp = get_xp(x)
     W_xh, W_hh, b_h = params["W_xh"], params["W_hh"], params["b_h"]
     x_part = x @ W_xh + b_h                                    # (B, T, Hd) all steps at once: no recurrence
@@ -160,7 +162,7 @@ def lstm_forward(x, h0, c0, params):
     Returns hs (B, T, Hd), c_T (B, Hd) and cache = {'x', 'h0', 'c0', 'hs', 'cs', 'gates', 'params'}, where
     cs (B, T, Hd) holds every c_t and gates (B, T, 4Hd) the activated i, f, g, o.
     """
-    _check_inputs(x, h0, params, lambda D, Hd: {"W_x": (D, 4 * Hd), "W_h": (Hd, 4 * Hd), "b": (4 * Hd,)}, c0)
+    _check_inputs("lstm", x, h0, params, c0)
     xp = get_xp(x)
     B, T, _ = x.shape
     Hd = h0.shape[1]
@@ -229,8 +231,7 @@ def gru_forward(x, h0, params):
     Returns hs (B, T, Hd) and cache = {'x', 'h0', 'hs', 'gates', 'h_ns', 'params'}: gates (B, T, 3Hd) are
     the activated r, z, n and h_ns (B, T, Hd) the terms h_{t-1} W_hn + b_hn that r multiplies.
     """
-    _check_inputs(x, h0, params, lambda D, Hd: {"W_x": (D, 3 * Hd), "W_h": (Hd, 3 * Hd),
-                                                 "b_x": (3 * Hd,), "b_h": (3 * Hd,)})
+    _check_inputs("gru", x, h0, params)
     xp = get_xp(x)
     B, T, _ = x.shape
     Hd = h0.shape[1]
@@ -288,44 +289,50 @@ def init_cell(cell, D, Hd, rng, dtype=np.float32):
     return {"rnn": init_rnn, "lstm": init_lstm, "gru": init_gru}[_check_cell(cell)](D, Hd, rng, dtype)
 
 
+def param_shapes(cell, D, Hd):
+    """{key: shape} of cell's parameters for input width D and hidden width Hd (what init_cell builds)."""
+    return {"rnn": {"W_xh": (D, Hd), "W_hh": (Hd, Hd), "b_h": (Hd,)},
+            "lstm": {"W_x": (D, 4 * Hd), "W_h": (Hd, 4 * Hd), "b": (4 * Hd,)},
+            "gru": {"W_x": (D, 3 * Hd), "W_h": (Hd, 3 * Hd), "b_x": (3 * Hd,), "b_h": (3 * Hd,)}}[_check_cell(cell)]
+
+
 def zero_state(cell, B, Hd, xp=np, dtype=np.float32):
     """The all-zero initial state tuple for a batch of B sequences: (h0,), or (h0, c0) for the LSTM."""
-    _check_count("B", B, 0)
-    _check_count("Hd", Hd, 1)
+    check_positive_int("B", B, minimum=0)                      # an empty batch is allowed, as everywhere
+    check_positive_int("Hd", Hd)
     return tuple(xp.zeros((B, Hd), dtype=dtype) for _ in range(2 if _check_cell(cell) == "lstm" else 1))
 
 
-def cell_forward(cell, x, state, params):
-    """Run cell over x (B, T, D) from `state`. Returns hs (B, T, Hd), the final state tuple and the
-    cell's cache (rnn_forward's, lstm_forward's or gru_forward's)."""
+def cell_forward(x, state, params, cell):
+    """Run cell ('rnn', 'lstm' or 'gru') over x (B, T, D) from `state`. Returns hs (B, T, Hd), the final
+    state tuple and cache = {'cell': cell, 'steps': the cache of rnn_forward, lstm_forward or gru_forward}."""
     _check_state(cell, state)
     if cell == "lstm":
-        hs, c_T, cache = lstm_forward(x, state[0], state[1], params)
-        return hs, (hs[:, -1], c_T), cache
-    forward = {"rnn": rnn_forward, "gru": gru_forward}[cell]
-    hs, cache = forward(x, state[0], params)
-    return hs, (hs[:, -1],), cache
+        hs, c_T, steps = lstm_forward(x, state[0], state[1], params)
+        return hs, (hs[:, -1], c_T), {"cell": cell, "steps": steps}
+    hs, steps = {"rnn": rnn_forward, "gru": gru_forward}[cell](x, state[0], params)
+    return hs, (hs[:, -1],), {"cell": cell, "steps": steps}
 
 
-def cell_backward(cell, dhs, cache, dstate=None):
+def cell_backward(dhs, cache, dstate=None):
     """dx, dstate0 (a tuple like the state), grads of cell_forward.
 
     dstate: gradient of the final state tuple, or None. The final h is hs[:, -1], so its gradient
     joins dhs[:, -1] (one array used twice: the gradients add).
     """
-    _check_cell(cell)
+    check_cache(cache, "cell_forward", {"cell", "steps"})
+    cell, steps = cache["cell"], cache["steps"]
     if dstate is not None:
         _check_state(cell, dstate, "dstate")
-        hs = cache["hs"] if isinstance(cache, dict) and "hs" in cache else None
-        if hs is not None:                                     # else the cell's backward names the bad cache
-            check_upstream("dhs", dhs, hs.shape, hs.dtype)
-            check_upstream("dstate[0]", dstate[0], hs[:, -1].shape, hs.dtype)
+        hs = steps["hs"]                                       # (B, T, Hd)
+        check_upstream("dhs", dhs, hs.shape, hs.dtype)
+        check_upstream("dstate[0]", dstate[0], hs[:, -1].shape, hs.dtype)
         dhs = dhs.copy()                                       # never modify the caller's array
         dhs[:, -1] += dstate[0]
     if cell == "lstm":
-        dx, dh0, dc0, grads = lstm_backward(dhs, cache, None if dstate is None else dstate[1])
+        dx, dh0, dc0, grads = lstm_backward(dhs, steps, None if dstate is None else dstate[1])
         return dx, (dh0, dc0), grads
-    dx, dh0, grads = {"rnn": rnn_backward, "gru": gru_backward}[cell](dhs, cache)
+    dx, dh0, grads = {"rnn": rnn_backward, "gru": gru_backward}[cell](dhs, steps)
     return dx, (dh0,), grads
 
 
@@ -333,7 +340,7 @@ def cell_backward(cell, dhs, cache, dstate=None):
 # The measurement: how much of d h_T reaches h_t
 
 
-def hidden_jacobian_norms(cell, x, params):
+def hidden_jacobian_norms(x, params, cell):
     """norms[k] = ||d h_T / d h_{T-k}||_2 for k = 0..T, for one sequence x (T, D) from a zero state.
 
     The Jacobian J_k (Hd, Hd) is a chain of one-step Jacobians. For the tanh RNN each step is
@@ -348,19 +355,18 @@ def hidden_jacobian_norms(cell, x, params):
         raise TypeError(f"x must be a floating-point array, got {describe(x)}")
     if x.ndim != 2:
         raise ValueError(f"x must have shape (T, D), got {x.shape}")
-    if not isinstance(params, dict):
-        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+    key = "W_hh" if cell == "rnn" else "W_h"                    # Hd comes from here; cell_forward checks the rest
+    if not hasattr(params.get(key) if isinstance(params, dict) else None, "shape"):
+        got = f"keys {sorted(map(str, params))}" if isinstance(params, dict) else describe(params)
+        raise ValueError(f"params must be {cell!r} parameters (with {key!r}), got {got}")
     xp = get_xp(x)
     T, D = x.shape
-    key = "W_hh" if cell == "rnn" else "W_h"
-    if key not in params:
-        raise ValueError(f"params must be {cell!r} parameters (with {key!r}), got keys {sorted(map(str, params))}")
     Hd = params[key].shape[0]
     states = [zero_state(cell, B=Hd, Hd=Hd, xp=xp, dtype=x.dtype)]  # states[t]: after t steps; a batch of Hd copies
     caches = []
     for t in range(T):
         x_t = xp.broadcast_to(x[t], (Hd, 1, D))                # (Hd, 1, D) step t in every copy
-        _, state, cache = cell_forward(cell, x_t, states[-1], params)
+        _, state, cache = cell_forward(x_t, states[-1], params, cell)
         states.append(state)
         caches.append(cache)
     eye = xp.eye(Hd, dtype=x.dtype)                            # (Hd, Hd) copy a sends back e_a
@@ -368,9 +374,28 @@ def hidden_jacobian_norms(cell, x, params):
     no_output_gradient = xp.zeros((Hd, 1, Hd), dtype=x.dtype)  # only h_T is differentiated
     norms = [1.0]                                              # k = 0: d h_T / d h_T = I
     for t in reversed(range(T)):                               # step t took states[t] to states[t + 1]
-        _, dstate, _ = cell_backward(cell, no_output_gradient, caches[t], dstate)
+        _, dstate, _ = cell_backward(no_output_gradient, caches[t], dstate)
         norms.append(float(xp.linalg.svd(dstate[0], compute_uv=False)[0]))  # dstate[0] = J_{T-t}
     return np.array(norms)
+
+
+def gradient_norm_curves(T=60, D=32, Hd=32, spectral_norms=(0.9, 6.0), seed=0):
+    """The demo's measurement (and the README's figure): hidden_jacobian_norms over one random sequence
+    x (T, D) for a tanh RNN whose W_hh is rescaled to each spectral norm in spectral_norms, an LSTM with
+    PyTorch's init, the same with forget bias +3, and a GRU. Returns {label: norms (T + 1,)}, float64."""
+    check_positive_int("T", T)
+    check_positive_int("D", D)
+    check_positive_int("Hd", Hd)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, D))                            # (T, D) one random input sequence
+    base = init_rnn(D, Hd, rng, np.float64)
+    spectral = float(np.linalg.norm(base["W_hh"], 2))
+    curves = {f"tanh RNN, ||W_hh||_2 = {target}": hidden_jacobian_norms(
+        x, dict(base, W_hh=base["W_hh"] * (target / spectral)), "rnn") for target in spectral_norms}
+    curves["LSTM, PyTorch init"] = hidden_jacobian_norms(x, init_lstm(D, Hd, rng, np.float64), "lstm")
+    curves["LSTM, forget bias +3"] = hidden_jacobian_norms(x, init_lstm(D, Hd, rng, np.float64, 3.0), "lstm")
+    curves["GRU, PyTorch init"] = hidden_jacobian_norms(x, init_gru(D, Hd, rng, np.float64), "gru")
+    return curves
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,6 +412,8 @@ GRAMMAR = {"subject": ("the cat", "a dog", "the old man", "my sister", "a small 
 
 def grammar_text(rng, n_sentences):
     """Training text made here from a tiny grammar (no downloads): sentence = subject verb object end."""
+    check_rng(rng)
+    check_positive_int("n_sentences", n_sentences)
     pick = lambda slot: GRAMMAR[slot][rng.integers(len(GRAMMAR[slot]))]
     sentence = lambda: f"{pick('subject')} {pick('verb')} {pick('object')}{pick('ending')}"
     return " ".join(sentence() for _ in range(n_sentences))
@@ -394,8 +421,8 @@ def grammar_text(rng, n_sentences):
 
 def init_char_lm(V, E, Hd, rng, cell="lstm", dtype=np.float32):
     """{'embed' (V, E), 'core': <cell params>, 'W_out' (Hd, V), 'b_out' (V,)}."""
-    _check_count("V", V, 1)
-    _check_count("E", E, 1)
+    check_positive_int("V", V)
+    check_positive_int("E", E)
     _check_init(E, Hd, rng, dtype)
     _check_cell(cell)
     return {"embed": (0.1 * rng.standard_normal((V, E))).astype(dtype),
@@ -408,68 +435,66 @@ def char_lm_forward(ids, targets, params, cell="lstm"):
 
     ids, targets: int (B, T). From a zero state:
         x = embed[ids],  hs = core(x),  logits = hs W_out + b_out,  loss = -mean log softmax(logits)[targets]
-    Returns loss (a float) and cache = {'embed': embedding cache, 'core': the cell's cache, 'hs' (B, T, Hd),
-    'loss': cross-entropy cache (its 'probs' (B, T, V) is softmax(logits)), 'params', 'cell'}.
+    Returns loss (a float) and cache = {'embed': embedding cache, 'core': cell_forward's cache, 'hs' (B, T, Hd),
+    'loss': cross-entropy cache (its 'probs' (B, T, V) is softmax(logits)), 'params'}.
     """
-    V = _check_char_lm(params)
+    V = _check_char_lm(params, cell)
     check_ids("ids", ids, V)
     check_ids("targets", targets, V, ids.shape)
     x, embed_cache = embedding_forward(ids, params["embed"])   # (B, T, E)
     xp = get_xp(x)
     state = zero_state(cell, ids.shape[0], params["W_out"].shape[0], xp, x.dtype)
-    hs, _, core_cache = cell_forward(cell, x, state, params["core"])  # (B, T, Hd)
+    hs, _, core_cache = cell_forward(x, state, params["core"], cell)  # (B, T, Hd)
     loss, loss_cache = cross_entropy_forward(hs @ params["W_out"] + params["b_out"], targets)
-    return loss, {"embed": embed_cache, "core": core_cache, "hs": hs, "loss": loss_cache, "params": params,
-                  "cell": cell}
+    return loss, {"embed": embed_cache, "core": core_cache, "hs": hs, "loss": loss_cache, "params": params}
 
 
 def char_lm_backward(dloss, cache):
     """Gradient tree of char_lm_forward's loss with respect to params (same keys)."""
-    check_cache(cache, "char_lm_forward", {"embed", "core", "hs", "loss", "params", "cell"})
+    check_cache(cache, "char_lm_forward", {"embed", "core", "hs", "loss", "params"})
     params, hs = cache["params"], cache["hs"]
     dlogits = cross_entropy_backward(dloss, cache["loss"])     # (B, T, V)
     dhs = dlogits @ params["W_out"].T                          # (B, T, Hd)
-    dx, _, dcore = cell_backward(cache["cell"], dhs, cache["core"])  # (B, T, E)
+    dx, _, dcore = cell_backward(dhs, cache["core"])           # (B, T, E)
     return {"embed": embedding_backward(dx, cache["embed"]),  # (V, E)
             "core": dcore,
             "W_out": matmul_over_time(hs, dlogits),           # (Hd, V)
             "b_out": dlogits.sum(axis=(0, 1))}                 # (V,)
 
 
-def sample_chars(params, first_id, n, rng, cell="lstm", temperature=1.0):
-    """n character ids drawn one at a time, each fed back as the next input (the state carries over).
+def sample_chars(first_id, n_new, params, cell="lstm", temperature=0.0, rng=None):
+    """n_new character ids after first_id, each fed back as the next input (the state carries over).
 
-    Each id is drawn from softmax(logits / temperature): temperature -> 0 picks the most likely one.
+    Like transformer.py's generate: temperature 0 takes the most likely id (greedy, no rng needed);
+    temperature > 0 draws it from softmax(logits / temperature) with rng, a numpy.random.Generator.
     """
-    V = _check_char_lm(params)
-    _check_rng(rng)
-    _check_count("n", n, 0)
-    _check_count("first_id", first_id, 0)
+    V = _check_char_lm(params, cell)
+    check_positive_int("first_id", first_id, minimum=0)
     if first_id >= V:
         raise ValueError(f"first_id must be in [0, {V}), got {first_id}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    check_positive_int("n_new", n_new, minimum=0)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature < np.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if temperature > 0:
+        check_rng(rng)
     xp = get_xp(params["embed"])
-    Hd = params["W_out"].shape[0]
-    state = zero_state(cell, 1, Hd, xp, params["embed"].dtype)
+    state = zero_state(cell, 1, params["W_out"].shape[0], xp, params["embed"].dtype)
     ids = [first_id]
-    for _ in range(n):
+    for _ in range(n_new):
         x = params["embed"][ids[-1]][None, None]               # (1, 1, E)
-        hs, state, _ = cell_forward(cell, x, state, params["core"])
-        logp = log_softmax((hs[0, -1] @ params["W_out"] + params["b_out"]) / temperature)  # (V,)
-        below = xp.cumsum(xp.exp(logp)) < rng.random()         # inverse CDF: count entries below u
-        ids.append(min(int(below.sum()), logp.shape[0] - 1))
+        hs, state, _ = cell_forward(x, state, params["core"], cell)
+        logits = hs[0, -1] @ params["W_out"] + params["b_out"]  # (V,)
+        if temperature == 0:
+            ids.append(int(logits.argmax()))
+            continue
+        probs = xp.exp(log_softmax(logits / temperature))      # (V,)
+        below = xp.cumsum(probs) < rng.random()                # inverse CDF: count entries below u
+        ids.append(min(int(below.sum()), V - 1))
     return ids[1:]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Input checks (below the math they guard): ValueError / TypeError "{name} must be {need}, got {got}"
-
-
-def _check_count(name, value, low):
-    """A size or count: a Python or NumPy integer (not a bool) >= low."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _check_cell(cell):
@@ -480,16 +505,11 @@ def _check_cell(cell):
 
 def _check_init(D, Hd, rng, dtype):
     """The arguments every init_* takes: D >= 0 (an empty input is allowed), Hd >= 1, a Generator, a float dtype."""
-    _check_count("D", D, 0)
-    _check_count("Hd", Hd, 1)
-    _check_rng(rng)
+    check_positive_int("D", D, minimum=0)
+    check_positive_int("Hd", Hd)
+    check_rng(rng)
     if not isinstance(dtype, (type, np.dtype)) or np.dtype(dtype).kind != "f":
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype!r}")
-
-
-def _check_rng(rng):
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
 
 
 def _check_state(cell, state, name="state"):
@@ -501,16 +521,13 @@ def _check_state(cell, state, name="state"):
                          f"got {got}")
 
 
-def _check_inputs(x, h0, params, shapes, c0=False):
-    """The arguments of rnn_forward, lstm_forward (with c0) and gru_forward.
-
-    shapes(D, Hd) -> {key: shape} gives the parameter shapes for input width D and hidden width Hd.
-    c0 is False for the cells that have no cell state.
-    """
+def _check_inputs(cell, x, h0, params, c0=False):
+    """The arguments of rnn_forward, lstm_forward (with c0) and gru_forward: D comes from x, Hd from h0,
+    and params must be that cell's tree for them, in x's dtype. c0 is False for the cells without one."""
     arrays = [("x", x), ("h0", h0)] + ([("c0", c0)] if c0 is not False else [])
     for name, a in arrays:
         if not hasattr(a, "dtype") or a.dtype.kind != "f":
-            raise TypeError(f"{name} must be a floating-point array, got {describe(a) if a is not None else None}")
+            raise TypeError(f"{name} must be a floating-point array, got {describe(a)}")
     for name, a in arrays[1:]:
         if a.dtype != x.dtype:
             raise TypeError(f"{name} must have dtype {x.dtype} (x's), got {a.dtype}")
@@ -521,40 +538,20 @@ def _check_inputs(x, h0, params, shapes, c0=False):
         raise ValueError(f"h0 must have shape (B, Hd) with B = {B} from x and Hd >= 1, got {h0.shape}")
     if c0 is not False and c0.shape != h0.shape:
         raise ValueError(f"c0 must have shape (B, Hd) = {h0.shape} (h0's), got {c0.shape}")
-    Hd = h0.shape[1]
-    needed = shapes(D, Hd)
-    if not isinstance(params, dict):
-        raise TypeError(f"params must be a dict with keys {sorted(needed)}, got {type(params).__name__}")
-    if set(params) != set(needed):
-        raise ValueError(f"params must have the keys {sorted(needed)}, got {sorted(map(str, params))}")
-    for key, shape in needed.items():
-        got = params[key]
-        if not hasattr(got, "dtype") or not hasattr(got, "shape"):
-            raise TypeError(f"params[{key!r}] must be an array of shape {shape}, got {type(got).__name__}")
-        if got.shape != shape:
-            raise ValueError(f"params[{key!r}] must have shape {shape} for D = {D} (from x) and "
-                             f"Hd = {Hd} (from h0), got {got.shape}")
-        if got.dtype != x.dtype:
-            raise TypeError(f"params[{key!r}] must have dtype {x.dtype} (x's), got {got.dtype}")
+    check_tree("params", params, param_shapes(cell, D, h0.shape[1]), dtype=x.dtype)
 
 
-def _check_char_lm(params):
-    """The char model's own parameters (the core's are checked by its cell); returns V."""
-    keys = {"embed", "core", "W_out", "b_out"}
-    if not isinstance(params, dict) or set(params) != keys:
+def _check_char_lm(params, cell):
+    """params must be init_char_lm(V, E, Hd, rng, cell)'s tree (V, E read from embed, Hd from W_out), every
+    leaf in embed's dtype; returns V."""
+    embed, W_out = (params.get(key) if isinstance(params, dict) else None for key in ("embed", "W_out"))
+    if getattr(embed, "ndim", None) != 2 or getattr(W_out, "ndim", None) != 2:
         got = f"keys {sorted(map(str, params))}" if isinstance(params, dict) else type(params).__name__
-        raise TypeError(f"params must be init_char_lm's dict (keys {sorted(keys)}), got {got}")
-    embed, W_out, b_out = params["embed"], params["W_out"], params["b_out"]
-    if not hasattr(embed, "shape") or embed.ndim != 2:
-        raise ValueError(f"params['embed'] must be an array (V, E), got {describe(embed)}")
-    V = embed.shape[0]
-    if not hasattr(W_out, "shape") or W_out.ndim != 2 or W_out.shape[1] != V:
-        raise ValueError(f"params['W_out'] must be an array (Hd, V) with V = {V}, got {describe(W_out)}")
-    if not hasattr(b_out, "shape") or b_out.shape != (V,):
-        raise ValueError(f"params['b_out'] must be an array of shape ({V},), got {describe(b_out)}")
-    for key in ("W_out", "b_out"):
-        if params[key].dtype != embed.dtype:
-            raise TypeError(f"params[{key!r}] must have dtype {embed.dtype} (embed's), got {params[key].dtype}")
+        raise TypeError(f"params must be init_char_lm's dict ('embed' (V, E), 'core', 'W_out' (Hd, V), "
+                        f"'b_out' (V,)), got {got}")
+    (V, E), Hd = embed.shape, W_out.shape[0]
+    shapes = {"embed": (V, E), "core": param_shapes(cell, E, Hd), "W_out": (Hd, V), "b_out": (V,)}
+    check_tree("params", params, shapes, dtype=embed.dtype)
     return V
 
 
@@ -568,7 +565,6 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Train a character LSTM; measure ||d h_T / d h_t||.")
     parser.add_argument("--steps", type=int, default=300, help="training steps of the char model")
-    parser.add_argument("--figure", default="rnn_gradient_norms.png", help="where to save the plot")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
 
@@ -594,23 +590,14 @@ if __name__ == "__main__":
             print(f"   step {step:4d}  loss {loss:.3f} nats/char  gradient norm {norm:.2f}")
     print(f"   {len(text)} characters, {len(chars)} distinct; a context-free (unigram) model scores "
           f"{unigram:.3f}; trained in {time.perf_counter() - start:.1f} s")
-    ids = sample_chars(params, chars.index("."), 160, rng, "lstm", temperature=0.5)
+    ids = sample_chars(chars.index("."), 160, params, "lstm", temperature=0.5, rng=rng)
     print("   sample:", "".join(chars[i] for i in ids))
     final = float(np.mean(losses[-20:]))
     assert final < 0.25 * losses[0] and final < 0.5 * unigram, "the char model did not learn"
 
     print("\n2. How much gradient reaches h_t from h_T: ||d h_T / d h_t||_2 against T - t (Pascanu et al.)")
-    T, D, Hd = 60, 32, 32
-    x = rng.standard_normal((T, D))                            # (T, D) one random input sequence
-    base = init_rnn(D, Hd, rng, np.float64)
-    spectral = float(np.linalg.norm(base["W_hh"], 2))
-    curves = {}
-    for target in (0.9, 6.0):
-        scaled = dict(base, W_hh=base["W_hh"] * (target / spectral))  # ||W_hh||_2 = target
-        curves[f"tanh RNN, ||W_hh||_2 = {target}"] = hidden_jacobian_norms("rnn", x, scaled)
-    curves["LSTM, PyTorch init"] = hidden_jacobian_norms("lstm", x, init_lstm(D, Hd, rng, np.float64))
-    curves["LSTM, forget bias +3"] = hidden_jacobian_norms("lstm", x, init_lstm(D, Hd, rng, np.float64, 3.0))
-    curves["GRU, PyTorch init"] = hidden_jacobian_norms("gru", x, init_gru(D, Hd, rng, np.float64))
+    T = 60
+    curves = gradient_norm_curves(T)
     ks = list(range(0, T + 1, 10))
     print("   T - t:                      " + "".join(f"{k:>10d}" for k in ks))
     for name, norms in curves.items():
@@ -621,19 +608,4 @@ if __name__ == "__main__":
     assert curves["LSTM, forget bias +3"][-1] > 1e6 * curves["LSTM, PyTorch init"][-1]
     print("   ||W_hh||_2 < 1: below ||W_hh||_2^(T-t) (vanishes); large W_hh: explodes; the LSTM's cell")
     print("   keeps the gradient alive only when its forget gate is open (f near 1): a positive forget bias.")
-
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("   (matplotlib is not installed: no figure)")
-    else:
-        for name, norms in curves.items():
-            plt.semilogy(norms, label=name)
-        plt.semilogy(bound, "k--", label="bound 0.9^(T-t) for ||W_hh||_2 = 0.9")
-        plt.xlabel("T - t")
-        plt.ylabel("||d h_T / d h_t||_2")
-        plt.legend()
-        plt.savefig(args.figure, dpi=120)
-        print(f"   figure saved to {args.figure}")
+    print("   (python figures/make_figures.py rnn_gradient_norms draws these curves.)")

@@ -24,8 +24,9 @@ warm-up and cosine decay, Loshchilov & Hutter 2016 (arXiv:1608.03983), Goyal et 
 Cross-entropy equals torch.nn.functional.cross_entropy (its ignore_index and label_smoothing included) and
 adam_step equals torch.optim.AdamW step for step; tests/test_training.py checks both where torch is installed.
 
-The input checks every model file shares live here too (check_ids, check_upstream, check_cache, describe): bad
-input raises ValueError or TypeError worded "{name} must be {need}, got {got}".
+The input checks every model file shares live here too (check_ids, check_upstream, check_cache, check_tree,
+check_rng, check_positive_int, describe): bad input raises ValueError or TypeError worded
+"{name} must be {need}, got {got}".
 
 Shapes: B batch, T time steps (tokens), V vocabulary, E embedding width.
 Imports no project file, so a student copying a model file takes this one along, never another model's
@@ -91,9 +92,8 @@ def embedding_forward(ids, table):
     ids int (B, T) with values in [0, V), table (V, E). Equal to one_hot(ids) @ table, without the one-hots.
     Returns x (B, T, E) and cache = {'ids': ids, 'table_shape': (V, E), 'dtype': table's dtype}.
     """
-    if not hasattr(table, "dtype") or table.dtype.kind != "f" or table.ndim != 2:
-        got = f"{table.dtype} {table.shape}" if hasattr(table, "dtype") else type(table).__name__
-        raise TypeError(f"table must be a floating-point array (V, E), got {got}")
+    if not hasattr(table, "dtype") or table.dtype.kind != "f" or table.ndim != 2 or table.shape[0] == 0:
+        raise TypeError(f"table must be a floating-point array (V, E) with V >= 1, got {describe(table)}")
     check_ids("ids", ids, table.shape[0])
     x = table[ids]                                             # (B, T, E)
     return x, {"ids": ids, "table_shape": table.shape, "dtype": table.dtype}
@@ -200,10 +200,8 @@ def clip_gradients(grads, max_norm):
     torch.nn.utils.clip_grad_norm_, except that torch divides by norm + 1e-6 (to survive norm = 0, handled
     here directly), so the two differ by a relative 1e-6 / norm when clipping.
     """
-    _check_number("max_norm", max_norm, lambda v: v > 0, "a positive number")
-    for leaf in tree_leaves(grads):
-        if not hasattr(leaf, "dtype") or leaf.dtype.kind != "f":
-            raise TypeError(f"grads must be a tree of floating-point arrays, got a leaf {describe(leaf)}")
+    _check_number("max_norm", max_norm, "a positive number")
+    _check_float_leaves("grads", grads)
     norm = sum(float((g * g).sum()) for g in tree_leaves(grads)) ** 0.5
     scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
     return tree_map(lambda g: g * g.dtype.type(scale), grads), norm
@@ -217,11 +215,13 @@ def weight_decay_mask(params):
     would fight the normalisation itself, so they are left alone, as in nanoGPT and most recipes since.
     (minGPT decayed LayerNorm weights by mistake, its issue 23.) Pass the result as adam_step's decay.
     """
+    _check_float_leaves("params", params)
     return tree_map(lambda p: p.ndim >= 2, params)
 
 
 def adam_init(params):
     """Adam's state: first and second moments m, v (trees of zeros shaped like params), step count t = 0."""
+    _check_float_leaves("params", params)
     zeros = lambda p: get_xp(p).zeros_like(p)                 # not p * 0, which would carry a NaN or inf along
     return {"m": tree_map(zeros, params), "v": tree_map(zeros, params), "t": 0}
 
@@ -239,18 +239,13 @@ def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, w
     (single-tensor version), so the two agree step for step; weight_decay = 0 is torch.optim.Adam.
     decay: a tree of bools mirroring params (weight_decay_mask(params) is the usual choice); None decays
     every leaf, as torch does for a single parameter group.
-    Returns new (params, state); nothing is modified. float32 params stay float32.
+    Returns new (params, state); nothing is modified. float32 params stay float32. Adam trains floats: an
+    integer or bool leaf in params is refused, and so are grads, state['m'], state['v'] or decay that do not
+    mirror params (named by the path of the first leaf that differs).
     """
-    _check_number("lr", lr, lambda v: 0 <= v < math.inf, "a finite number >= 0")
-    _check_number("beta1", beta1, lambda v: 0 <= v < 1, "in [0, 1)")
-    _check_number("beta2", beta2, lambda v: 0 <= v < 1, "in [0, 1)")
-    _check_number("eps", eps, lambda v: 0 < v < math.inf, "a positive finite number")
-    _check_number("weight_decay", weight_decay, lambda v: 0 <= v < math.inf, "a finite number >= 0")
-    if not isinstance(state, dict) or set(state) != {"m", "v", "t"}:
-        got = f"keys {sorted(state)}" if isinstance(state, dict) else type(state).__name__
-        raise TypeError(f"state must be the dict adam_init or adam_step returned (keys ['m', 't', 'v']), got {got}")
+    _check_adam_inputs(params, grads, state, decay, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay)
     decay = tree_map(lambda p: True, params) if decay is None else decay
-    tree_map(_check_gradient_leaf, params, grads)
     t = state["t"] + 1
     correct1, correct2 = 1 - beta1 ** t, 1 - beta2 ** t       # m_hat = m / correct1, v_hat = v / correct2
     step_size, sqrt_correct2 = lr / correct1, correct2 ** 0.5
@@ -273,14 +268,15 @@ def lr_schedule(step, max_lr, warmup_steps, total_steps, min_lr=0.0):
     Warm-up keeps the first updates small while Adam's second-moment estimate is still noisy (post-LN
     transformers diverge without it); the cosine brings lr down smoothly for the end of training.
     A loop counting steps from 0 takes its first step at lr 0; pass step + 1 to avoid that.
+    step and warmup_steps are integers >= 0, total_steps an integer >= max(1, warmup_steps).
     """
-    for name, value in (("step", step), ("warmup_steps", warmup_steps), ("total_steps", total_steps)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    check_positive_int("step", step, minimum=0)
+    check_positive_int("warmup_steps", warmup_steps, minimum=0)
+    check_positive_int("total_steps", total_steps)             # a schedule of 0 steps trains nothing
     if total_steps < warmup_steps:
         raise ValueError(f"total_steps must be >= warmup_steps = {warmup_steps}, got {total_steps}")
-    _check_number("max_lr", max_lr, lambda v: 0 <= v < math.inf, "a finite number >= 0")
-    _check_number("min_lr", min_lr, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+    _check_number("max_lr", max_lr, "a finite number >= 0")
+    _check_number("min_lr", min_lr, "a finite number >= 0")
     if not min_lr <= max_lr:
         raise ValueError(f"min_lr must be in [0, max_lr = {max_lr}], got {min_lr}")
     if step < warmup_steps:
@@ -330,12 +326,14 @@ def check_cache(cache, forward, keys):
         raise TypeError(f"cache must be the dict {forward} returned (keys {sorted(keys)}), got {got}")
 
 
-def check_tree(name, tree, like):
+def check_tree(name, tree, like, dtype=None):
     """Raise unless `tree` has exactly the structure of `like` (the same dict keys, list lengths) and each
     leaf the shape and dtype of like's leaf: a params tree built for another config, grads or an optimizer
     state from another tree, is refused with the path of the first missing, extra or mis-shaped leaf
-    (e.g. params['layers'][1]['ff']['W_1']). `like` may hold shape tuples instead of arrays (no dtype check).
+    (e.g. params['layers'][1]['ff']['W_1']). `like` may hold shape tuples instead of arrays: then every
+    leaf must have `dtype` (any float dtype if None).
     """
+    dtype = None if dtype is None else np.dtype(dtype)         # np.float32 would print as <class ...>
     def walk(t, l, path):
         if isinstance(l, dict):
             if not isinstance(t, dict):
@@ -352,10 +350,10 @@ def check_tree(name, tree, like):
             for i, (a, b) in enumerate(zip(t, l)):
                 walk(a, b, f"{path}[{i}]")
         else:
-            shape, dtype = (l, None) if isinstance(l, tuple) else (l.shape, l.dtype)
+            shape, need_dtype = (l, dtype) if isinstance(l, tuple) else (l.shape, l.dtype)
             if not hasattr(t, "dtype") or t.dtype.kind != "f" or tuple(t.shape) != tuple(shape) \
-                    or (dtype is not None and t.dtype != dtype):
-                need = f"{dtype or 'a float'} array of shape {tuple(shape)}"
+                    or (need_dtype is not None and t.dtype != need_dtype):
+                need = f"{need_dtype or 'a float'} array of shape {tuple(shape)}"
                 raise ValueError(f"{path} must be a {need}, got {describe(t)}")
     walk(tree, like, name)
 
@@ -373,9 +371,19 @@ def check_positive_int(name, value, minimum=1):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_number(name, value, ok, need):
-    """A hyperparameter: a real number (not a bool, not an array) for which ok(value) holds (nan never does)."""
-    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool) or not ok(value):
+_RANGES = {                                                    # what a hyperparameter must be -> its test
+    "a finite number >= 0": lambda v: 0 <= v < math.inf,
+    "a positive finite number": lambda v: 0 < v < math.inf,
+    "a positive number": lambda v: v > 0,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "a number in [0, 1]": lambda v: 0 <= v <= 1,
+}
+
+
+def _check_number(name, value, need):
+    """A hyperparameter: a real number (not a bool, not an array) passing _RANGES[need] (nan passes none)."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool) \
+            or not _RANGES[need](value):
         raise ValueError(f"{name} must be {need}, got {value!r}")
 
 
@@ -384,23 +392,58 @@ def describe(a):
     return f"{a.dtype} array of shape {a.shape}" if hasattr(a, "dtype") and hasattr(a, "shape") else type(a).__name__
 
 
-def _check_gradient_leaf(p, g):
-    if not hasattr(g, "dtype") or g.shape != p.shape or g.dtype != p.dtype:
-        got = f"{g.dtype} {g.shape}" if hasattr(g, "dtype") else type(g).__name__
-        raise ValueError(f"grads must mirror params leaf by leaf: need {p.dtype} {p.shape}, got {got}")
+def _paths(tree, path):
+    """(path, leaf) for every leaf of a tree, in tree_leaves' order, the path as Python indexes it: name[0]['W']."""
+    if isinstance(tree, dict):
+        return [item for key in sorted(tree) for item in _paths(tree[key], f"{path}[{key!r}]")]
+    if isinstance(tree, (list, tuple)):
+        return [item for i, sub in enumerate(tree) for item in _paths(sub, f"{path}[{i}]")]
+    return [(path, tree)]
+
+
+def _check_float_leaves(name, tree):
+    """Every leaf a floating-point array: Adam and clipping move values by fractions, which an integer
+    (or bool) leaf would round away, so such a leaf is refused by its path instead of silently not training."""
+    for path, leaf in _paths(tree, name):
+        if not hasattr(leaf, "dtype") or leaf.dtype.kind != "f":
+            raise TypeError(f"{path} must be a floating-point array, got {describe(leaf)}")
+
+
+def _check_adam_inputs(params, grads, state, decay, **numbers):
+    """adam_step's arguments: hyperparameters in range; params float arrays; grads, state['m'] and state['v']
+    mirroring params leaf by leaf (a state from another model is refused by path); decay None or bools
+    mirroring params."""
+    for name, need in (("lr", "a finite number >= 0"), ("beta1", "in [0, 1)"), ("beta2", "in [0, 1)"),
+                       ("eps", "a positive finite number"), ("weight_decay", "a finite number >= 0")):
+        _check_number(name, numbers[name], need)
+    _check_float_leaves("params", params)
+    check_tree("grads", grads, params)
+    if not isinstance(state, dict) or set(state) != {"m", "v", "t"}:
+        got = f"keys {sorted(state)}" if isinstance(state, dict) else type(state).__name__
+        raise TypeError(f"state must be the dict adam_init or adam_step returned (keys ['m', 't', 'v']), got {got}")
+    check_tree("state['m']", state["m"], params)
+    check_tree("state['v']", state["v"], params)
+    check_positive_int("state['t']", state["t"], minimum=0)
+    if decay is not None:
+        need, got = dict(_paths(params, "decay")), dict(_paths(decay, "decay"))
+        if need.keys() != got.keys():
+            raise ValueError(f"decay must mirror params (weight_decay_mask(params) does): missing "
+                             f"{sorted(need.keys() - got.keys())}, extra {sorted(got.keys() - need.keys())}")
+        for path, flag in got.items():
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{path} must be True or False, got {flag!r}")
 
 
 def _check_cross_entropy_inputs(logits, targets, ignore_index, label_smoothing):
     if not hasattr(logits, "dtype") or logits.dtype.kind != "f" or logits.ndim < 1 or logits.shape[-1] == 0:
-        got = f"{logits.dtype} {logits.shape}" if hasattr(logits, "dtype") else type(logits).__name__
-        raise TypeError(f"logits must be a floating-point array (..., V) with V >= 1, got {got}")
+        raise TypeError(f"logits must be a floating-point array (..., V) with V >= 1, got {describe(logits)}")
     if not hasattr(targets, "dtype") or targets.dtype.kind not in "iu":
         raise TypeError(f"targets must be an integer array, got {getattr(targets, 'dtype', type(targets).__name__)}")
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"targets must have shape {logits.shape[:-1]} (logits without V), got {targets.shape}")
     if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
-    _check_number("label_smoothing", label_smoothing, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    _check_number("label_smoothing", label_smoothing, "a number in [0, 1]")
     V = logits.shape[-1]
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))   # (...) out of range, not ignored
     if bool(bad.any()):

@@ -37,10 +37,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from attention import attention_backward, attention_forward  # noqa: E402
-from rnn import (cell_backward, cell_forward, init_cell, init_rnn, matmul_over_time, rnn_forward,  # noqa: E402
-                 zero_state)
-from training import (adam_init, adam_step, check_ids, clip_gradients, cross_entropy_backward,  # noqa: E402
-                      cross_entropy_forward, embedding_backward, embedding_forward, get_xp, tree_map)
+from rnn import (cell_backward, cell_forward, init_cell, init_rnn, matmul_over_time, param_shapes,  # noqa: E402
+                 rnn_forward, zero_state)
+from training import (adam_init, adam_step, check_cache, check_ids, check_tree, clip_gradients,  # noqa: E402
+                      cross_entropy_backward, cross_entropy_forward, embedding_backward, embedding_forward, get_xp,
+                      tree_map)
 
 CELL = "gru"
 
@@ -72,7 +73,7 @@ def _encode(x, params):
     xp = get_xp(x)
     Hd = params["encoder"]["W_h"].shape[0]
     start = zero_state(CELL, x.shape[0], Hd, xp, x.dtype)
-    return cell_forward(CELL, x, start, params["encoder"])
+    return cell_forward(x, start, params["encoder"], CELL)
 
 
 def _readout(dec_hs, enc_hs, attend):
@@ -91,7 +92,10 @@ def seq2seq_forward(src, tgt, params, attend):
     caches, 'attn': attention cache (None without attention), 'features' (B, L, Hd or 2Hd), 'loss':
     cross-entropy cache (its 'probs' (B, L, K) is softmax(logits)), 'params'}.
     """
-    K = params["b_out"].shape[0]
+    K, E, Hd = params["b_out"].shape[0], params["embed"].shape[1], params["encoder"]["W_h"].shape[0]
+    gru, width = param_shapes(CELL, E, Hd), 2 * Hd if attend else Hd   # params trained with another attend:
+    check_tree("params", params, {"embed": (K + 1, E), "encoder": gru, "decoder": gru, "W_out": (width, K),
+                                  "b_out": (K,)}, dtype=params["embed"].dtype)          # refused by W_out's shape
     check_ids("src", src, K)                                   # symbols 0..K-1; K is the start symbol
     check_ids("tgt", tgt, K, src.shape)
     xp = get_xp(params["embed"])
@@ -100,18 +104,21 @@ def seq2seq_forward(src, tgt, params, attend):
     dec_x, dec_embed = embedding_forward(dec_in, params["embed"])          # (B, L, E) the same table
     enc_hs, enc_final, enc_cache = _encode(src_x, params)                  # (B, L, Hd)
     # The bottleneck: the only path from source to decoder is enc_final (and, with attention, enc_hs).
-    dec_hs, _, dec_cache = cell_forward(CELL, dec_x, enc_final, params["decoder"])
+    dec_hs, _, dec_cache = cell_forward(dec_x, enc_final, params["decoder"], CELL)
     features, attention_cache = _readout(dec_hs, enc_hs, attend)     # (B, L, Hd or 2Hd)
     loss, loss_cache = cross_entropy_forward(features @ params["W_out"] + params["b_out"], tgt)
     return loss, {"src_embed": src_embed, "dec_embed": dec_embed, "encoder": enc_cache, "decoder": dec_cache,
                   "attn": attention_cache, "features": features, "loss": loss_cache, "params": params}
 
 
-def seq2seq_backward(cache):
-    """Gradient tree of seq2seq_forward's loss, walking the forward in reverse."""
+def seq2seq_backward(dloss, cache):
+    """Gradient tree of seq2seq_forward's loss (dloss = 1.0 when it is what is minimised), walking the
+    forward in reverse."""
+    check_cache(cache, "seq2seq_forward", {"src_embed", "dec_embed", "encoder", "decoder", "attn", "features",
+                                           "loss", "params"})
     params, features = cache["params"], cache["features"]
     Hd = params["encoder"]["W_h"].shape[0]
-    dlogits = cross_entropy_backward(1.0, cache["loss"])            # (B, L, K)
+    dlogits = cross_entropy_backward(dloss, cache["loss"])     # (B, L, K)
     xp = get_xp(dlogits)
     dfeatures = dlogits @ params["W_out"].T                    # (B, L, Hd or 2Hd)
     ddec_hs = dfeatures[..., :Hd]                              # (B, L, Hd)
@@ -121,8 +128,8 @@ def seq2seq_backward(cache):
         dq, dk, dv = attention_backward(dfeatures[..., Hd:], cache["attn"])
         ddec_hs = ddec_hs + dq                                 # dec_hs is the output's input and the query
         denc_hs = dk + dv                                      # enc_hs served as keys and as values
-    ddec_x, denc_final, ddecoder = cell_backward(CELL, ddec_hs, cache["decoder"])   # denc_final = d(dec h0)
-    denc_x, _, dencoder = cell_backward(CELL, denc_hs, cache["encoder"], denc_final)
+    ddec_x, denc_final, ddecoder = cell_backward(ddec_hs, cache["decoder"])   # denc_final = d(dec h0)
+    denc_x, _, dencoder = cell_backward(denc_hs, cache["encoder"], denc_final)
     dembed_src = embedding_backward(denc_x, cache["src_embed"])   # (K + 1, E)
     dembed_dec = embedding_backward(ddec_x, cache["dec_embed"])   # (K + 1, E)
     return {"embed": dembed_src + dembed_dec,                  # one table used twice: the gradients add
@@ -139,7 +146,7 @@ def greedy_decode(src, params, attend):
     previous = xp.full(src.shape[0], K)                        # (B,) the start symbol
     outputs = []
     for _ in range(src.shape[1]):
-        dec_h, state, _ = cell_forward(CELL, params["embed"][previous][:, None], state, params["decoder"])
+        dec_h, state, _ = cell_forward(params["embed"][previous][:, None], state, params["decoder"], CELL)
         features, _ = _readout(dec_h, enc_hs, attend)  # (B, 1, Hd or 2Hd)
         previous = (features[:, 0] @ params["W_out"] + params["b_out"]).argmax(axis=-1)  # (B,)
         outputs.append(previous)
@@ -154,7 +161,7 @@ def train_copy(attend, steps, lengths, K=8, E=16, Hd=32, B=32, lr=1e-2, seed=0):
     for _ in range(steps):
         src, tgt = copy_batch(rng, B, int(rng.choice(lengths)), K)
         _, cache = seq2seq_forward(src, tgt, params, attend)
-        grads, _ = clip_gradients(seq2seq_backward(cache), max_norm=1.0)
+        grads, _ = clip_gradients(seq2seq_backward(1.0, cache), max_norm=1.0)
         params, optimizer = adam_step(params, grads, optimizer, lr=lr)
     return params
 

@@ -30,8 +30,8 @@ def test_figure_function_writes_a_png(name, tmp_path):
 
 @pytest.mark.parametrize("command", list(make_figures.DEMO_FIGURES.values()), ids=lambda command: command[0])
 def test_each_demo_still_has_the_figure_option_the_command_uses(command):
-    # Running the demo is its own test's job (test_rnn.py and test_transformer.py run it with this
-    # option into a temporary folder); here `--help` proves the option is still there, in a second.
+    # Running the demo is its own test's job (test_transformer.py runs it with this option into a temporary
+    # folder); here `--help` proves the option is still there, in a second.
     script, option = command[0], command[1]
     assert option in run_demo(script, "--help").stdout, f"python {script} has no option {option} any more"
 

@@ -1,6 +1,6 @@
 """Tests for rnn.py: BPTT gradients, agreement with torch.nn.RNN/LSTM/GRU, causality, the gradient-norm
 measurement and the character model (training.py's tools have tests/test_training.py)."""
-import os
+import ast
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import rnn
 import training
 from gradcheck import check_gradients, random_like
-from helpers import run_demo
+from helpers import ROOT, run_demo
 
 CELLS = ["rnn", "lstm", "gru"]
 
@@ -80,16 +80,16 @@ def test_lstm_without_dc_T_treats_the_final_cell_gradient_as_zero(xp):
 def test_cell_interface_passes_the_final_state_gradient_back_to_the_initial_state(xp, cell):
     x, state, params = make_inputs(xp, cell, seed=3)
     rng = np.random.default_rng(4)
-    hs, final, _ = rnn.cell_forward(cell, x, state, params)
+    hs, final, _ = rnn.cell_forward(x, state, params, cell)
     dhs, dfinal = random_like(hs, rng), tuple(random_like(s, rng) for s in final)
 
     def loss():
-        hs, final, _ = rnn.cell_forward(cell, x, state, params)
+        hs, final, _ = rnn.cell_forward(x, state, params, cell)
         return float((hs * dhs).sum()) + sum(float((s * d).sum()) for s, d in zip(final, dfinal))
 
-    _, _, cache = rnn.cell_forward(cell, x, state, params)
+    _, _, cache = rnn.cell_forward(x, state, params, cell)
     dhs_before = dhs.copy()
-    dx, dstate, grads = rnn.cell_backward(cell, dhs, cache, dfinal)
+    dx, dstate, grads = rnn.cell_backward(dhs, cache, dfinal)
     assert xp.array_equal(dhs, dhs_before)                     # the caller's dhs is not modified
     check_gradients(loss, [x, list(state), params], [dx, list(dstate), grads])
 
@@ -216,22 +216,27 @@ def test_bad_inputs_raise_errors_naming_the_argument_and_shapes(cell):
     with pytest.raises(ValueError, match=r"h0 must have shape \(B, Hd\) with B = 2 from x and Hd >= 1, got \(2, 0\)"):
         run_forward(cell, x, tuple(s[:, :0] for s in state), params)
     wide = tuple(np.zeros((2, 5)) for _ in state)               # Hd = 5 but the params are for Hd = 4
-    with pytest.raises(ValueError, match=r"must have shape .* Hd = 5 \(from h0\), got"):
+    first = {"rnn": r"W_xh'\] must be a float64 array of shape \(3, 5\)", "lstm": r"W_x'\] .* shape \(3, 20\)",
+             "gru": r"W_x'\] .* shape \(3, 15\)"}[cell]   # D = 3 from x, Hd = 5 from h0
+    with pytest.raises(ValueError, match=r"params\['" + first + r", got float64 array of shape \(3, "):
         run_forward(cell, x, wide, params)
     with pytest.raises(TypeError, match="x must be a floating-point array, got int64"):
         run_forward(cell, x.astype(np.int64), state, params)
     with pytest.raises(TypeError, match=r"h0 must have dtype float64 \(x's\), got float32"):
         run_forward(cell, x, (state[0].astype(np.float32),) + state[1:], params)
-    with pytest.raises(TypeError, match=r"params\['.*'\] must have dtype float64 \(x's\), got float32"):
+    with pytest.raises(ValueError, match=r"params\['.*'\] must be a float64 array of shape .*, got float32 array"):
         run_forward(cell, x, state, {k: v.astype(np.float32) for k, v in params.items()})
-    with pytest.raises(ValueError, match=r"params must have the keys \[.*\], got \[\]"):
+    with pytest.raises(ValueError, match=r"params must have keys \[.*\]: missing \[.*'W_h.*\], extra \[\]"):
         run_forward(cell, x, state, {})
-    with pytest.raises(ValueError, match=r"params must have the keys .*, got .*'extra'"):
+    with pytest.raises(ValueError, match=r"params must have keys .*: missing \[\], extra \['extra'\]"):
         run_forward(cell, x, state, dict(params, extra=np.zeros(1)))
     with pytest.raises(TypeError, match=r"params must be a dict with keys .*, got list"):
         run_forward(cell, x, state, list(params.values()))
-    with pytest.raises(TypeError, match=rf"params\['{first_key}'\] must be an array of shape .*, got list"):
+    with pytest.raises(ValueError, match=rf"params\['{first_key}'\] must be a float64 array of shape .*, got list"):
         run_forward(cell, x, state, dict(params, **{first_key: params[first_key].tolist()}))
+    other = "gru" if cell != "gru" else "lstm"                 # another cell's params: refused by key
+    with pytest.raises(ValueError, match=r"params must have keys .*: missing .*, extra "):
+        run_forward(cell, x, state, rnn.init_cell(other, 3, 4, np.random.default_rng(0), np.float64))
     with pytest.raises(ValueError, match=r"T >= 1"):
         run_forward(cell, x[:, :0], state, params)
 
@@ -240,7 +245,7 @@ def test_lstm_rejects_a_missing_or_misshapen_cell_state():
     x, (h0, c0), params = make_inputs(np, "lstm")
     with pytest.raises(ValueError, match=r"c0 must have shape \(B, Hd\) = \(2, 4\) \(h0's\), got \(2, 3\)"):
         rnn.lstm_forward(x, h0, c0[:, :3], params)
-    with pytest.raises(TypeError, match="c0 must be a floating-point array, got None"):
+    with pytest.raises(TypeError, match="c0 must be a floating-point array, got NoneType"):
         rnn.lstm_forward(x, h0, None, params)
     with pytest.raises(TypeError, match=r"c0 must have dtype float64 \(x's\), got float32"):
         rnn.lstm_forward(x, h0, c0.astype(np.float32), params)
@@ -249,7 +254,8 @@ def test_lstm_rejects_a_missing_or_misshapen_cell_state():
 @pytest.mark.parametrize("cell", CELLS)
 def test_backward_refuses_an_upstream_gradient_of_another_shape_or_dtype_or_another_cells_cache(cell):
     x, state, params = make_inputs(np, cell)
-    hs, final, cache = rnn.cell_forward(cell, x, state, params)
+    hs, final, wrapped = rnn.cell_forward(x, state, params, cell)
+    cache = wrapped["steps"]                                   # the cell's own forward's cache
     backward = {"rnn": rnn.rnn_backward, "lstm": rnn.lstm_backward, "gru": rnn.gru_backward}[cell]
     with pytest.raises(ValueError, match=r"dhs must have shape \(2, 3, 4\) \(the forward output's\), got \(2, 3, 1\)"):
         backward(hs[..., :1], cache)                           # would broadcast silently
@@ -260,18 +266,20 @@ def test_backward_refuses_an_upstream_gradient_of_another_shape_or_dtype_or_anot
     with pytest.raises(TypeError, match="dhs must be an array of dtype float64, got list"):
         backward(hs.tolist(), cache)
     with pytest.raises(ValueError, match=r"dstate\[0\] must have shape \(2, 4\) .*, got \(4,\)"):
-        rnn.cell_backward(cell, hs, cache, (final[0][0],) + final[1:])
+        rnn.cell_backward(hs, wrapped, (final[0][0],) + final[1:])
     with pytest.raises(ValueError, match="dstate must be a tuple of"):
-        rnn.cell_backward(cell, hs, cache, final[0])
+        rnn.cell_backward(hs, wrapped, final[0])
     other = "gru" if cell != "gru" else "rnn"
-    _, _, other_cache = rnn.cell_forward(other, x, rnn.zero_state(other, 2, 4, np, np.float64),
-                                         rnn.init_cell(other, 3, 4, np.random.default_rng(0), np.float64))
-    with pytest.raises(TypeError, match=r"cache must be the dict .*_forward returned"):
-        backward(hs, other_cache)
+    _, _, other_cache = rnn.cell_forward(x, rnn.zero_state(other, 2, 4, np, np.float64),
+                                         rnn.init_cell(other, 3, 4, np.random.default_rng(0), np.float64), other)
+    with pytest.raises(TypeError, match=rf"cache must be the dict {cell}_forward returned .*, got keys"):
+        backward(hs, other_cache["steps"])                     # another cell's cache
     with pytest.raises(TypeError, match=r"cache must be the dict .*_forward returned .*, got tuple"):
         backward(hs, tuple(cache.values()))
-    with pytest.raises(ValueError, match="cell must be 'rnn', 'lstm' or 'gru', got 'foo'"):
-        rnn.cell_backward("foo", hs, cache)
+    with pytest.raises(TypeError, match=rf"cache must be the dict {cell}_forward returned .*, got keys \['cell', 's"):
+        backward(hs, wrapped)                                  # cell_forward's cache where the cell's belongs
+    with pytest.raises(TypeError, match=r"cache must be the dict cell_forward returned \(keys \['cell', 'steps'\]\)"):
+        rnn.cell_backward(hs, cache)                           # and the other way round
 
 
 def test_lstm_backward_refuses_a_final_cell_gradient_of_another_shape_or_dtype():
@@ -319,13 +327,13 @@ def test_cell_names_and_state_sizes_are_checked():
         rnn.zero_state("gru", -1, 4)
     x, state, params = make_inputs(np, "lstm")
     with pytest.raises(ValueError, match=r"state must be a tuple of 2 arrays for 'lstm' \(\(h, c\)\), got length 1"):
-        rnn.cell_forward("lstm", x, state[:1], params)
+        rnn.cell_forward(x, state[:1], params, "lstm")
     with pytest.raises(ValueError, match=r"x must have shape \(T, D\), got \(2, 3, 3\)"):
-        rnn.hidden_jacobian_norms("lstm", x, params)
+        rnn.hidden_jacobian_norms(x, params, "lstm")
     with pytest.raises(TypeError, match=r"x must be a floating-point array, got int64"):
-        rnn.hidden_jacobian_norms("lstm", x[0].astype(np.int64), params)
-    with pytest.raises(ValueError, match=r"params must be 'rnn' parameters \(with 'W_hh'\), got keys \['W_h', 'W_x', 'b'\]"):
-        rnn.hidden_jacobian_norms("rnn", x[0], params)
+        rnn.hidden_jacobian_norms(x[0].astype(np.int64), params, "lstm")
+    with pytest.raises(ValueError, match=r"params must be 'rnn' parameters \(with 'W_hh'\), got keys \['W_h', 'W_x'"):
+        rnn.hidden_jacobian_norms(x[0], params, "rnn")
     with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
         rnn.init_char_lm(5, 3, 4, np.random.RandomState(0))
     with pytest.raises(ValueError, match="cell must be 'rnn', 'lstm' or 'gru', got 'GRU'"):
@@ -349,16 +357,16 @@ def test_jacobian_norms_equal_the_finite_difference_jacobian(cell, xp):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((T, D))
     params = rnn.init_cell(cell, D, Hd, rng, np.float64)
-    norms = rnn.hidden_jacobian_norms(cell, xp.asarray(x), {name: xp.asarray(p) for name, p in params.items()})
+    norms = rnn.hidden_jacobian_norms(xp.asarray(x), training.tree_map(xp.asarray, params), cell)
     assert type(norms) is np.ndarray                           # a few numbers for the host to print or plot
     # The state after T - k steps, then d h_T / d h_{T-k} (c held fixed) by central differences.
-    _, start, _ = rnn.cell_forward(cell, x[None, :T - k], rnn.zero_state(cell, 1, Hd, np, np.float64), params)
+    _, start, _ = rnn.cell_forward(x[None, :T - k], rnn.zero_state(cell, 1, Hd, np, np.float64), params, cell)
     jacobian = np.zeros((Hd, Hd))
     for j in range(Hd):
         e = np.zeros((1, Hd))
         e[0, j] = 1e-6
-        up = rnn.cell_forward(cell, x[None, T - k:], (start[0] + e,) + start[1:], params)[0][0, -1]
-        down = rnn.cell_forward(cell, x[None, T - k:], (start[0] - e,) + start[1:], params)[0][0, -1]
+        up = rnn.cell_forward(x[None, T - k:], (start[0] + e,) + start[1:], params, cell)[0][0, -1]
+        down = rnn.cell_forward(x[None, T - k:], (start[0] - e,) + start[1:], params, cell)[0][0, -1]
         jacobian[:, j] = (up - down) / 2e-6
     assert norms.shape == (T + 1,) and norms[0] == 1.0
     # Central differences in float64 with eps = 1e-6: about 1e-9 relative error.
@@ -369,7 +377,7 @@ def test_jacobian_norms_equal_the_finite_difference_jacobian(cell, xp):
 def test_rnn_gradient_decays_at_least_geometrically_when_spectral_norm_is_below_one(seed, spectral, Hd):
     T, D = 30, 3
     x = np.random.default_rng(seed).standard_normal((T, D)) * 2
-    norms = rnn.hidden_jacobian_norms("rnn", x, rnn_with_spectral_norm(D, Hd, spectral, seed))
+    norms = rnn.hidden_jacobian_norms(x, rnn_with_spectral_norm(D, Hd, spectral, seed), "rnn")
     # ||d h_T / d h_{T-k}|| <= ||W_hh||^k, and each further step back shrinks it by at least ||W_hh||;
     # 1e-12 relative allows for the rounding of the SVD.
     assert np.all(norms <= spectral ** np.arange(T + 1) * (1 + 1e-12))
@@ -380,7 +388,7 @@ def test_rnn_gradient_decays_at_least_geometrically_when_spectral_norm_is_below_
 def test_large_recurrent_weights_make_the_gradient_explode(seed):
     T, D, Hd = 40, 32, 32
     x = np.random.default_rng(seed).standard_normal((T, D))
-    norms = rnn.hidden_jacobian_norms("rnn", x, rnn_with_spectral_norm(D, Hd, 6.0, seed))
+    norms = rnn.hidden_jacobian_norms(x, rnn_with_spectral_norm(D, Hd, 6.0, seed), "rnn")
     assert norms[-1] > 1e3                                     # these seeds give 2e4 to 3e5
 
 
@@ -388,8 +396,8 @@ def test_an_open_forget_gate_keeps_the_lstm_gradient_alive_where_the_default_ini
     T, D, Hd = 40, 8, 16
     rng = np.random.default_rng(9)
     x = rng.standard_normal((T, D))
-    default = rnn.hidden_jacobian_norms("lstm", x, rnn.init_lstm(D, Hd, rng, np.float64))
-    open_gate = rnn.hidden_jacobian_norms("lstm", x, rnn.init_lstm(D, Hd, rng, np.float64, forget_bias=3.0))
+    default = rnn.hidden_jacobian_norms(x, rnn.init_lstm(D, Hd, rng, np.float64), "lstm")
+    open_gate = rnn.hidden_jacobian_norms(x, rnn.init_lstm(D, Hd, rng, np.float64, forget_bias=3.0), "lstm")
     assert default[-1] < 1e-4 < 1e-2 < open_gate[-1]
 
 
@@ -440,8 +448,8 @@ def test_char_lm_training_loss_falls_within_two_hundred_steps(cell):
 
 def test_sampling_is_reproducible_and_stays_in_the_vocabulary(xp):
     params, _, _ = tiny_lm("gru", xp, V=7)
-    first = rnn.sample_chars(params, 0, 30, np.random.default_rng(0), "gru")
-    again = rnn.sample_chars(params, 0, 30, np.random.default_rng(0), "gru")
+    first = rnn.sample_chars(0, 30, params, "gru", temperature=1.0, rng=np.random.default_rng(0))
+    again = rnn.sample_chars(0, 30, params, "gru", temperature=1.0, rng=np.random.default_rng(0))
     assert first == again and len(first) == 30 and all(0 <= i < 7 for i in first)
 
 
@@ -450,19 +458,23 @@ def test_sampling_carries_the_state_so_it_matches_the_model_run_over_the_whole_s
     params, _, _ = tiny_lm(cell, np, V=6, Hd=8, seed=3)
     params = training.tree_map(lambda w: 5 * w, params)             # larger weights: outputs vary with the state
     params["W_out"] = params["W_out"] * 10                     # and clear winners, no near-ties in the logits
-    sample = rnn.sample_chars(params, 2, 12, np.random.default_rng(0), cell, temperature=1e-4)
+    sample = rnn.sample_chars(2, 12, params, cell)             # temperature 0: greedy
     ids = np.array([[2] + sample[:-1]])                        # what the sampler fed itself, (1, 12)
     _, cache = rnn.char_lm_forward(ids, np.array([sample]), params, cell)
     probs = cache["loss"]["probs"]                             # (1, 12, V) from one run over the sequence
     assert len(set(sample)) > 1                                # the sample depends on the state
-    assert probs.argmax(axis=-1)[0].tolist() == sample         # temperature 1e-4 samples the argmax
+    assert probs.argmax(axis=-1)[0].tolist() == sample         # greedy: the argmax at every step
 
 
-def test_sampling_at_low_temperature_picks_the_most_likely_character():
+def test_sampling_at_low_temperature_picks_the_most_likely_character_and_at_high_spreads_out():
     params, _, _ = tiny_lm("lstm", np, V=6)
     params["b_out"] = np.array([0.0, 0.0, 0.0, 1.0, 0.0, 0.0])  # character 3 is the most likely everywhere
     params["W_out"] = params["W_out"] * 0
-    assert rnn.sample_chars(params, 0, 20, np.random.default_rng(0), "lstm", temperature=0.01) == [3] * 20
+    sample = lambda temperature: rnn.sample_chars(0, 200, params, "lstm", temperature, np.random.default_rng(0))
+    assert sample(0.01) == [3] * 200                           # softmax(logits / 0.01): 3 with p > 1 - 1e-40
+    # At temperature 100 the six classes are within 1 % of uniform: all appear in 200 draws (p of one
+    # missing < 6 (5/6)^200 ~ 1e-15).
+    assert set(sample(100.0)) == set(range(6))
 
 
 def test_char_lm_rejects_float_ids_out_of_range_ids_and_mismatched_targets():
@@ -475,32 +487,82 @@ def test_char_lm_rejects_float_ids_out_of_range_ids_and_mismatched_targets():
         rnn.char_lm_forward(ids, targets[:, :3], params, "rnn")
 
 
-def test_demo_runs_and_checks_its_measurements(tmp_path):
+def test_demo_runs_and_checks_its_measurements():
     # python rnn.py: trains the char LSTM and prints the gradient-norm table, asserting both (about 5 s of CPU).
-    # The figure (saved only where matplotlib is installed) goes to a temporary folder, not the repository.
-    result = run_demo("rnn.py", "--figure", tmp_path / "norms.png", cwd=tmp_path, timeout=300,
-                      env=dict(os.environ, MPLBACKEND="Agg"))
+    # It writes nothing: its figure is figures/make_figures.py's rnn_gradient_norms (tests/test_figures.py).
+    result = run_demo("rnn.py", timeout=300)
     assert "How much gradient reaches h_t from h_T" in result.stdout
+
+
+def test_rnn_py_imports_only_training_py_names_it_at_the_top_and_keeps_no_plotting_code():
+    source = (ROOT / "rnn.py").read_text()
+    tree = ast.parse(source)
+    project = {path.stem for path in ROOT.glob("*.py")}
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported & project == {"training"} and "matplotlib" not in imported
+    assert "Imports training.py" in ast.get_docstring(tree)
+    assert "matplotlib" not in source and "--figure" not in source
 
 
 def test_char_lm_and_sampling_refuse_bad_params_and_arguments():
     params, ids, targets = tiny_lm("gru", np)
     with pytest.raises(TypeError, match=r"params must be init_char_lm's dict .*, got list"):
         rnn.char_lm_forward(ids, targets, list(params.values()), "gru")
-    with pytest.raises(ValueError, match=r"params\['W_out'\] must be an array \(Hd, V\) with V = 5, got .* \(4, 4\)"):
+    with pytest.raises(TypeError, match=r"params must be init_char_lm's dict .*, got keys \['b_out', 'core', 'e"):
+        rnn.char_lm_forward(ids, targets, {k: v for k, v in params.items() if k != "W_out"}, "gru")
+    with pytest.raises(ValueError, match=r"params\['W_out'\] must be a float64 array of shape \(4, 5\), got .*4\)"):
         rnn.char_lm_forward(ids, targets, dict(params, W_out=params["W_out"][:, :4]), "gru")
-    with pytest.raises(TypeError, match=r"params\['b_out'\] must have dtype float64 \(embed's\), got float32"):
+    with pytest.raises(ValueError, match=r"params\['b_out'\] must be a float64 array of shape \(5,\), got float32"):
         rnn.char_lm_forward(ids, targets, dict(params, b_out=params["b_out"].astype(np.float32)), "gru")
+    with pytest.raises(ValueError, match=r"params\['core'\] must have keys \['W_h', 'W_x', 'b'\]: missing \['b'\], "
+                                         r"extra \['b_h', 'b_x'\]"):
+        rnn.char_lm_forward(ids, targets, params, "lstm")      # a GRU model run as an LSTM
+    with pytest.raises(ValueError, match=r"params\['core'\]\['W_x'\] must be a float64 array of shape \(3, 12\)"):
+        rnn.sample_chars(0, 3, dict(params, core=tiny_lm("gru", np, E=2)[0]["core"]), "gru")
     with pytest.raises(ValueError, match=r"first_id must be in \[0, 5\), got 5"):
-        rnn.sample_chars(params, 5, 3, np.random.default_rng(0), "gru")
-    with pytest.raises(ValueError, match="n must be an integer >= 0, got -1"):
-        rnn.sample_chars(params, 0, -1, np.random.default_rng(0), "gru")
-    for temperature in (0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="temperature must be a positive finite number"):
-            rnn.sample_chars(params, 0, 3, np.random.default_rng(0), "gru", temperature=temperature)
+        rnn.sample_chars(5, 3, params, "gru")
+    with pytest.raises(ValueError, match="n_new must be an integer >= 0, got -1"):
+        rnn.sample_chars(0, -1, params, "gru")
+    for temperature in (-1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0 \(0: greedy\)"):
+            rnn.sample_chars(0, 3, params, "gru", temperature, np.random.default_rng(0))
     with pytest.raises(ValueError, match="V must be an integer >= 1, got 0"):
         rnn.init_char_lm(0, 3, 4, np.random.default_rng(0))
-    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
-        rnn.sample_chars(params, 0, 3, 0, "gru")
+    for rng in (None, 0, np.random.RandomState(0)):             # sampling (temperature > 0) needs a Generator
+        with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+            rnn.sample_chars(0, 3, params, "gru", 1.0, rng)
     with pytest.raises(TypeError, match=r"cache must be the dict char_lm_forward returned .*, got tuple"):
         rnn.char_lm_backward(1.0, (ids, targets))
+    x, state, core = make_inputs(np, "gru")
+    _, _, core_cache = rnn.cell_forward(x, state, core, "gru")
+    with pytest.raises(TypeError, match=r"cache must be the dict char_lm_forward returned .*, got keys \['cell'"):
+        rnn.char_lm_backward(1.0, core_cache)                  # another function's cache
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: rnn.grammar_text(0, 3), TypeError, "rng must be a numpy.random.Generator .*, got int"),
+    (lambda: rnn.grammar_text(np.random.RandomState(0), 3), TypeError, "rng must be a numpy.random.Generator"),
+    (lambda: rnn.grammar_text(np.random.default_rng(0), 0), ValueError, "n_sentences must be an integer >= 1, got 0"),
+    (lambda: rnn.init_char_lm(5, 0, 4, np.random.default_rng(0)), ValueError, "E must be an integer >= 1, got 0"),
+    (lambda: rnn.init_char_lm(5, 3, 0, np.random.default_rng(0)), ValueError, "Hd must be an integer >= 1, got 0"),
+    (lambda: rnn.zero_state("rnn", 2, 0), ValueError, "Hd must be an integer >= 1, got 0"),
+    (lambda: rnn.gradient_norm_curves(T=0), ValueError, "T must be an integer >= 1, got 0"),
+    (lambda: rnn.gradient_norm_curves(Hd=0), ValueError, "Hd must be an integer >= 1, got 0"),
+    (lambda: rnn.hidden_jacobian_norms(np.zeros((3, 2)), None, "gru"), ValueError,
+     r"params must be 'gru' parameters \(with 'W_h'\), got NoneType"),
+], ids=["grammar-rng-int", "grammar-rng-RandomState", "grammar-0-sentences", "E-0", "Hd-0", "zero-state-Hd-0",
+        "curves-T-0", "curves-Hd-0", "jacobian-params-None"])
+def test_rngs_that_are_not_generators_and_sizes_of_0_are_refused_by_name(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_gradient_norm_curves_start_at_one_and_the_tanh_rnn_below_one_stays_under_its_bound():
+    curves = rnn.gradient_norm_curves(T=8, D=3, Hd=4, spectral_norms=(0.5, 3.0), seed=1)
+    assert list(curves) == ["tanh RNN, ||W_hh||_2 = 0.5", "tanh RNN, ||W_hh||_2 = 3.0", "LSTM, PyTorch init",
+                            "LSTM, forget bias +3", "GRU, PyTorch init"]
+    assert all(norms.shape == (9,) and norms[0] == 1.0 for norms in curves.values())
+    # ||J_k|| <= ||W_hh||^k; 1e-12 relative allows for the rounding of the SVD.
+    assert np.all(curves["tanh RNN, ||W_hh||_2 = 0.5"] <= 0.5 ** np.arange(9) * (1 + 1e-12))

@@ -31,9 +31,10 @@ def tiny_seq2seq(xp, attend, K=4, E=3, Hd=4, B=2, L=3, seed=0, dtype=np.float64)
 def test_seq2seq_gradients_match_finite_differences(xp, attend):
     params, src, tgt = tiny_seq2seq(xp, attend)
     _, cache = experiment.seq2seq_forward(src, tgt, params, attend)
-    grads = experiment.seq2seq_backward(cache)
+    dloss = float(np.random.default_rng(1).standard_normal())  # a random upstream gradient of the loss
+    grads = experiment.seq2seq_backward(dloss, cache)
     assert set(grads) == set(params)
-    check_gradients(lambda: experiment.seq2seq_forward(src, tgt, params, attend)[0], params, grads)
+    check_gradients(lambda: dloss * experiment.seq2seq_forward(src, tgt, params, attend)[0], params, grads)
 
 
 @given(seed=st.integers(0, 2**16), size=st.floats(0.1, 100.0))
@@ -68,7 +69,7 @@ def test_attention_decoder_beats_the_plain_one_on_long_sequences():
     assert accuracy[False] < 0.4 < 0.8 < accuracy[True]
 
 
-def test_seq2seq_rejects_float_mismatched_or_out_of_range_tokens():
+def test_seq2seq_refuses_bad_tokens_params_of_another_shape_and_a_cache_in_the_wrong_place():
     params, src, tgt = tiny_seq2seq(np, attend=True)
     K = params["b_out"].shape[0]
     with pytest.raises(TypeError, match=r"src must be an integer array"):
@@ -79,6 +80,14 @@ def test_seq2seq_rejects_float_mismatched_or_out_of_range_tokens():
         experiment.seq2seq_forward(np.where(src == src[0, 0], -1, src), tgt, params, True)
     with pytest.raises(ValueError, match=rf"tgt must hold ids in \[0, {K}\)"):
         experiment.seq2seq_forward(src, np.full_like(tgt, K), params, True)   # K is the start symbol
+    with pytest.raises(ValueError, match=r"params\['W_out'\] must be a float64 array of shape \(4, 4\), got .*8, 4"):
+        experiment.seq2seq_forward(src, tgt, params, False)    # params made for attention, run without it
+    with pytest.raises(ValueError, match=r"params\['decoder'\] must have keys .*missing \['b_x'\]"):
+        experiment.seq2seq_forward(src, tgt, dict(params, decoder={k: v for k, v in params["decoder"].items()
+                                                                    if k != "b_x"}), True)
+    _, cache = experiment.seq2seq_forward(src, tgt, params, True)
+    with pytest.raises(TypeError, match=r"cache must be the dict seq2seq_forward returned .*, got float"):
+        experiment.seq2seq_backward(cache, 1.0)                # the old order: (dloss, cache) now
 
 
 def test_counted_chains_and_arithmetic_hold_on_every_machine():

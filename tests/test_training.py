@@ -1,6 +1,7 @@
 """Tests for training.py: the embedding and cross-entropy gradients, cross-entropy = PyTorch's (ignore_index,
 label smoothing), AdamW = torch.optim.AdamW with decay groups, clipping = clip_grad_norm_, the schedule, and
 every bad input refused. Each PyTorch claim is also checked without torch, by hand-computed values."""
+import ast
 import math
 import sys
 
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 import training
 from gradcheck import check_gradients
-from helpers import random_array, to_numpy
+from helpers import ROOT, random_array, to_numpy
 
 
 def ids_with_a_repeat(rng, B, T, V, xp=np):
@@ -19,6 +20,36 @@ def ids_with_a_repeat(rng, B, T, V, xp=np):
     ids = rng.integers(0, V, size=(B, T))
     ids.reshape(-1)[1] = ids.reshape(-1)[0]
     return xp.asarray(ids)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Params trees
+
+
+def test_tree_map_keeps_the_first_trees_structure_and_refuses_trees_of_another_structure():
+    tree = {"a": [1.0, (2.0, 3.0)], "b": 4.0}
+    assert training.tree_map(lambda x, y: x + 10 * y, tree, tree) == {"a": [11.0, (22.0, 33.0)], "b": 44.0}
+    for other, message in [({"a": [1, (2, 3)]}, r"keys \['a', 'b'\], got \['a'\]"),
+                           ({"a": [1, (2,)], "b": 4}, "a list of length 2, got length 1"),
+                           ({"a": 1, "b": 4}, "a list of length 2, got int"),
+                           ([1, 2], r"keys \['a', 'b'\], got list")]:
+        with pytest.raises(ValueError, match="trees must have the same structure: " + message):
+            training.tree_map(lambda x, y: x, tree, other)
+
+
+def test_tree_leaves_sorts_dict_keys_so_trees_built_in_another_order_line_up():
+    assert training.tree_leaves({"b": 3, "a": [1, (2,)]}) == [1, 2, 3]
+    assert training.tree_leaves({"a": [1, (2,)], "b": 3}) == [1, 2, 3]
+
+
+def test_training_imports_no_project_file():
+    # A student copies training.py beside any model file: it must stand alone.
+    tree = ast.parse((ROOT / "training.py").read_text())
+    project = {path.stem for path in ROOT.glob("*.py")}
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & project
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -34,6 +65,17 @@ def test_embedding_gradient_matches_finite_differences(xp):
     xp.testing.assert_array_equal(x, table[ids])
     dtable = training.embedding_backward(dx, cache)
     check_gradients(lambda: float((training.embedding_forward(ids, table)[0] * dx).sum()), table, dtable)
+
+
+def test_embedding_equals_one_hot_ids_times_the_table_and_its_gradient_the_transposed_product():
+    rng = np.random.default_rng(10)
+    table, ids, dx = rng.standard_normal((5, 3)), ids_with_a_repeat(rng, 2, 4, 5), rng.standard_normal((2, 4, 3))
+    one_hot = np.eye(5)[ids]                                   # (B, T, V)
+    x, cache = training.embedding_forward(ids, table)
+    np.testing.assert_array_equal(x, one_hot @ table)          # products with 0 and 1 only: exact
+    # The same sums in another order: rounding only.
+    np.testing.assert_allclose(training.embedding_backward(dx, cache),
+                               one_hot.reshape(-1, 5).T @ dx.reshape(-1, 3), rtol=1e-14, atol=1e-15)
 
 
 def test_embedding_backward_sums_the_gradients_of_a_row_used_twice_and_keeps_float32(xp):
@@ -57,6 +99,8 @@ def test_embedding_refuses_bad_ids_tables_and_upstream_gradients():
         training.embedding_forward(np.array([[0, 1]]), np.zeros((4, 2), dtype=np.int64))
     with pytest.raises(TypeError, match="table must be a floating-point array"):
         training.embedding_forward(np.array([[0, 1]]), [[0.0, 1.0]] * 4)
+    with pytest.raises(TypeError, match=r"table must be .* with V >= 1, got float64 array of shape \(0, 2\)"):
+        training.embedding_forward(np.zeros((1, 0), dtype=int), np.zeros((0, 2)))   # no vocabulary at all
     _, cache = training.embedding_forward(np.array([[0, 1]]), table)
     with pytest.raises(ValueError, match=r"dx must have shape \(1, 2, 2\) \(the forward output's\), got \(1, 2\)"):
         training.embedding_backward(np.zeros((1, 2)), cache)
@@ -132,6 +176,24 @@ def test_cross_entropy_keeps_float32_and_huge_logits_stay_finite(xp):
     loss, cache = training.cross_entropy_forward(logits, xp.asarray(np.array([0, 1])), label_smoothing=0.1)
     dlogits = training.cross_entropy_backward(np.float32(2.0), cache)
     assert dlogits.dtype == np.float32 and math.isfinite(loss) and bool(xp.all(xp.isfinite(dlogits)))
+
+
+def test_log_softmax_is_z_minus_log_sum_exp_z_and_ignores_a_shift_of_the_row():
+    z = np.array([[0.5, -1.0, 2.0], [3.0, 3.0, 3.0]])
+    naive = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))  # fine for small z
+    # Subtracting the row max first changes the rounding, not the value: a few eps64.
+    np.testing.assert_allclose(training.log_softmax(z), naive, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(training.log_softmax(z + 100.0), naive, rtol=1e-14, atol=1e-13)
+
+
+def test_cross_entropy_returns_a_python_float_and_the_cache_its_docstring_lists():
+    logits = np.array([[0.0, math.log(3.0)], [1.0, 1.0], [2.0, 0.0]])
+    loss, cache = training.cross_entropy_forward(logits, np.array([1, -100, 0]), label_smoothing=0.1)
+    assert type(loss) is float and set(cache) == {"probs", "targets", "keep", "count", "label_smoothing"}
+    np.testing.assert_allclose(cache["probs"], np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), rtol=1e-15)
+    np.testing.assert_array_equal(cache["targets"], [1, 0, 0])  # the ignored position reads class 0
+    np.testing.assert_array_equal(cache["keep"], [True, False, True])
+    assert cache["count"] == 2 and cache["label_smoothing"] == 0.1
 
 
 def test_log_softmax_stays_finite_for_huge_inputs_and_keeps_float32():
@@ -213,8 +275,9 @@ def test_clip_gradients_rescales_to_max_norm_returns_the_old_norm_and_leaves_gra
     np.testing.assert_allclose(to_numpy(clipped["b"][0]), [[0.8]], rtol=1e-7)
     assert clipped["b"][0].dtype == np.float32
     assert float(grads["a"][0]) == 3.0                        # the input tree is not modified
-    unclipped, _ = training.clip_gradients(grads, max_norm=10.0)
-    np.testing.assert_array_equal(to_numpy(unclipped["a"]), to_numpy(grads["a"]))
+    for max_norm in (5.0, 10.0):                               # norm <= max_norm: left exactly as it was
+        unclipped, _ = training.clip_gradients(grads, max_norm)
+        np.testing.assert_array_equal(to_numpy(unclipped["b"][0]), to_numpy(grads["b"][0]))
     zero, zero_norm = training.clip_gradients({"a": xp.zeros(3)}, 1.0)   # norm 0: no division by zero
     assert zero_norm == 0.0 and not bool(xp.any(zero["a"]))
 
@@ -240,11 +303,15 @@ def test_clip_gradients_refuses_a_max_norm_that_is_not_positive(max_norm):
         training.clip_gradients({"a": np.ones(2)}, max_norm)
 
 
-def test_clip_gradients_refuses_leaves_that_are_not_float_arrays():
-    with pytest.raises(TypeError, match="grads must be a tree of floating-point arrays, got a leaf NoneType"):
-        training.clip_gradients({"a": None}, 1.0)
-    with pytest.raises(TypeError, match="got a leaf int64 array of shape"):
-        training.clip_gradients([np.ones(2, dtype=np.int64)], 1.0)
+@pytest.mark.parametrize("grads, message", [
+    ({"a": None}, r"grads\['a'\] must be a floating-point array, got NoneType"),
+    ([np.ones(2, dtype=np.int64)], r"grads\[0\] must be a floating-point array, got int64 array of shape \(2,\)"),
+    ({"a": [np.ones(2), "x"]}, r"grads\['a'\]\[1\] must be a floating-point array, got str"),
+    ({"a": np.ones(2, dtype=bool)}, r"grads\['a'\] must be a floating-point array, got bool array"),
+])
+def test_clip_gradients_refuses_a_tree_whose_leaves_are_not_float_arrays_naming_the_leaf(grads, message):
+    with pytest.raises(TypeError, match=message):
+        training.clip_gradients(grads, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,16 +343,85 @@ def test_first_adam_step_moves_every_parameter_by_about_lr_against_its_gradient(
     assert state["t"] == 1
 
 
+def adam_by_hand(p, gradients, lr, beta1, beta2, eps, weight_decay=0.0):
+    """AdamW on one float64 array, line by line as torch.optim.AdamW's documentation writes its algorithm:
+    decay by lr * wd, the moments, the bias-corrected moments, then eps added to sqrt(v_hat) (Adam's paper)."""
+    m = v = np.zeros_like(p)
+    for t, g in enumerate(gradients, start=1):
+        p = p - lr * weight_decay * p
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return p
+
+
+def test_adam_matches_the_update_written_out_by_hand_over_three_steps_with_decay():
+    rng = np.random.default_rng(12)
+    p = rng.standard_normal((4, 5))
+    # Gradients from 1e-4 to 1 against eps = 1e-3: where eps sits and which moments are corrected both
+    # move the result far beyond rounding; betas far from 1 make the bias correction large at every step.
+    gradients = [rng.standard_normal((4, 5)) * 10.0 ** rng.uniform(-4, 0, (4, 5)) for _ in range(3)]
+    options = dict(lr=0.05, beta1=0.7, beta2=0.8, eps=1e-3, weight_decay=0.3)
+    params, state = {"W": p}, training.adam_init({"W": p})
+    for g in gradients:
+        params, state = training.adam_step(params, {"W": g}, state, **options)
+    # The same arithmetic grouped as torch groups it: a few roundings of |p| ~ 1.
+    np.testing.assert_allclose(params["W"], adam_by_hand(p, gradients, **options), rtol=0, atol=1e-14)
+    assert state["t"] == 3
+
+
+def test_adam_adds_eps_outside_the_square_root_of_the_bias_corrected_second_moment():
+    # One step from p = 0 with tiny gradients and a large eps: m_hat = g and v_hat = g^2, so the new p is
+    # the step itself, -lr * g / (|g| + eps). Two other readings of "eps" give steps 10x and 30x smaller.
+    g, lr, beta2, eps = np.array([1e-6, -3e-6, 2e-6]), 0.1, 0.999, 1e-2
+    new, _ = training.adam_step({"p": np.zeros(3)}, {"p": g}, training.adam_init({"p": np.zeros(3)}),
+                                lr=lr, beta2=beta2, eps=eps)
+    outside = -lr * g / (np.abs(g) + eps)                      # sqrt(v_hat) + eps: Adam's paper and torch
+    inside = -lr * g / np.sqrt(g * g + eps)                    # sqrt(v_hat + eps)
+    before_correction = -lr * g / (np.sqrt((1 - beta2) * g * g) + eps) * np.sqrt(1 - beta2)  # eps on sqrt(v):
+    # the paper's "more efficient" ordering, which moves eps by sqrt(1 - beta2^t)
+    np.testing.assert_allclose(new["p"], outside, rtol=1e-14)  # a handful of roundings
+    for other in (inside, before_correction):
+        assert np.all(np.abs(other) < np.abs(outside) / 9)     # so the test tells them apart by far
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_weight_decay_with_zero_gradients_shrinks_exactly_by_one_minus_lr_wd_and_only_decayed_leaves(xp, dtype):
+@pytest.mark.parametrize("decay", ["none", "mask"], ids=["decay=None", "decay=weight_decay_mask"])
+def test_weight_decay_with_zero_gradients_shrinks_exactly_by_one_minus_lr_wd_the_leaves_decay_names(xp, dtype, decay):
     params = training.tree_map(xp.asarray, model_like_params(np.random.default_rng(7), dtype))
     zeros = training.tree_map(lambda p: p * 0, params)
-    decay = training.weight_decay_mask(params)
-    new, _ = training.adam_step(params, zeros, training.adam_init(params), lr=0.1, weight_decay=0.5, decay=decay)
-    for p, q, d in zip(*(training.tree_leaves(t) for t in (params, new, decay))):
+    mask = training.weight_decay_mask(params) if decay == "mask" else None
+    new, _ = training.adam_step(params, zeros, training.adam_init(params), lr=0.1, weight_decay=0.5, decay=mask)
+    for p, q in zip(training.tree_leaves(params), training.tree_leaves(new)):
         assert q.dtype == dtype
+        shrinks = decay == "none" or p.ndim >= 2               # None decays every leaf, vectors included
         # m = v = 0, so the Adam update is 0 / (0 + eps) = 0: only the decay p * (1 - lr wd) remains.
-        np.testing.assert_array_equal(to_numpy(q), to_numpy(p * (1 - 0.1 * 0.5) if d else p))
+        np.testing.assert_array_equal(to_numpy(q), to_numpy(p * (1 - 0.1 * 0.5) if shrinks else p))
+
+
+def test_weight_decay_is_decoupled_it_shrinks_p_and_leaves_the_moments_and_the_gradient_step_alone():
+    rng = np.random.default_rng(13)
+    params = model_like_params(rng)
+    grads = training.tree_map(lambda p: rng.standard_normal(p.shape), params)
+    _, state = training.adam_step(params, grads, training.adam_init(params))   # moments no longer zero
+    with_decay, decayed_state = training.adam_step(params, grads, state, lr=0.1, weight_decay=0.5)
+    without, plain_state = training.adam_step(params, grads, state, lr=0.1)
+    for p, a, b in zip(*(training.tree_leaves(t) for t in (params, with_decay, without))):
+        # (p (1 - lr wd) - step) - (p - step) = -lr wd p, up to the rounding of |p| ~ 1
+        np.testing.assert_allclose(a - b, -0.1 * 0.5 * p, rtol=0, atol=1e-15)
+    # L2 regularisation (wd p added to g) would have changed m and v; decoupled decay does not.
+    for a, b in zip(training.tree_leaves(decayed_state), training.tree_leaves(plain_state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_adam_init_starts_from_zero_moments_at_t_0_even_for_nan_or_inf_params(xp):
+    params = {"W": xp.asarray(np.array([[np.nan, np.inf]])), "b": [xp.ones(3, dtype=np.float32)]}
+    state = training.adam_init(params)
+    assert state["t"] == 0
+    for p, m, v in zip(*(training.tree_leaves(t) for t in (params, state["m"], state["v"]))):
+        assert m.shape == v.shape == p.shape and m.dtype == v.dtype == p.dtype
+        assert not bool(xp.any(m)) and not bool(xp.any(v))    # zeros, not p * 0 (which is nan here)
 
 
 def test_adam_step_changes_nothing_it_is_given_and_keeps_float32(xp):
@@ -314,19 +450,43 @@ def test_adam_refuses_hyperparameters_out_of_range(option, value, message):
         training.adam_step(params, params, training.adam_init(params), **{option: value})
 
 
-def test_adam_refuses_grads_that_do_not_mirror_params():
-    params = {"W": np.zeros((2, 2)), "b": np.zeros(2)}
-    state = training.adam_init(params)
-    with pytest.raises(ValueError, match=r"trees must have the same structure: keys \['W', 'b'\], got \['W'\]"):
-        training.adam_step(params, {"W": np.zeros((2, 2))}, state)
-    with pytest.raises(ValueError, match=r"grads must mirror params .*: need float64 \(2,\), got float64 \(3,\)"):
-        training.adam_step(params, {"W": np.zeros((2, 2)), "b": np.zeros(3)}, state)
-    with pytest.raises(ValueError, match=r"grads must mirror params leaf by leaf: need float64 \(2,\), got float32"):
-        training.adam_step(params, {"W": np.zeros((2, 2)), "b": np.zeros(2, dtype=np.float32)}, state)
-    with pytest.raises(TypeError, match=r"state must be the dict adam_init or adam_step returned .*, got NoneType"):
-        training.adam_step(params, params, None)
-    with pytest.raises(ValueError, match="a list of length 2, got length 1"):
-        training.tree_map(lambda a, b: a, [1, 2], [1])
+PARAMS = {"W": np.zeros((2, 2)), "b": np.zeros(2)}
+STATE = training.adam_init(PARAMS)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"grads": {"W": np.zeros((2, 2))}}, ValueError, r"grads must have keys \['W', 'b'\]: missing \['b'\]"),
+    ({"grads": {**PARAMS, "b": np.zeros(3)}}, ValueError,
+     r"grads\['b'\] must be a float64 array of shape \(2,\), got float64 array of shape \(3,\)"),
+    ({"grads": {**PARAMS, "b": np.zeros(2, np.float32)}}, ValueError,
+     r"grads\['b'\] must be a float64 array .*float32"),
+    ({"state": None}, TypeError, r"state must be the dict adam_init or adam_step returned .*, got NoneType"),
+    ({"state": training.adam_init({"W": np.zeros((3, 3)), "b": np.zeros(2)})}, ValueError,   # another model's
+     r"state\['m'\]\['W'\] must be a float64 array of shape \(2, 2\), got float64 array of shape \(3, 3\)"),
+    ({"state": {**STATE, "v": {"W": np.zeros((2, 2))}}}, ValueError, r"state\['v'\] must have keys .*missing \['b'\]"),
+    ({"state": {**STATE, "t": -1}}, ValueError, r"state\['t'\] must be an integer >= 0, got -1"),
+    ({"state": {**STATE, "t": 1.5}}, ValueError, r"state\['t'\] must be an integer >= 0, got 1.5"),
+    ({"decay": {"W": True}}, ValueError, r"decay must mirror params .*: missing \[\"decay\['b'\]\"\], extra \[\]"),
+    ({"decay": [True, False]}, ValueError, r"decay must mirror params .*extra \['decay\[0\]', 'decay\[1\]'\]"),
+    ({"decay": {"W": True, "b": 1}}, TypeError, r"decay\['b'\] must be True or False, got 1"),
+    ({"decay": {"W": "yes", "b": False}}, TypeError, r"decay\['W'\] must be True or False, got 'yes'"),
+    ({"params": {"W": np.zeros((2, 2), int), "b": np.zeros(2)}}, TypeError,   # Adam trains floats only
+     r"params\['W'\] must be a floating-point array, got int64 array of shape \(2, 2\)"),
+    ({"params": {"W": np.zeros((2, 2), bool), "b": np.zeros(2)}}, TypeError, r"params\['W'\] must be a floating-point"),
+], ids=["grads-missing-leaf", "grads-shape", "grads-dtype", "state-none", "state-of-another-model",
+        "state-v-missing-leaf", "t-negative", "t-float", "decay-missing-leaf", "decay-a-list", "decay-int",
+        "decay-str", "params-int", "params-bool"])
+def test_adam_refuses_trees_that_do_not_mirror_params_naming_the_leaf(change, error, message):
+    arguments = {"params": PARAMS, "grads": PARAMS, "state": STATE, "decay": None, **change}
+    with pytest.raises(error, match=message):
+        training.adam_step(**arguments)
+
+
+def test_adam_init_and_weight_decay_mask_refuse_leaves_that_are_not_float_arrays():
+    with pytest.raises(TypeError, match=r"params\['W'\]\[0\] must be a floating-point array, got int64 array"):
+        training.adam_init({"W": [np.zeros(2, int)]})
+    with pytest.raises(TypeError, match=r"params\['b'\] must be a floating-point array, got float"):
+        training.weight_decay_mask({"b": 0.5})
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -370,8 +530,11 @@ def test_schedule_warms_up_linearly_then_decays_along_a_cosine_to_min_lr():
     assert lr(110) == 0.1 and lr(1000) == 0.1                  # min_lr from total_steps on
     values = [lr(step) for step in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))     # never rises after warm-up
+    assert lr(9) == pytest.approx(0.9, rel=1e-15)               # the last warm-up step: max_lr * 9 / 10
+    assert 0.1 < lr(109) < 0.1 + 0.9 * 1e-3                    # the last cosine step, just above min_lr
     assert training.lr_schedule(0, 0.3, 0, 10) == 0.3          # no warm-up: starts at max_lr
     assert training.lr_schedule(5, 0.3, 5, 5) == 0.0           # warm-up straight into the end
+    assert all(type(lr(step)) is float for step in (0, 5, 60, 110))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -379,6 +542,8 @@ def test_schedule_warms_up_linearly_then_decays_along_a_cosine_to_min_lr():
     ((1.5, 1.0, 10, 100), "step must be an integer >= 0, got 1.5"),
     ((1, 1.0, -2, 100), "warmup_steps must be an integer >= 0, got -2"),
     ((1, 1.0, 10, 5), "total_steps must be >= warmup_steps = 10, got 5"),
+    ((0, 1.0, 0, 0), "total_steps must be an integer >= 1, got 0"),
+    ((True, 1.0, 10, 100), "step must be an integer >= 0, got True"),
     ((1, 1.0, 10, 100, 2.0), r"min_lr must be in \[0, max_lr = 1.0\], got 2.0"),
     ((1, 1.0, 10, 100, -0.1), r"min_lr must be a finite number >= 0, got -0.1"),
     ((1, "1", 10, 100), r"max_lr must be a finite number >= 0, got '1'"),
@@ -430,6 +595,10 @@ def test_check_tree_names_the_first_missing_extra_or_misshaped_leaf_by_its_path(
             training.check_tree("params", tree, like)
     with pytest.raises(TypeError, match=r"params\['layers'\]\[0\] must be a dict with keys \['w'\], got float64 array"):
         training.check_tree("params", {**like, "layers": [np.zeros(4), {"w": np.zeros(4)}]}, like)
+    shapes = {"a": (2,)}                                       # shapes only, with the dtype every leaf must have
+    training.check_tree("params", {"a": np.zeros(2, np.float32)}, shapes, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"params\['a'\] must be a float64 array of shape \(2,\), got float32"):
+        training.check_tree("params", {"a": np.zeros(2, np.float32)}, shapes, dtype=np.float64)
 
 
 def test_check_rng_and_check_positive_int_name_the_argument():
