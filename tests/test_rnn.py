@@ -1,5 +1,15 @@
-"""Tests for rnn.py: BPTT gradients, agreement with torch.nn.RNN/LSTM/GRU, causality, the gradient-norm
-measurement and the character model (training.py's tools have tests/test_training.py)."""
+"""Tests for rnn.py (training.py's tools have tests/test_training.py), what they prove:
+
+- backpropagation through time is right: every backward (tanh RNN, LSTM with and without dc_T, GRU, the
+  character model) against finite differences with a random upstream gradient, and against
+  torch.nn.RNN/LSTM/GRU with copied weights where torch is installed;
+- causality: the output at step t ignores every input after t;
+- the gradient-norm measurement: a tanh RNN with ||W_hh|| < 1 decays at least geometrically, with a large
+  ||W_hh|| it explodes, an LSTM keeps its gradient with its forget gate held open;
+- the character model learns the grammar and samples from it (greedy at temperature 0);
+- every wrong call is refused by name: an upstream gradient of another shape or dtype, a params tree for
+  another cell or size, a cache from another function, an rng that is not a Generator, sizes of 0.
+"""
 import ast
 
 import numpy as np

@@ -1,6 +1,18 @@
-"""Tests for training.py: the embedding and cross-entropy gradients, cross-entropy = PyTorch's (ignore_index,
-label smoothing), AdamW = torch.optim.AdamW with decay groups, clipping = clip_grad_norm_, the schedule, and
-every bad input refused. Each PyTorch claim is also checked without torch, by hand-computed values."""
+"""Tests for training.py, what they prove (each PyTorch claim is also checked without torch):
+
+- the embedding's and cross-entropy's gradients (with ignore_index and label smoothing) match finite
+  differences; smoothing gives eps / V to every class as PyTorch does (a hand-computed example, and
+  torch.nn.functional.cross_entropy where installed); ignored positions leave the mean;
+- AdamW: the update written out by hand over several steps; eps sits outside sqrt(v_hat) (a case where
+  the placements differ by 9x); decay is decoupled and decay=None shrinks every leaf, vectors included,
+  by exactly 1 - lr wd; the first step moves each parameter by about lr; torch.optim.AdamW with decay
+  groups where installed, float64 and float32;
+- clipping by global norm (= clip_grad_norm_), its behaviour at norm 0 and at exactly max_norm; the
+  schedule's values at its boundaries;
+- the shared checks every model file uses (check_tree, check_rng, check_positive_int) name the first
+  missing, extra or mis-shaped leaf by its path; every wrong call (a state or grads from another tree,
+  integer parameters, a bad decay tree) is refused by name.
+"""
 import ast
 import math
 import sys

@@ -1,4 +1,20 @@
-"""Tests for vit.py: each test name is the property it proves.
+"""Tests for vit.py, what they prove (each test name is the property it proves):
+
+- patchify then unpatchify is the identity, and patches are laid out row-major as (C, P, P): the patch
+  embedding equals a convolution written as loops (and torch.nn.Conv2d where installed), outputs and
+  gradients;
+- finite differences with random upstream gradients for patchify, the patch embedding, the class token,
+  the head (both poolings) and whole models with each position scheme, along a random direction;
+- the forward equals the composition the docstring writes; MAE's 2D sine-cosine layout against
+  hand-computed values; without positions, permuting the patches permutes the patch outputs and leaves
+  the class token's unchanged, and either position scheme breaks that;
+- attention rollout: heads averaged, identity added, each row divided by its own sum (the keepdims bug
+  that divides column j by row j's sum fails), layers multiplied in order (a 2-layer example by hand);
+  weights that are not probabilities are refused;
+- the demo reaches its stated accuracy (chance is 0.5) and rollout finds the marked patches; no step runs
+  at learning rate 0;
+- every wrong call is refused by name: a config field, a params tree built for another config, images of
+  another dtype than the params, a cache from another function, an rng that is not a Generator.
 
 Tests taking `xp` run on NumPy, on CuPy on a CPU, and with a GPU on CuPy. Gradient checks are float64 with
 random upstream gradients (tests/gradcheck.py).
