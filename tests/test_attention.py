@@ -910,7 +910,8 @@ BAD_CALLS = {
     "sliding_window_mask T -1": (lambda xp: sliding_window_mask(-1, xp=xp), ValueError,
                                  r"T must be an integer >= 0, got -1"),
     "global token out of range": (lambda xp: sliding_window_mask(4, left=1, global_tokens=(0, 4), xp=xp),
-                                  ValueError, r"global_tokens must be a sequence of integer positions in \[0, 4\), got \[0, 4\]"),
+                                  ValueError, r"global_tokens must be a sequence of integer positions in "
+                                              r"\[0, 4\), got \[0, 4\]"),
     "global token negative": (lambda xp: sliding_window_mask(4, global_tokens=[-1], xp=xp), ValueError,
                               r"global_tokens must be .* in \[0, 4\), got \[-1\]"),
     "global tokens a number": (lambda xp: sliding_window_mask(4, global_tokens=2, xp=xp), ValueError,
