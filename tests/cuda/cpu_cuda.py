@@ -12,8 +12,9 @@ The same source built with -fsanitize=thread or -fsanitize=address checks the ke
 (a missing __syncthreads) and out-of-bounds accesses. A sanitized library must run in a Python started
 with the sanitizer's runtime loaded first, so run_under_sanitizer sends the launches to a fresh one.
 
-Run `python tests/cuda/cpu_cuda.py` to watch flash.py's CUDA kernels match the NumPy path on a CPU, and
-`python tests/cuda/cpu_cuda.py --sanitizer thread` (or address) to run them under a sanitizer.
+Run `python tests/cuda/cpu_cuda.py` to watch flash.py's CUDA kernels match the NumPy path on a CPU (add
+`--causal`, or `--window 20 0` for a sliding window), and `python tests/cuda/cpu_cuda.py --sanitizer thread`
+(or address) to run them under a sanitizer.
 """
 import ctypes
 import hashlib
