@@ -53,7 +53,8 @@ Shapes: q (..., T, Dh), k (..., S, Dh), v (..., S, Dv). NumPy arrays (and CuPy f
 tiled loops below; CuPy float32 arrays run the CUDA kernels of the appendix (Dv = Dh <= 128), built for
 sm_80 (A100) and sm_90 (H100, H200). With Dh > 64 a block needs 92 to 150 KiB of shared memory, more than
 consumer GPUs (sm_86, sm_89: 99 KiB) give one, so there keep Dh <= 64. tests/cuda runs the same kernels on
-a CPU. Imports attention.py (get_xp, sum_to_shape and its input checks; the demo also attention_forward).
+a CPU.
+Imports attention.py (get_xp, sum_to_shape and its input checks; the demo also attention_forward).
 """
 import collections
 import functools

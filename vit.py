@@ -47,10 +47,10 @@ chance and that rollout puts the class token's mass on the two patches. Its figu
 
 Shapes: B batch, C channels, H x W image, P patch side, N patches, D width, F feed-forward width, K classes;
 attention weights are (B, heads, N+1, N+1) (H is the image's height here, not the number of heads).
-Project files it needs (copy them along with it): transformer.py, attention.py, positional.py, multihead.py,
-training.py, erf.py. It imports transformer.py (encoder layers, LayerNorm), positional.py (learned
-positions) and training.py (get_xp, the input checks; Adam, the schedule and cross-entropy for the task);
-transformer.py imports the others. Runs on NumPy or CuPy arrays unchanged.
+Imports transformer.py, attention.py, positional.py, multihead.py, training.py and erf.py (copy them along
+with it): directly transformer.py (encoder layers, LayerNorm), positional.py (learned positions) and
+training.py (get_xp, the input checks; Adam, the schedule and cross-entropy for the task); transformer.py
+imports the others. Runs on NumPy or CuPy arrays unchanged.
 """
 import math
 
