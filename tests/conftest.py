@@ -6,7 +6,12 @@
 - The `xp` fixture: runs a test with NumPy arrays, with "CuPy on a CPU" (tests/cuda/cupy_on_cpu.py: a
   `cupy` whose arrays live in host memory and whose RawKernels run on the CPU), and with CuPy arrays on
   a GPU (marked `gpu`). So the CuPy path of every file runs in every test session, and on a GPU too.
+- `--student DIR`: run the tests against the project files in DIR (an exercise made by tools/exercise.py)
+  instead of the reference ones, and end with one line per failed test naming the property it checks.
 """
+import importlib.abc
+import importlib.machinery
+import inspect
 import os
 import shutil
 import sys
@@ -18,7 +23,8 @@ from hypothesis import HealthCheck, settings
 # Tests import the concept files from the repository root, as a student running `python -m pytest` would;
 # tests/cuda holds the tools that run CUDA kernels on a CPU (not a package: found through the path).
 TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(TESTS))
+REPO = os.path.dirname(TESTS)
+sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(TESTS, "cuda"))
 
 settings.register_profile("fast", max_examples=12, deadline=None,
@@ -87,3 +93,107 @@ def pytest_runtest_protocol(item, nextitem):
 def xp(request):
     """The array module a test runs on: numpy, CuPy on a CPU, and cupy where a GPU is present."""
     return array_module(request.param)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exercises: `python -m pytest tests/test_attention.py --student DIR` runs the same tests on the student's
+# copy in DIR. Every project module (a top-level *.py of the repository) then comes from DIR or not at all:
+# a reference file silently standing in for a missing copy would grade the reference, not the student.
+
+PROJECT_MODULES = frozenset(name[:-3] for name in os.listdir(REPO) if name.endswith(".py"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--student", metavar="DIR", default=None,
+                     help="run the tests against the project files in DIR (made by tools/exercise.py) "
+                          "instead of the repository's; failed tests are summarised by the property they check")
+
+
+class StudentFinder(importlib.abc.MetaPathFinder):
+    """Finds project modules in the student folder only; anything else is left to the usual finders."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in PROJECT_MODULES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, [self.folder])
+        if spec is None:
+            raise ModuleNotFoundError(f"--student {self.folder}: {name}.py is not in the student folder, and the "
+                                      f"reference {name}.py may not stand in for it; make the folder with "
+                                      f"`python tools/exercise.py MODULE.FUNCTION --out {self.folder}`", name=name)
+        return spec
+
+
+def pytest_configure(config):
+    folder = config.getoption("student")
+    if folder is None:
+        return
+    folder = os.path.realpath(folder)
+    if not os.path.isdir(folder):
+        raise pytest.UsageError(f"--student needs a folder made by tools/exercise.py, got {folder!r} (no such folder)")
+    if folder == os.path.realpath(REPO):
+        raise pytest.UsageError("--student needs a copy of the project files, got the repository root itself")
+    loaded = sorted(name for name in PROJECT_MODULES if name in sys.modules)
+    if loaded:      # imported before this hook (by a plugin): the tests would see the reference
+        raise pytest.UsageError(f"--student: {', '.join(loaded)} were imported from the reference before the "
+                                "tests started; run pytest without plugins that import project files")
+    sys.path.insert(0, folder)                      # before any test module imports a project module
+    sys.meta_path.insert(0, StudentFinder(folder))
+    import helpers                                  # demos run as `python ROOT/file.py`: the student's file
+    from pathlib import Path
+    helpers.ROOT = Path(folder)
+    # Failing examples are remembered in the student folder, not in the repository's .hypothesis/.
+    from hypothesis.database import DirectoryBasedExampleDatabase
+    settings.register_profile("student", settings(settings.default,
+                                                  database=DirectoryBasedExampleDatabase(
+                                                      os.path.join(folder, ".hypothesis"))))
+    settings.load_profile("student")
+    config.stash[STUDENT] = folder
+
+
+STUDENT = pytest.StashKey[str]()
+
+
+def property_of(item):
+    """What a test proves, in words: its docstring's first paragraph, or else its name read as a sentence
+    (the names are written as properties: test_future_tokens_cannot_change_past_outputs)."""
+    doc = inspect.getdoc(getattr(item, "function", None))
+    if doc:
+        return " ".join(doc.split("\n\n")[0].split())
+    return item.originalname.removeprefix("test_").replace("_", " ") if hasattr(item, "originalname") \
+        else item.name
+
+
+def why_it_failed(report):
+    """One line: the stub still in place, or the first line of the assertion or error message."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = crash.message if crash is not None else str(report.longrepr)
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    if first.startswith("NotImplementedError"):
+        return "not written yet (" + first + ")"
+    return first[:200]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed and STUDENT in item.config.stash:
+        report.user_properties.append(("property", property_of(item)))
+        report.sections.append(("property this test checks", property_of(item)))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if STUDENT not in config.stash:
+        return
+    failed = [r for kind in ("failed", "error") for r in terminalreporter.stats.get(kind, [])]
+    passed = len(terminalreporter.stats.get("passed", []))
+    terminalreporter.section(f"exercise graded on {config.stash[STUDENT]}")
+    for report in failed:
+        name = report.nodeid.split("::")[-1]
+        prop = dict(report.user_properties).get("property", name)
+        terminalreporter.line(f"BROKEN  {prop}")
+        terminalreporter.line(f"        {name}: {why_it_failed(report)}")
+    verdict = "every property holds" if not failed and passed else f"{len(failed)} failed, {passed} passed"
+    terminalreporter.line(f"{verdict}")
