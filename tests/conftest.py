@@ -12,13 +12,14 @@
 import importlib.abc
 import importlib.machinery
 import inspect
+import json
 import os
 import shutil
 import sys
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 # Tests import the concept files from the repository root, as a student running `python -m pytest` would;
 # tests/cuda holds the tools that run CUDA kernels on a CPU (not a package: found through the path).
@@ -31,6 +32,11 @@ settings.register_profile("fast", max_examples=12, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
+# "fail-fast": the first failing example ends a test, unshrunk and unexplained (tests/test_exercise.py grades
+# dozens of stubs and only asks whether a test fails).
+settings.register_profile("fail-fast", max_examples=12, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow],
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 
@@ -47,6 +53,8 @@ def cuda_available():
 
 
 def pytest_collection_modifyitems(config, items):
+    if STUDENT in config.stash:
+        tests_of_the_exercise_first(config.stash[STUDENT], items)
     import cpu_cuda
     skips = {"gpu": (not cuda_available(), "needs CuPy with a CUDA device (cupy.is_available() is False)"),
              "cupy_on_cpu": (shutil.which(cpu_cuda.CXX) is None,
@@ -156,6 +164,40 @@ def pytest_configure(config):
 STUDENT = pytest.StashKey[str]()
 
 
+def tests_of_the_exercise_first(folder, items):
+    """Run first the tests whose code names the exercise's function (read from the folder's .exercise.json),
+    then those naming a function of its file that calls it (generate, for a step of generation), keeping
+    the file's order otherwise: with -x, the first failure is about the exercise."""
+    try:
+        with open(os.path.join(folder, ".exercise.json"), encoding="utf-8") as f:
+            module_name, _, function = json.load(f)["exercise"].rpartition(".")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return                                      # a folder made by hand: the file's own order
+
+    def names(code):                                # globals and attributes the code (and its lambdas) uses
+        return set(code.co_names).union(*(names(c) for c in code.co_consts if inspect.iscode(c)))
+
+    module = sys.modules.get(module_name)
+    uses = {name: names(f.__code__) for name, f in vars(module).items()
+            if inspect.isfunction(f) and f.__module__ == module_name} if module else {}
+    callers, grown = {function}, True
+    while grown:                                    # every function of the file that reaches the exercise
+        grown = False
+        for name, used in uses.items():
+            if name not in callers and used & callers:
+                callers.add(name)
+                grown = True
+
+    def rank(item):
+        test = getattr(item, "obj", None)
+        test = getattr(getattr(test, "hypothesis", None), "inner_test", test)   # @given wraps the test
+        code = getattr(inspect.unwrap(test), "__code__", None) if callable(test) else None
+        used = names(code) if code is not None else set()
+        return 0 if function in used else 1 if used & callers else 2
+
+    items.sort(key=rank)                            # stable: the file's order within each rank
+
+
 def property_of(item):
     """What a test proves, in words: its docstring's first paragraph, or else its name read as a sentence
     (the names are written as properties: test_future_tokens_cannot_change_past_outputs)."""
@@ -195,5 +237,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         prop = dict(report.user_properties).get("property", name)
         terminalreporter.line(f"BROKEN  {prop}")
         terminalreporter.line(f"        {name}: {why_it_failed(report)}")
+    imported = sorted(module.__file__ for name, module in sys.modules.items()
+                      if name in PROJECT_MODULES and getattr(module, "__file__", None))
+    terminalreporter.line("project files imported: " + ", ".join(imported))
     verdict = "every property holds" if not failed and passed else f"{len(failed)} failed, {passed} passed"
     terminalreporter.line(f"{verdict}")

@@ -20,10 +20,13 @@ Imports only the standard library.
 import argparse
 import ast
 import difflib
+import functools
 import hashlib
+import io
 import json
 import os
 import sys
+import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,18 +59,31 @@ def project_modules():
 
 
 def parse(path):
-    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    stat = os.stat(path)
+    return _parse(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def imported_names(tree):
-    """Every top-level module name an import statement in tree names, nested imports included."""
+@functools.lru_cache(maxsize=256)
+def _parse(path, mtime_ns, size):                  # a file is read once per version (the tests ask often)
+    with open(path, encoding="utf-8") as f:
+        return ast.parse(f.read(), filename=path)
+
+
+def imported_names(path):
+    """Every top-level module name an import statement in the file names, nested imports included."""
+    stat = os.stat(path)
+    return _imported_names(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _imported_names(path, mtime_ns, size):
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(_parse(path, mtime_ns, size)):
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-    return names
+    return frozenset(names)
 
 
 def closure(paths):
@@ -82,7 +98,7 @@ def closure(paths):
         if path in seen:
             continue
         seen.add(path)
-        for name in imported_names(parse(path)):
+        for name in imported_names(path):
             if name in project:
                 found.add(name)
                 todo.append(project[name])
@@ -122,10 +138,23 @@ def exercises():
 # The stub
 
 
-def stub_source(source, function):
+def header_end(lines, node):
+    """(line index, column) just after the colon that ends the `def ...:` header of node."""
+    text = "".join(lines[node.lineno - 1:])
+    depth = 0
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type == tokenize.OP:
+            depth += (token.string in "([{") - (token.string in ")]}")
+            if token.string == ":" and depth == 0:
+                return node.lineno - 1 + token.end[0] - 1, token.end[1]
+    raise ValueError(f"no end to the header of {node.name}")
+
+
+def stub_source(source, function, tree=None):
     """source with `function`'s body replaced by a raise of NotImplementedError naming it; the lines from its
-    decorators through its docstring, and every other line of the file, are kept as they are."""
-    tree = ast.parse(source)
+    decorators through its docstring, and every other line of the file, are kept as they are.
+    tree: source's ast, when the caller has it."""
+    tree = ast.parse(source) if tree is None else tree
     node = top_level_functions(tree)[function]
     lines = source.splitlines(keepends=True)
     body = node.body
@@ -135,14 +164,10 @@ def stub_source(source, function):
     if has_docstring:                                          # keep through the docstring's closing quotes
         head = lines[:first.end_lineno - 1] + [lines[first.end_lineno - 1][:first.end_col_offset] + "\n"]
         indent = " " * first.col_offset
-    else:
-        before = lines[first.lineno - 1][:first.col_offset]
-        if before.strip():                                     # `def f(x): return x` on one line
-            head = lines[:first.lineno - 1] + [before.rstrip() + "\n"]
-            indent = " " * (node.col_offset + 4)
-        else:
-            head = lines[:first.lineno - 1]
-            indent = " " * first.col_offset
+    else:                                                      # keep through the colon ending the header
+        row, col = header_end(lines, node)
+        head = lines[:row] + [lines[row][:col] + "\n"]
+        indent = " " * (first.col_offset if first.lineno - 1 > row else node.col_offset + 4)
     end = node.end_lineno                                      # lines[end:] follow the function
     while end < len(lines) and lines[end].strip().startswith("#") and \
             len(lines[end]) - len(lines[end].lstrip()) >= len(indent):
@@ -210,7 +235,7 @@ def make_exercise(module, function, out):
     for name in files:
         text = project[name].read_text(encoding="utf-8")
         if name == module:
-            text = stub_source(text, function)
+            text = stub_source(text, function, parse(project[name]))
         with open(out / f"{name}.py", "w", encoding="utf-8", newline="") as f:
             f.write(text)
         written[f"{name}.py"] = digest(text)
