@@ -209,13 +209,13 @@ def property_of(item):
 
 
 def why_it_failed(report):
-    """One line: the stub still in place, or the first line of the assertion or error message."""
+    """One line: the stub still in place, or the start of the assertion or error message."""
     crash = getattr(report.longrepr, "reprcrash", None)
     message = crash.message if crash is not None else str(report.longrepr)
-    first = message.strip().splitlines()[0] if message.strip() else "failed"
-    if first.startswith("NotImplementedError"):
-        return "not written yet (" + first + ")"
-    return first[:200]
+    lines = [line.strip() for line in message.splitlines() if line.strip()] or ["failed"]
+    if lines[0].startswith("NotImplementedError"):
+        return "not written yet (" + lines[0] + ")"
+    return " / ".join(lines[:3])[:200]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -232,11 +232,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     failed = [r for kind in ("failed", "error") for r in terminalreporter.stats.get(kind, [])]
     passed = len(terminalreporter.stats.get("passed", []))
     terminalreporter.section(f"exercise graded on {config.stash[STUDENT]}")
+    by_property = {}                                # one entry per property, however many cases failed it
     for report in failed:
         name = report.nodeid.split("::")[-1]
-        prop = dict(report.user_properties).get("property", name)
+        by_property.setdefault(dict(report.user_properties).get("property", name), []).append((name, report))
+    for prop, cases in by_property.items():
+        name, report = cases[0]
+        more = f"  (and {len(cases) - 1} more failed cases)" if len(cases) > 1 else ""
         terminalreporter.line(f"BROKEN  {prop}")
-        terminalreporter.line(f"        {name}: {why_it_failed(report)}")
+        terminalreporter.line(f"        {name}: {why_it_failed(report)}{more}")
     imported = sorted(module.__file__ for name, module in sys.modules.items()
                       if name in PROJECT_MODULES and getattr(module, "__file__", None))
     terminalreporter.line("project files imported: " + ", ".join(imported))

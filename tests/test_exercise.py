@@ -14,10 +14,10 @@ and the "fail-fast" hypothesis profile (a failing example is not shrunk).
 import ast
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -30,7 +30,7 @@ import exercise as tool  # noqa: E402
 EXERCISES = tool.exercises()
 IDS = [f"{module}.{function}" for module, function, _ in EXERCISES]
 # The options of a grading run, and two that only change how a failure is printed. Plugins are not
-# autoloaded (GRADER_ENV): hypothesis's would rewrite its 70 modules' asserts on every start and, on a
+# autoloaded (Grader): hypothesis's would rewrite its 70 modules' asserts on every start and, on a
 # failure, import libcst and write a patch file into the repository's .hypothesis/.
 OPTIONS = ["-q", "-p", "no:cacheprovider", "--tb=native", "--assert=plain"]
 GRADE_OPTIONS = ["-x", *OPTIONS]
@@ -39,8 +39,7 @@ GRADE_OPTIONS = ["-x", *OPTIONS]
 # Grading runs, forked from a server that imported the heavy modules once
 
 SERVER = r"""
-import json, os, sys
-import gc
+import gc, json, os, signal, sys
 import numpy, numpy.testing, pytest, hypothesis, hypothesis.strategies, _pytest.assertion.rewrite
 gc.freeze()     # what is imported here is never garbage: the runs' gc.collect() calls skip it
 print("ready", flush=True)
@@ -48,6 +47,7 @@ for line in sys.stdin:
     args, log = json.loads(line)
     pid = os.fork()
     if pid == 0:
+        signal.alarm(240)                       # a run that hangs is killed (exit status -14), not waited for
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
@@ -65,37 +65,39 @@ for line in sys.stdin:
 
 
 class Grader:
-    """Runs `pytest TEST --student DIR *options` in a child forked from a warm server; returns (rc, output)."""
+    """Runs `pytest TEST --student DIR *options` in a child forked from a warm server; returns (rc, output).
+    Two servers, so that two runs go at once on two cores."""
 
     def __init__(self, workers=2):
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", HYPOTHESIS_PROFILE="fail-fast")
         env.pop("PYTEST_ADDOPTS", None)
-        self.servers = []
-        for _ in range(workers):
-            server = subprocess.Popen([sys.executable, "-c", SERVER], cwd=ROOT, env=env, text=True,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            assert server.stdout.readline().strip() == "ready"
-            self.servers.append((server, threading.Lock()))
+        self.servers = [subprocess.Popen([sys.executable, "-c", SERVER], cwd=ROOT, env=env, text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(workers)]
+        self.idle = queue.Queue()
+        for server in self.servers:
+            assert server.stdout.readline().strip() == "ready", "the grading server did not start"
+            self.idle.put(server)
 
-    def grade(self, test, folder, *options, worker=0):
-        server, lock = self.servers[worker % len(self.servers)]
+    def grade(self, test, folder, *options):
         log = os.path.join(folder, "grading.log")
-        with lock:
+        server = self.idle.get()
+        try:
             server.stdin.write(json.dumps([[str(test), "--student", str(folder), *options], log]) + "\n")
             server.stdin.flush()
             rc, seconds = server.stdout.readline().split()
+        finally:
+            self.idle.put(server)
         with open(log, encoding="utf-8") as f:
             return int(rc), f.read() + f"\n(grading run: {seconds} s of CPU)\n"
 
     def grade_all(self, jobs):
-        """jobs: [(test, folder, options)] -> [(rc, output)], spread over the servers."""
+        """jobs: [(test, folder, options)] -> [(rc, output)], two at a time."""
         with ThreadPoolExecutor(len(self.servers)) as pool:
-            return list(pool.map(lambda ij: self.grade(ij[1][0], ij[1][1], *ij[1][2], worker=ij[0]),
-                                 enumerate(jobs)))
+            return list(pool.map(lambda job: self.grade(job[0], job[1], *job[2]), jobs))
 
     def close(self):
-        for server, _ in self.servers:
+        for server in self.servers:
             server.stdin.close()
             server.wait(timeout=30)
 
@@ -186,15 +188,24 @@ def planted(module, name, old, new):
     return source.replace(body, body.replace(old, new))
 
 
+def unscaled_scores():
+    """attention.py whose attention_forward forgets the scale: `(q k^T) * scale` becomes `(q k^T)`."""
+    source = (ROOT / "attention.py").read_text(encoding="utf-8")
+    node = tool.top_level_functions(ast.parse(source))["attention_forward"]
+    [product] = [n for n in ast.walk(node) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mult)
+                 and isinstance(n.right, ast.Name) and n.right.id == "scale"]
+    return planted("attention", "attention_forward", ast.get_source_segment(source, product),
+                   ast.get_source_segment(source, product.left))
+
+
 def forgetting_the_residual():
     """transformer.py whose encoder_layer_backward returns only the gradient through each sublayer's f,
-    forgetting the residual path's (a sublayer backward without `dout +`)."""
+    forgetting the residual path's: a copy of _sublayer_backward whose `dx = dout + dx_f` is `dx = dx_f`."""
     source = (ROOT / "transformer.py").read_text(encoding="utf-8")
     helper = function_text(source, "_sublayer_backward")
-    buggy = helper.replace("def _sublayer_backward(", "def _sublayer_backward_without_residual(")
-    for residual in ("dx = dout + dx_f", "dx = dsum + dx_f"):
-        assert buggy.count(residual) == 1, f"cannot plant the bug: _sublayer_backward no longer holds {residual!r}"
-        buggy = buggy.replace(residual, "dx = dx_f")
+    buggy, n = re.subn(r"\bdx = \w+ \+ dx_f\b", "dx = dx_f", helper)
+    assert n >= 1, "cannot plant the bug: _sublayer_backward no longer sums `dx = <residual> + dx_f`"
+    buggy = buggy.replace("def _sublayer_backward(", "def _sublayer_backward_without_residual(")
     encoder = function_text(source, "encoder_layer_backward")
     assert "_sublayer_backward(" in encoder, "cannot plant the bug: encoder_layer_backward changed"
     source = source.replace(encoder, encoder.replace("_sublayer_backward(", "_sublayer_backward_without_residual("))
@@ -204,8 +215,7 @@ def forgetting_the_residual():
 PLANTED = {
     "attention_forward without the 1/sqrt(Dk) scale": (
         "attention", "attention_forward",
-        lambda: planted("attention", "attention_forward", "(q @ xp.swapaxes(k, -1, -2)) * scale",
-                        "(q @ xp.swapaxes(k, -1, -2))"),
+        unscaled_scores,
         {"test_output_equals_the_formula_computed_independently",
          "test_default_scale_is_one_over_sqrt_of_the_query_key_width_not_the_value_width",
          "test_an_explicit_scale_multiplies_the_scores"}),

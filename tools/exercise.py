@@ -10,10 +10,11 @@ so the docstring's equations say what to write. The grading command it prints,
 
     python -m pytest tests/test_attention.py --student exercises
 
-runs that file's tests on the copy instead of the reference (tests/conftest.py), and names the property
-each failed test checks. The tool reads source with `ast` and never imports a project file; it writes into
-DIR only, and refuses a DIR that holds anything it did not write (the repository root among them) or a
-copy the student has changed since it wrote it.
+runs that file's tests on the copy instead of the reference (tests/conftest.py), the tests that call the
+exercise's function first, and names the property each failed test checks. The tool reads source with
+`ast` and never imports a project file. It writes into DIR only, and refuses a DIR it could damage: the
+repository root, its folders (exercises/ aside) and the folders above it, a folder holding files it did
+not write, or a copy the student has changed since it wrote it.
 
 Imports only the standard library.
 """
@@ -286,7 +287,8 @@ def shown(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="tools/exercise.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="tools/exercise.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="\n\n".join(__doc__.split("\n\n")[:5]))
     parser.add_argument("target", nargs="?", metavar="MODULE.FUNCTION", help="e.g. attention.attention_forward")
     parser.add_argument("--out", default=str(ROOT / "exercises"), metavar="DIR",
                         help="where to write the exercise (default: exercises/ in the repository)")
