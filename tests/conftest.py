@@ -244,5 +244,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     imported = sorted(module.__file__ for name, module in sys.modules.items()
                       if name in PROJECT_MODULES and getattr(module, "__file__", None))
     terminalreporter.line("project files imported: " + ", ".join(imported))
-    verdict = "every property holds" if not failed and passed else f"{len(failed)} failed, {passed} passed"
-    terminalreporter.line(f"{verdict}")
+    terminalreporter.line("every property holds" if not failed and passed else
+                          f"{len(by_property)} properties broken ({len(failed)} failed tests), {passed} tests passed")
