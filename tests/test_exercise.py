@@ -104,6 +104,8 @@ class Grader:
 
 @pytest.fixture(scope="module")
 def grader():
+    if not hasattr(os, "fork"):
+        pytest.skip("the grading runs fork from a warm server, which needs os.fork (Linux, macOS)")
     g = Grader()
     yield g
     g.close()

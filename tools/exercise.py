@@ -315,6 +315,7 @@ def main(argv=None):
     print(f"  'Input checks' section for the checkers it calls).")
     print(f"Grade it (every test of {test.name}, run on your copy):")
     print(f"  python -m pytest {shown(test)} --student {shown(out)}")
+    print(f"The tests that call {function} run first; add -x to stop at the first broken property.")
     return 0
 
 
