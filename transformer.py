@@ -520,7 +520,7 @@ def _output_backward(dlogits, cache, params, config, grads):
     return dlogits @ params["W_out"].T, None                                     # (B, L, D)
 
 
-def transformer_forward(params, config, tokens, src=None, dropout=0.0, rng=None):
+def transformer_forward(tokens, params, config, src=None, dropout=0.0, rng=None):
     """Logits (B, T, V) of the model in config['kind'].
 
     tokens int (B, T): BERT's input, GPT's input, or the encoder-decoder's target shifted right.
@@ -570,12 +570,12 @@ def transformer_backward(dlogits, cache):
     return {key: grads[key] for key in params}
 
 
-def lm_loss_forward(params, config, tokens, targets, src=None, label_smoothing=0.0, dropout=0.0, rng=None):
+def lm_loss_forward(tokens, targets, params, config, src=None, label_smoothing=0.0, dropout=0.0, rng=None):
     """Mean cross-entropy of the logits against targets (B, T); targets = -100 are ignored (training.py).
 
     Returns loss (a float) and cache for lm_loss_backward.
     """
-    logits, model_cache = transformer_forward(params, config, tokens, src, dropout, rng)
+    logits, model_cache = transformer_forward(tokens, params, config, src, dropout, rng)
     loss, loss_cache = cross_entropy_forward(logits, targets, ignore_index=-100, label_smoothing=label_smoothing)
     return loss, {"model": model_cache, "loss": loss_cache}
 
@@ -655,7 +655,7 @@ def _layer_step(x, layer, kv, config, n_cached, keep, memory_kv=None, memory_mas
     return sublayer(x, ff_norm, lambda z: feed_forward_forward(z, layer["ff"], config["activation"]))
 
 
-def generate(params, config, prompt, n_new, src=None, temperature=0.0, rng=None, use_cache=True):
+def generate(prompt, n_new, params, config, src=None, temperature=0.0, rng=None, use_cache=True):
     """Continue prompt (B, T0) by n_new tokens, greedily (temperature 0) or by sampling softmax(logits / temp).
 
     For 'decoder' (GPT) and 'encoder-decoder' (prompt = the start symbol, src = the source). use_cache=True
@@ -696,7 +696,7 @@ def generate(params, config, prompt, n_new, src=None, temperature=0.0, rng=None,
                 h = layer_norm_forward(h, params["dec_norm"]["gamma"], params["dec_norm"]["beta"])[0]
             logits = _output_forward(h, params, config)[0][:, 0]                   # (B, V)
         else:
-            logits = transformer_forward(params, config, tokens, src)[0][:, -1]    # (B, V)
+            logits = transformer_forward(tokens, params, config, src)[0][:, -1]    # (B, V)
         all_logits.append(logits)
         if temperature == 0:
             next_token = logits.argmax(axis=-1)                # (B,)
@@ -859,7 +859,7 @@ if __name__ == "__main__":
 
     def exact_match(n=1000):
         bos = np.ones((n, 1), np.int64)
-        out, _ = generate(params, config, bos, L, src=test_src[:n])             # greedy, with the KV cache
+        out, _ = generate(bos, L, params, config, src=test_src[:n])             # greedy, with the KV cache
         return float((out[:, 1:] == test_targets[:n]).all(axis=1).mean()), out[:, 1:]
 
     print(f"Reverse {L} symbols of {n_symbols}: an encoder-decoder transformer, D={config['D']}, "
@@ -868,7 +868,7 @@ if __name__ == "__main__":
     start, curve = time.perf_counter(), []
     for step in range(args.steps + 1):
         src, decoder_input, targets = reversal_batch(rng, B, L, n_symbols)
-        loss, cache = lm_loss_forward(params, config, decoder_input, targets, src=src)
+        loss, cache = lm_loss_forward(decoder_input, targets, params, config, src=src)
         grads, norm = clip_gradients(lm_loss_backward(1.0, cache), max_norm=1.0)
         lr = lr_schedule(step + 1, 3e-3, warmup_steps=50, total_steps=args.steps + 1, min_lr=1e-4)
         params, state = adam_step(params, grads, state, lr=lr, weight_decay=0.01, decay=decay)
@@ -885,7 +885,7 @@ if __name__ == "__main__":
 
     # Where does output position t look? The cross-attention of the last decoder layer, heads averaged.
     bos_and_output = np.concatenate([np.ones((1, 1), np.int64), test_targets[:1, :-1]], axis=1)
-    _, cache = transformer_forward(params, config, bos_and_output, src=test_src[:1])
+    _, cache = transformer_forward(bos_and_output, params, config, src=test_src[:1])
     cross = cache["decoder"][-1]["cross_attn"]["attn"]["weights"][0].mean(axis=0)         # (T, S)
     anti_diagonal = cross[np.arange(L), L - 1 - np.arange(L)]
     print(f"cross-attention mass on the mirrored source position: {anti_diagonal.mean():.2f} (1/S = {1 / L:.2f})")

@@ -38,7 +38,7 @@ def on(xp, ids):
 
 
 def logits_of(params, config, tokens, src=None):
-    return tf.transformer_forward(params, config, tokens, src)[0]
+    return tf.transformer_forward(tokens, params, config, src)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_model_gradients_along_a_random_direction(xp, kind, positions):
             src[1, -2:] = 0                                    # and padded source positions
         params, tokens, src = tree_map(xp.asarray, params), xp.asarray(tokens), on(xp, src)
         rng = np.random.default_rng(3)
-        logits, cache = tf.transformer_forward(params, config, tokens, src)
+        logits, cache = tf.transformer_forward(tokens, params, config, src)
         dlogits = random_array(rng, logits.shape, np.float64, xp)
         grads = tf.transformer_backward(dlogits, cache)
         assert [g.shape for g in tree_leaves(grads)] == [p.shape for p in tree_leaves(params)]
@@ -233,9 +233,9 @@ def test_model_gradients_along_a_random_direction(xp, kind, positions):
 def test_small_model_gradients_match_finite_differences_entry_by_entry():
     config, params, tokens, src = make_model("encoder-decoder", "learned", tied=True, B=1, T=3, S=3, D=4, n_layers=1)
     targets = np.array([[2, -100, 5]])                         # one ignored position
-    loss, cache = tf.lm_loss_forward(params, config, tokens, targets, src, label_smoothing=0.1)
+    loss, cache = tf.lm_loss_forward(tokens, targets, params, config, src, label_smoothing=0.1)
     grads = tf.lm_loss_backward(1.0, cache)
-    check_gradients(lambda: tf.lm_loss_forward(params, config, tokens, targets, src, label_smoothing=0.1)[0],
+    check_gradients(lambda: tf.lm_loss_forward(tokens, targets, params, config, src, label_smoothing=0.1)[0],
                     params, grads)
 
 
@@ -245,8 +245,8 @@ def test_a_tied_table_gets_the_sum_of_its_output_and_input_gradients():
     untied = dict(params, W_out=params["embed"].T.copy())      # the same function, two separate arrays
     dlogits = np.random.default_rng(0).standard_normal((2, 5, config["V"]))
     np.testing.assert_allclose(logits_of(params, config, tokens), logits_of(untied, untied_config, tokens))
-    tied_grads = tf.transformer_backward(dlogits, tf.transformer_forward(params, config, tokens)[1])
-    untied_grads = tf.transformer_backward(dlogits, tf.transformer_forward(untied, untied_config, tokens)[1])
+    tied_grads = tf.transformer_backward(dlogits, tf.transformer_forward(tokens, params, config)[1])
+    untied_grads = tf.transformer_backward(dlogits, tf.transformer_forward(tokens, untied, untied_config)[1])
     output_use, input_use = untied_grads["W_out"].T, untied_grads["embed"]
     assert np.abs(output_use).max() > 0.1 and np.abs(input_use).max() > 0.1      # both uses contribute
     np.testing.assert_allclose(tied_grads["embed"], output_use + input_use, rtol=1e-12, atol=1e-14)
@@ -266,7 +266,7 @@ def test_tokens_and_tied_logits_start_at_unit_scale():
 
 def test_the_memory_gradient_is_the_sum_over_every_decoder_layer():
     config, params, tokens, src = make_model("encoder-decoder", "none", n_layers=3)
-    _, cache = tf.transformer_forward(params, config, tokens, src)
+    _, cache = tf.transformer_forward(tokens, params, config, src)
     dh = np.random.default_rng(0).standard_normal((2, 5, 8))
     dmemory_each, d = [], dh
     for layer_cache in reversed(cache["decoder"]):
@@ -396,7 +396,7 @@ def test_future_positions_get_exactly_zero_gradient_from_earlier_logits(xp, kind
     dlogits = np.random.default_rng(0).standard_normal((2, 5, config["V"]))
     dlogits[:, 3:] = 0                                         # a loss on positions 0, 1, 2 only
     params = tree_map(xp.asarray, params)
-    _, cache = tf.transformer_forward(params, config, xp.asarray(tokens), on(xp, src))
+    _, cache = tf.transformer_forward(xp.asarray(tokens), params, config, on(xp, src))
     grads = tree_map(to_numpy, tf.transformer_backward(xp.asarray(dlogits), cache))
     assert np.all(grads["pos"][3:] == 0) and np.all(grads["embed"][7:11] == 0)
     assert np.abs(grads["pos"][:3]).min() > 0
@@ -431,8 +431,8 @@ def test_cached_generation_equals_recomputation(xp, kind, positions, seed, promp
     # NumPy: up to the last position the table holds. The slower CuPy stand-in checks the same code path
     # (the CuPy branch of every function) on three steps.
     n_new = config["max_len"] - prompt_length if xp is np else 3
-    cached, cached_logits = tf.generate(params, config, prompt, n_new, src=src)
-    full, full_logits = tf.generate(params, config, prompt, n_new, src=src, use_cache=False)
+    cached, cached_logits = tf.generate(prompt, n_new, params, config, src=src)
+    full, full_logits = tf.generate(prompt, n_new, params, config, src=src, use_cache=False)
     np.testing.assert_array_equal(to_numpy(cached), to_numpy(full))
     cached_logits, full_logits = to_numpy(cached_logits), to_numpy(full_logits)
     # The same arithmetic on fewer rows at a time: matrix products may sum in another order, so the logits
@@ -444,11 +444,11 @@ def test_cached_generation_equals_recomputation(xp, kind, positions, seed, promp
 
 def test_sampling_is_seeded_and_follows_the_temperature():
     config, params, tokens, _ = make_model("decoder", "rope")
-    a, _ = tf.generate(params, config, tokens[:, :2], 6, temperature=1.0, rng=np.random.default_rng(4))
-    b, _ = tf.generate(params, config, tokens[:, :2], 6, temperature=1.0, rng=np.random.default_rng(4))
+    a, _ = tf.generate(tokens[:, :2], 6, params, config, temperature=1.0, rng=np.random.default_rng(4))
+    b, _ = tf.generate(tokens[:, :2], 6, params, config, temperature=1.0, rng=np.random.default_rng(4))
     np.testing.assert_array_equal(a, b)
-    greedy, _ = tf.generate(params, config, tokens[:, :2], 6)
-    cold, _ = tf.generate(params, config, tokens[:, :2], 6, temperature=1e-6, rng=np.random.default_rng(4))
+    greedy, _ = tf.generate(tokens[:, :2], 6, params, config)
+    cold, _ = tf.generate(tokens[:, :2], 6, params, config, temperature=1e-6, rng=np.random.default_rng(4))
     np.testing.assert_array_equal(cold, greedy)                # temperature -> 0 is greedy
 
 
@@ -480,7 +480,7 @@ def test_float32_stays_float32_through_a_whole_training_step(xp):
     for kind in tf.KINDS:
         config, params, tokens, src = make_model(kind, "alibi", dtype=np.float32, tied=True)
         params, tokens, src = tree_map(xp.asarray, params), xp.asarray(tokens), on(xp, src)
-        loss, cache = tf.lm_loss_forward(params, config, tokens, tokens, src, label_smoothing=0.1)
+        loss, cache = tf.lm_loss_forward(tokens, tokens, params, config, src, label_smoothing=0.1)
         assert cache["model"]["out"]["h"].dtype == np.float32
         grads = tf.lm_loss_backward(1.0, cache)
         new_params, _ = adam_step(params, grads, adam_init(params), lr=1e-3, weight_decay=0.1)
@@ -493,17 +493,17 @@ def test_the_same_code_runs_on_every_array_module(xp, kind):
     config, params, tokens, src = make_model(kind, "rope", pad_id=0)
     xp_params = tree_map(xp.asarray, params)
     xp_src = None if src is None else xp.asarray(src)
-    logits, cache = tf.transformer_forward(xp_params, config, xp.asarray(tokens), xp_src)
+    logits, cache = tf.transformer_forward(xp.asarray(tokens), xp_params, config, xp_src)
     np.testing.assert_allclose(to_numpy(logits), logits_of(params, config, tokens, src), rtol=1e-10, atol=1e-12)
     dlogits = random_array(np.random.default_rng(0), logits.shape, np.float64, xp)
     grads = tf.transformer_backward(dlogits, cache)
-    expected = tf.transformer_backward(to_numpy(dlogits), tf.transformer_forward(params, config, tokens, src)[1])
+    expected = tf.transformer_backward(to_numpy(dlogits), tf.transformer_forward(tokens, params, config, src)[1])
     for g, e in zip(tree_leaves(grads), tree_leaves(expected)):
         np.testing.assert_allclose(to_numpy(g), e, rtol=1e-9, atol=1e-12)
     if kind != "encoder":
         prompt = xp.asarray(tokens[:, :1])
-        out, _ = tf.generate(xp_params, config, prompt, 4, src=xp_src)
-        np.testing.assert_array_equal(to_numpy(out), tf.generate(params, config, tokens[:, :1], 4, src=src)[0])
+        out, _ = tf.generate(prompt, 4, xp_params, config, src=xp_src)
+        np.testing.assert_array_equal(to_numpy(out), tf.generate(tokens[:, :1], 4, params, config, src=src)[0])
 
 
 @pytest.mark.slow
@@ -533,14 +533,14 @@ def test_bad_tokens_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="src must be given"):
         logits_of(ed_params, ed_config, ed_tokens)
     with pytest.raises(ValueError, match="positions must be < max_len"):
-        tf.generate(params, config, tokens, 9)                 # the 13th position would be fed in
+        tf.generate(tokens, 9, params, config)                 # the 13th position would be fed in
     with pytest.raises(ValueError, match="prompt must hold ids in"):
-        tf.generate(params, config, tokens + 20, 2)
+        tf.generate(tokens + 20, 2, params, config)
     with pytest.raises(ValueError, match="n_new must be a non-negative integer, got -1"):
-        tf.generate(params, config, tokens, -1)
+        tf.generate(tokens, -1, params, config)
     with pytest.raises(ValueError, match="temperature must be 0 \\(greedy\\) or > 0 with an rng"):
-        tf.generate(params, config, tokens, 2, temperature=0.5)
-    out, logits = tf.generate(params, config, tokens, 0)
+        tf.generate(tokens, 2, params, config, temperature=0.5)
+    out, logits = tf.generate(tokens, 0, params, config)
     assert out is tokens and logits.shape == (2, 0, 11)
 
 
