@@ -387,12 +387,22 @@ def init_transformer(config, rng, dtype=np.float32):
     'encoder': [encoder layers] and 'enc_norm' (kinds with an encoder), 'decoder': [decoder layers for
     'encoder-decoder', causal encoder-shaped blocks for 'decoder'] and 'dec_norm', 'W_out' (D, V) unless
     tied, 'b_out' (V,)}. The final norms exist for pre-LN only (post-LN ends every layer with a norm).
-    The embedding is drawn N(0, 1/D) and multiplied by sqrt(D) in the forward (the paper's section 3.4),
-    so tokens start at unit scale next to the sinusoids, and a tied output starts with logits of unit scale.
+
+    A fresh model's loss is ln V (the cross-entropy of a uniform guess) because its logits start small:
+    each logit is LN(h) . w_v + b_v, with |LN(h)| <= sqrt(D) (gamma = 1, beta = 0) and b = 0, so it is at
+    most sqrt(D) |w_v| in size (Cauchy-Schwarz), and about |w_v| for a w_v unrelated to h.
+    - Untied: W_out ~ U(-1/sqrt(D), 1/sqrt(D)) (torch.nn.Linear), |w_v| = 1/sqrt(3): logits of std 0.6.
+      The embedding is drawn N(0, 1/D) and multiplied by sqrt(D) in the forward (the paper's section 3.4),
+      so tokens enter at unit scale, next to the unit-scale sinusoids.
+    - Tied: w_v is the token's own embedding, and h is mostly the input token's embedding, so the bound is
+      nearly met for the token itself: drawn N(0, 1/D), its logit would be sqrt(D) (8 at D = 64, a start
+      far above ln V for small V). The tied table is drawn N(0, 1/D^2) instead: every logit is at most
+      sqrt(D) |w_v| = about 1, and tokens enter sqrt(D) embed[ids] with norm about 1 (entries 1/sqrt(D)).
     """
     config = check_config(config)
     V, D, F, L = config["V"], config["D"], config["F"], config["n_layers"]
-    params = {"embed": (rng.standard_normal((V, D)) / math.sqrt(D)).astype(dtype)}      # (V, D)
+    std = 1 / D if config["tied"] else 1 / math.sqrt(D)       # tied: the output reuses it (docstring)
+    params = {"embed": (rng.standard_normal((V, D)) * std).astype(dtype)}              # (V, D)
     if config["positions"] == "learned":
         params["pos"] = init_learned_positions(config["max_len"], D, rng, dtype)        # (max_len, D)
     if config["kind"] != "decoder":

@@ -53,7 +53,7 @@ def test_gelu_is_x_times_the_normal_cdf_and_tanh_is_gpt2s_formula():
     # x**3 against x*x*x and tanh's own rounding: a few ulp of the output, or of 1 where it crosses zero.
     np.testing.assert_allclose(tf.activation_forward(x, "gelu_tanh")[0], approx, rtol=1e-14, atol=4 * EPS64)
     gap = np.abs(tf.activation_forward(x, "gelu")[0] - tf.activation_forward(x, "gelu_tanh")[0])
-    # The two GELUs differ by up to ~4.7e-4 (PITFALLS.md): a 1e-4 comparison tells which one is used.
+    # The two GELUs differ by up to ~4.7e-4 (near |x| = 2.7): a 1e-4 comparison tells which one is used.
     assert 4e-4 < gap.max() < 5e-4
 
 
@@ -252,16 +252,37 @@ def test_a_tied_table_gets_the_sum_of_its_output_and_input_gradients():
     np.testing.assert_allclose(tied_grads["embed"], output_use + input_use, rtol=1e-12, atol=1e-14)
 
 
-def test_tokens_and_tied_logits_start_at_unit_scale():
-    # The embedding is drawn N(0, 1/D) and multiplied by sqrt(D): unit-scale tokens next to the sinusoids,
-    # and a tied output (unit-scale normalised h times N(0, 1/D) rows) gives logits of unit scale.
-    config = {"kind": "decoder", "V": 200, "D": 64, "n_heads": 4, "positions": "none", "tied": True}
+@pytest.mark.parametrize("V", [12, 1000])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("kind", tf.KINDS)
+def test_a_fresh_model_starts_within_half_a_nat_of_ln_v(kind, tied, V):
+    # "Verify loss @ init" (Karpathy): a uniform guess costs ln V. Random targets, so no logit is right.
+    config = {"kind": kind, "V": V, "D": 32, "n_heads": 4, "F": 32, "n_layers": 1, "max_len": 16,
+              "positions": "sinusoidal", "tied": tied, "norm_first": kind != "encoder"}
     params = tf.init_transformer(config, np.random.default_rng(0), np.float64)
-    tokens = np.random.default_rng(1).integers(0, 200, (8, 32))
+    rng = np.random.default_rng(1)
+    tokens, targets = rng.integers(0, V, (8, 16)), rng.integers(0, V, (8, 16))
+    src = rng.integers(0, V, (8, 16)) if kind == "encoder-decoder" else None
+    loss, _ = tf.lm_loss_forward(tokens, targets, params, config, src)
+    # Logits of std s add about s^2 / 2 (0.17 untied, s = 0.6); a tied token's own logit (<= 1) adds less.
+    assert abs(loss - math.log(V)) < 0.5, (loss, math.log(V))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tokens_enter_at_the_scale_the_init_docstring_gives_and_tied_logits_stay_below_one(tied):
+    # Untied: embed N(0, 1/D) times sqrt(D), unit-scale entries next to the sinusoids. Tied: N(0, 1/D^2) times
+    # sqrt(D), entries 1/sqrt(D), so that each logit |LN(h) . embed[v]| <= sqrt(D) |embed[v]| is about 1.
+    D, V = 64, 200
+    config = {"kind": "decoder", "V": V, "D": D, "n_heads": 4, "positions": "none", "tied": tied}
+    params = tf.init_transformer(config, np.random.default_rng(0), np.float64)
+    tokens = np.random.default_rng(1).integers(0, V, (8, 32))
     x, _ = tf.embed_forward(tokens, params, tf.check_config(config))
-    logits = logits_of(params, config, tokens)
-    # 16384 and 51200 draws: their standard deviations are within a few percent of 1.
-    assert 0.9 < x.std() < 1.1 and 0.7 < logits.std() < 1.4
+    need = 1 / math.sqrt(D) if tied else 1.0
+    assert 0.9 * need < x.std() < 1.1 * need                   # 16384 draws: within a few percent
+    if tied:
+        logits = logits_of(params, config, tokens)
+        bound = math.sqrt(D) * np.linalg.norm(params["embed"], axis=1).max()    # Cauchy-Schwarz, |LN(h)| <= sqrt(D)
+        assert np.abs(logits).max() <= bound < 1.5
 
 
 def test_the_memory_gradient_is_the_sum_over_every_decoder_layer():
