@@ -56,13 +56,14 @@ import numbers
 
 import numpy as np
 
-from attention import attention_forward, get_xp
+from attention import attention_forward, check_flag, check_float_array, get_xp
 from erf import erfc
 from multihead import init_multihead, merge_heads, multihead_backward, multihead_forward, split_heads
 from positional import (alibi_bias, init_learned_positions, learned_position_backward,
                         learned_position_forward, rope_forward, sinusoidal_encoding)
-from training import (check_ids, check_upstream, cross_entropy_backward, cross_entropy_forward, embedding_backward,
-                      embedding_forward)
+from training import (check_cache, check_ids, check_positive_int, check_rng, check_tree, check_upstream,
+                      cross_entropy_backward, cross_entropy_forward, describe, embedding_backward, embedding_forward,
+                      tree_leaves)
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
@@ -75,7 +76,7 @@ KINDS = ("encoder-decoder", "encoder", "decoder")
 
 def init_layer_norm(D, dtype=np.float32):
     """{'gamma': ones (D,), 'beta': zeros (D,)}: the identity map on normalised inputs, as PyTorch starts."""
-    _check_positive_int("D", D)
+    check_positive_int("D", D)
     return {"gamma": np.ones(D, dtype), "beta": np.zeros(D, dtype)}
 
 
@@ -87,7 +88,7 @@ def layer_norm_forward(x, gamma, beta, eps=1e-5):
     which loses every digit when |mean| >> std).
     Returns y (..., D) and cache = {'xhat', 'gamma', 'rstd'}.
     """
-    _check_layer_norm(x, gamma, beta)
+    _check_layer_norm(x, gamma, beta, eps)
     xp = get_xp(x)
     mean = x.mean(axis=-1, keepdims=True)                      # (..., 1)
     xc = x - mean                                              # (..., D) centred
@@ -104,8 +105,9 @@ def layer_norm_backward(dout, cache):
     mean(g) is the path through `mean`, xhat * mean(g * xhat) the path through `var`. With an all-ones
     dout and gamma = 1 the second term vanishes (mean of xhat is 0), which is why tests use a random dout.
     """
+    check_cache(cache, "layer_norm_forward", {"xhat", "gamma", "rstd"})
     xhat, gamma, rstd = cache["xhat"], cache["gamma"], cache["rstd"]
-    _check_dout(dout, xhat)
+    check_upstream("dout", dout, xhat.shape, xhat.dtype)
     lead = tuple(range(dout.ndim - 1))                         # every axis but the feature axis
     dbeta = dout.sum(axis=lead)                                # (D,)
     dgamma = (dout * xhat).sum(axis=lead)                      # (D,)
@@ -122,12 +124,14 @@ def activation_forward(x, kind="gelu"):
     """out = act(x) for kind 'relu' (max(x, 0)), 'gelu' (x Phi(x), exact) or 'gelu_tanh' (GPT-2's).
 
     Phi(x) = erfc(-x / sqrt 2) / 2, the normal CDF, written with erfc so that far in the negative tail
-    Phi keeps its relative accuracy. Returns out and cache = {'x', 'kind', 'phi' (gelu) or 't' (gelu_tanh)}.
+    Phi keeps its relative accuracy. Returns out and cache = {'x', 'kind', 'phi' (gelu), 't' (gelu_tanh)},
+    None where that kind does not use it.
     """
+    check_float_array("x", x, "(...)")
     if kind not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
     xp = get_xp(x)
-    cache = {"x": x, "kind": kind}
+    cache = {"x": x, "kind": kind, "phi": None, "t": None}
     if kind == "relu":
         return xp.maximum(x, 0), cache
     if kind == "gelu":
@@ -142,8 +146,9 @@ def activation_backward(dout, cache):
     relu: 1 where x > 0 (0 at x = 0, as PyTorch);  gelu: Phi(x) + x phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi);
     gelu_tanh: (1 + t)/2 + x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2) / 2,  t the tanh of the forward.
     """
+    check_cache(cache, "activation_forward", {"x", "kind", "phi", "t"})
     x, kind = cache["x"], cache["kind"]
-    _check_dout(dout, x)
+    check_upstream("dout", dout, x.shape, x.dtype)
     xp = get_xp(x)
     if kind == "relu":
         return dout * (x > 0)
@@ -166,21 +171,17 @@ def dropout_forward(x, p, rng=None):
     (numpy.random.default_rng(seed) for NumPy arrays, cupy.random.default_rng(seed) on the GPU), so a seed
     fixes the mask. Returns out and cache = {'keep' (x's shape, bool, or None), 'scale'}.
     """
-    if not isinstance(p, numbers.Real) or not (0 <= p < 1):
-        raise ValueError(f"dropout p must be in [0, 1), got {p!r}")
-    if p > 0 and rng is None:
-        raise ValueError(f"dropout p = {p} needs rng, a random Generator of x's array module, got None")
+    _check_dropout(x, p, rng)
     if p == 0:
         return x, {"keep": None, "scale": 1.0}
     keep = rng.random(x.shape) >= p                            # (...) True with probability 1 - p
-    if get_xp(keep) is not get_xp(x):
-        raise TypeError("rng must be a Generator of x's array module (numpy or cupy), got one of another")
     scale = 1.0 / (1.0 - p)
     return x * keep * x.dtype.type(scale), {"keep": keep, "scale": scale}
 
 
 def dropout_backward(dout, cache):
     """dx = dout * keep / (1 - p): the same mask and scale as the forward."""
+    check_cache(cache, "dropout_forward", {"keep", "scale"})
     if cache["keep"] is None:
         return dout
     return dout * cache["keep"] * dout.dtype.type(cache["scale"])
@@ -193,8 +194,9 @@ def dropout_backward(dout, cache):
 def init_feed_forward(D, F, rng, dtype=np.float32):
     """{'W_1' (D, F), 'b_1' (F,), 'W_2' (F, D), 'b_2' (D,)}, drawn as torch.nn.Linear draws them:
     W and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    _check_positive_int("D", D)
-    _check_positive_int("F", F)
+    check_positive_int("D", D)
+    check_positive_int("F", F)
+    check_rng(rng)
     a1, a2 = 1 / math.sqrt(D), 1 / math.sqrt(F)
     return {"W_1": rng.uniform(-a1, a1, (D, F)).astype(dtype), "b_1": rng.uniform(-a1, a1, F).astype(dtype),
             "W_2": rng.uniform(-a2, a2, (F, D)).astype(dtype), "b_2": rng.uniform(-a2, a2, D).astype(dtype)}
@@ -215,8 +217,9 @@ def feed_forward_forward(x, params, activation="gelu", dropout=0.0, rng=None):
 def feed_forward_backward(dout, cache):
     """dx and grads {'W_1','b_1','W_2','b_2'} of feed_forward_forward; each linear map y = x W + b gives
     dx = dy W^T, dW = x^T dy, db = sum dy (rows = every position of every sequence)."""
+    check_cache(cache, "feed_forward_forward", {"x", "act", "drop", "hidden", "params"})
     x, hidden, params = cache["x"], cache["hidden"], cache["params"]
-    _check_dout(dout, x)
+    check_upstream("dout", dout, x.shape, x.dtype)
     dout_rows = dout.reshape(-1, dout.shape[-1])               # (B*L, D)
     dW_2 = hidden.reshape(-1, hidden.shape[-1]).T @ dout_rows  # (F, D)   out = hidden W_2 + b_2
     dhidden = dout @ params["W_2"].T                           # (B, L, F)
@@ -297,7 +300,7 @@ def encoder_layer_forward(x, params, n_heads, mask=None, norm_first=True, activa
     'norm_first'}, keyed like params; the per-head attention weights (B, H, T, T) are
     cache['attn']['attn']['weights'].
     """
-    _check_layer_options(x, params, ("attn", "ln1", "ff", "ln2"), n_heads, norm_first, activation)
+    _check_layer(x, params, n_heads, norm_first, activation, cross=False)
 
     def attention(z):
         return multihead_forward(z, z, params["attn"], n_heads, mask=mask, causal=causal, rope=rope, bias=bias)
@@ -315,6 +318,7 @@ def encoder_layer_forward(x, params, n_heads, mask=None, norm_first=True, activa
 
 def encoder_layer_backward(dout, cache):
     """dx (B, T, D) and grads (the params' keys) of encoder_layer_forward: its two sublayers in reverse."""
+    check_cache(cache, "encoder_layer_forward", {"attn", "ln1", "drop1", "ff", "ln2", "drop2", "norm_first"})
     norm_first, grads = cache["norm_first"], {}
     dh, (grads["ff"],), grads["ln2"] = _sublayer_backward(dout, (cache["ff"], cache["ln2"], cache["drop2"]),
                                                           norm_first, feed_forward_backward)      # (B, T, D)
@@ -333,12 +337,11 @@ def decoder_layer_forward(y, memory, params, n_heads, memory_mask=None, norm_fir
     Returns out (B, T, D) and cache = {'attn', 'ln1', 'drop1', 'cross_attn', 'ln2', 'drop2', 'ff', 'ln3',
     'drop3', 'norm_first'}; the cross-attention weights (B, H, T, S) are cache['cross_attn']['attn']['weights'].
     """
-    _check_layer_options(y, params, ("attn", "ln1", "cross_attn", "ln2", "ff", "ln3"), n_heads, norm_first,
-                         activation)
-    if not hasattr(memory, "ndim") or memory.ndim != 3 or memory.shape[0] != y.shape[0] \
-            or memory.shape[2] != y.shape[2]:
+    _check_layer(y, params, n_heads, norm_first, activation, cross=True, name="y")
+    check_float_array("memory", memory, "(B, S, D)", like=y, like_name="y")
+    if memory.ndim != 3 or memory.shape[0] != y.shape[0] or memory.shape[2] != y.shape[2]:
         raise ValueError(f"memory must have shape ({y.shape[0]}, S, {y.shape[2]}) to match y {y.shape}, "
-                         f"got {getattr(memory, 'shape', type(memory).__name__)}")
+                         f"got {memory.shape}")
 
     def attention(z):
         return multihead_forward(z, z, params["attn"], n_heads, mask=tgt_mask, causal=True, rope=rope, bias=bias)
@@ -364,6 +367,8 @@ def decoder_layer_backward(dout, cache):
 
     Cross-attention's backward (multihead_backward) returns (dx_q, dx_kv, grads): dx_kv is dmemory.
     """
+    check_cache(cache, "decoder_layer_forward", {"attn", "ln1", "drop1", "cross_attn", "ln2", "drop2", "ff", "ln3",
+                                                 "drop3", "norm_first"})
     norm_first, grads = cache["norm_first"], {}
     dh2, (grads["ff"],), grads["ln3"] = _sublayer_backward(
         dout, (cache["ff"], cache["ln3"], cache["drop3"]), norm_first, feed_forward_backward)     # (B, T, D)
@@ -400,6 +405,9 @@ def init_transformer(config, rng, dtype=np.float32):
       sqrt(D) |w_v| = about 1, and tokens enter sqrt(D) embed[ids] with norm about 1 (entries 1/sqrt(D)).
     """
     config = check_config(config)
+    check_rng(rng)
+    if dtype is None or np.dtype(dtype).kind != "f":                 # None would silently mean float64
+        raise TypeError(f"dtype must be a floating-point dtype such as numpy.float32, got {dtype!r}")
     V, D, F, L = config["V"], config["D"], config["F"], config["n_layers"]
     std = 1 / D if config["tied"] else 1 / math.sqrt(D)       # tied: the output reuses it (docstring)
     params = {"embed": (rng.standard_normal((V, D)) * std).astype(dtype)}              # (V, D)
@@ -541,9 +549,9 @@ def transformer_forward(tokens, params, config, src=None, dropout=0.0, rng=None)
     and 'config', 'params'. The per-head weights (B, H, T, S) of layer i are
     cache[stack][i]['attn']['attn']['weights'] (self-attention) or [i]['cross_attn']['attn']['weights'].
     """
-    config = check_config(config)
-    _check_tokens(tokens, src, params, config)
-    cache = {"config": config, "params": params, "embed": {}}
+    config = _check_model_inputs(tokens, src, params, config)
+    cache = dict.fromkeys(MODEL_CACHE_FIELDS)
+    cache.update(config=config, params=params, embed={})
     memory = memory_mask = None
     if config["kind"] == "encoder-decoder":                    # the encoder reads the source once
         memory, (cache["embed"]["encoder"], cache["encoder"], cache["enc_norm"]) = _stack_forward(
@@ -558,6 +566,7 @@ def transformer_forward(tokens, params, config, src=None, dropout=0.0, rng=None)
 
 def transformer_backward(dlogits, cache):
     """The gradient tree of transformer_forward (the params' keys), given dlogits (B, T, V)."""
+    check_cache(cache, "transformer_forward", MODEL_CACHE_FIELDS)
     config, params = cache["config"], cache["params"]
     h = cache["out"]["h"]
     check_upstream("dlogits", dlogits, h.shape[:-1] + params["b_out"].shape, h.dtype)
@@ -592,6 +601,7 @@ def lm_loss_forward(tokens, targets, params, config, src=None, label_smoothing=0
 
 def lm_loss_backward(dloss, cache):
     """The gradient tree of lm_loss_forward's loss with respect to params."""
+    check_cache(cache, "lm_loss_forward", {"model", "loss"})
     return transformer_backward(cross_entropy_backward(dloss, cache["loss"]), cache["model"])
 
 
@@ -604,6 +614,7 @@ def mask_tokens(tokens, rng, V, mask_id, p=0.15, keep_ids=()):
     tokens are drawn from the ids not in keep_ids (so a random [PAD] cannot appear; BERT drew from all).
     rng is a numpy Generator; tokens are NumPy ids (data preparation happens on the host).
     """
+    _check_mask_tokens(tokens, rng, V, mask_id, p, keep_ids)
     chosen = (rng.random(tokens.shape) < p) & ~np.isin(tokens, keep_ids)         # (B, T)
     targets = np.where(chosen, tokens, -100)
     roll = rng.random(tokens.shape)                                              # which corruption
@@ -675,14 +686,7 @@ def generate(prompt, n_new, params, config, src=None, temperature=0.0, rng=None,
     (numpy.random.default_rng or cupy.random.default_rng).
     Returns tokens (B, T0 + n_new) and the logits of each new token (B, n_new, V).
     """
-    config = check_config(config)
-    if config["kind"] == "encoder":
-        raise ValueError("generate needs config['kind'] 'decoder' or 'encoder-decoder', got 'encoder'")
-    _check_tokens(prompt, src, params, config, name="prompt")
-    if isinstance(n_new, bool) or not isinstance(n_new, (int, np.integer)) or n_new < 0:
-        raise ValueError(f"n_new must be a non-negative integer, got {n_new!r}")
-    if not isinstance(temperature, numbers.Real) or not temperature >= 0 or (temperature > 0 and rng is None):
-        raise ValueError(f"temperature must be 0 (greedy) or > 0 with an rng, got {temperature!r}, rng={rng!r}")
+    config = _check_generate(prompt, n_new, params, config, src, temperature, rng)
     xp, H = get_xp(params["embed"]), config["n_heads"]
     tokens, all_logits = prompt, []
     kvs = [{} for _ in params["decoder"]]                      # one key/value cache per layer
@@ -728,12 +732,13 @@ def generate(prompt, n_new, params, config, src=None, temperature=0.0, rng=None,
 CONFIG_DEFAULTS = {"kind": "decoder", "n_heads": 4, "F": None, "n_layers": 2, "max_len": 64,
                    "positions": "learned", "norm_first": True, "activation": "gelu", "tied": False,
                    "pad_id": None}
+MODEL_CACHE_FIELDS = {"config", "params", "embed", "encoder", "enc_norm", "decoder", "dec_norm", "out"}
 
 
 def check_config(config):
     """Return config with defaults filled in (F = 4 D) and every field checked; raise naming the field."""
     if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        raise TypeError(f"config must be a dict, got {describe(config)}")
     unknown = set(config) - set(CONFIG_DEFAULTS) - {"V", "D"}
     if unknown:
         raise ValueError(f"config has unknown fields {sorted(unknown)}; known: {sorted(CONFIG_DEFAULTS)} + V, D")
@@ -744,13 +749,12 @@ def check_config(config):
     if config["F"] is None:
         config["F"] = 4 * config["D"]
     for name in ("V", "D", "n_heads", "F", "n_layers", "max_len"):
-        _check_positive_int(f"config['{name}']", config[name])
+        check_positive_int(f"config['{name}']", config[name])
     for name, options in (("kind", KINDS), ("positions", POSITIONS), ("activation", ACTIVATIONS)):
         if config[name] not in options:
             raise ValueError(f"config['{name}'] must be one of {options}, got {config[name]!r}")
     for name in ("norm_first", "tied"):
-        if not isinstance(config[name], bool):
-            raise TypeError(f"config['{name}'] must be True or False, got {config[name]!r}")
+        check_flag(f"config['{name}']", config[name])
     if config["D"] % config["n_heads"]:
         raise ValueError(f"config['D'] = {config['D']} must be divisible by config['n_heads'] = {config['n_heads']}")
     if config["positions"] == "rope" and (config["D"] // config["n_heads"]) % 2:
@@ -761,11 +765,49 @@ def check_config(config):
     return config
 
 
-def _check_tokens(tokens, src, params, config, name="tokens"):
+def _layer_shapes(D, F, cross):
+    """The shape tree of init_encoder_layer(D, F) (cross=False) or init_decoder_layer(D, F) (cross=True)."""
+    attn = {name: (D, D) if name[0] == "W" else (D,) for name in ("W_q", "b_q", "W_k", "b_k", "W_v", "b_v",
+                                                                   "W_o", "b_o")}
+    norm = {"gamma": (D,), "beta": (D,)}
+    ff = {"W_1": (D, F), "b_1": (F,), "W_2": (F, D), "b_2": (D,)}
+    if cross:
+        return {"attn": attn, "ln1": norm, "cross_attn": attn, "ln2": norm, "ff": ff, "ln3": norm}
+    return {"attn": attn, "ln1": norm, "ff": ff, "ln2": norm}
+
+
+def _param_shapes(config):
+    """The shape tree init_transformer(config) builds: what a params tree must match for this config."""
+    V, D, F, L = config["V"], config["D"], config["F"], config["n_layers"]
+    shapes = {"embed": (V, D), "b_out": (V,)}
+    if config["positions"] == "learned":
+        shapes["pos"] = (config["max_len"], D)
+    for stack, norm, present in (("encoder", "enc_norm", config["kind"] != "decoder"),
+                                 ("decoder", "dec_norm", config["kind"] != "encoder")):
+        if present:
+            shapes[stack] = [_layer_shapes(D, F, cross=stack == "decoder" and config["kind"] == "encoder-decoder")
+                             for _ in range(L)]
+            if config["norm_first"]:
+                shapes[norm] = {"gamma": (D,), "beta": (D,)}
+    if not config["tied"]:
+        shapes["W_out"] = (D, V)
+    return shapes
+
+
+def _check_params(params, shapes, dtype=None, name="params"):
+    """params must match the shape tree exactly (check_tree names the first bad leaf), in one dtype."""
+    check_tree(name, params, shapes)
+    dtype = tree_leaves(params)[0].dtype if dtype is None else dtype
+    for leaf in tree_leaves(params):
+        if leaf.dtype != dtype:
+            raise TypeError(f"{name} must hold arrays of one dtype, {dtype}, got a {describe(leaf)}")
+
+
+def _check_model_inputs(tokens, src, params, config, name="tokens"):
+    """Check config, params against config, and the ids; return the config with its defaults."""
+    config = check_config(config)
+    _check_params(params, _param_shapes(config))
     V = config["V"]
-    if params["embed"].shape != (V, config["D"]):
-        raise ValueError(f"params['embed'] must have shape ({V}, {config['D']}) for this config, "
-                         f"got {params['embed'].shape}")
     check_ids(name, tokens, V)
     if config["kind"] == "encoder-decoder":
         if src is None:
@@ -778,60 +820,85 @@ def _check_tokens(tokens, src, params, config, name="tokens"):
     longest = max(tokens.shape[1], 0 if src is None else src.shape[1])
     if longest > config["max_len"]:
         raise ValueError(f"sequences must be at most config['max_len'] = {config['max_len']} long, got {longest}")
+    return config
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _check_generate(prompt, n_new, params, config, src, temperature, rng):
+    config = _check_model_inputs(prompt, src, params, config, name="prompt")
+    if config["kind"] == "encoder":
+        raise ValueError("generate needs config['kind'] 'decoder' or 'encoder-decoder', got 'encoder'")
+    if prompt.shape[1] == 0:
+        raise ValueError(f"prompt must hold at least one token per row (a start symbol), got shape {prompt.shape}")
+    check_positive_int("n_new", n_new, minimum=0)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number > 0, got {temperature!r}")
+    if temperature > 0:
+        _check_generator(rng, params["embed"], "params")
+    return config
 
 
-def _check_float(name, x):
-    if not hasattr(x, "dtype") or x.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating-point array, got {getattr(x, 'dtype', type(x).__name__)}")
+def _check_generator(rng, like, like_name):
+    """rng must be a random Generator of like's array module (numpy.random.default_rng or cupy's)."""
+    xp = get_xp(like)
+    if xp is np:
+        check_rng(rng)
+    elif not isinstance(rng, xp.random.Generator):
+        raise TypeError(f"rng must be a {xp.__name__}.random.Generator like {like_name}'s arrays, got {describe(rng)}")
 
 
-def _check_layer_norm(x, gamma, beta):
-    _check_float("x", x)
+def _check_layer_norm(x, gamma, beta, eps):
+    check_float_array("x", x, "(..., D)")
     if x.ndim < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have shape (..., D) with D >= 1, got {x.shape}")
     for name, p in (("gamma", gamma), ("beta", beta)):
-        _check_float(name, p)
+        check_float_array(name, p, f"({x.shape[-1]},)", like=x, like_name="x")
         if p.shape != x.shape[-1:]:
             raise ValueError(f"{name} must have shape ({x.shape[-1]},) to match x {x.shape}, got {p.shape}")
-        if p.dtype != x.dtype:
-            raise TypeError(f"{name} must have dtype {x.dtype} like x, got {p.dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite number > 0 (it keeps sqrt(var + eps) away from 0), got {eps!r}")
+
+
+def _check_dropout(x, p, rng):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0 <= p < 1):
+        raise ValueError(f"dropout p must be in [0, 1), got {p!r}")
+    if p > 0 and rng is None:
+        raise ValueError(f"dropout p = {p} needs rng, a random Generator of x's array module, got None")
+    if p > 0:
+        _check_generator(rng, x, "x")
 
 
 def _check_feed_forward(x, params):
-    _check_float("x", x)
-    if not isinstance(params, dict) or set(params) != {"W_1", "b_1", "W_2", "b_2"}:
-        got = sorted(params) if isinstance(params, dict) else type(params).__name__
-        raise ValueError(f"params must be a dict with keys ['W_1', 'b_1', 'W_2', 'b_2'], got {got}")
-    D, F = x.shape[-1], getattr(params["b_1"], "shape", (None,))[0]
-    for name, need in (("W_1", (D, F)), ("b_1", (F,)), ("W_2", (F, D)), ("b_2", (D,))):
-        got = getattr(params[name], "shape", type(params[name]).__name__)
-        if got != need:
-            raise ValueError(f"params['{name}'] must have shape {need} for x {x.shape} and F = {F}, got {got}")
-        if params[name].dtype != x.dtype:
-            raise TypeError(f"params['{name}'] must have dtype {x.dtype} like x, got {params[name].dtype}")
-
-
-def _check_dout(dout, like):
-    check_upstream("dout", dout, like.shape, like.dtype)
-
-
-def _check_layer_options(x, params, keys, n_heads, norm_first, activation):
-    _check_float("x", x)
-    if x.ndim != 3:
+    check_float_array("x", x, "(B, T, D)")
+    if x.ndim < 1:
         raise ValueError(f"x must have shape (B, T, D), got {x.shape}")
-    if not isinstance(params, dict) or set(params) != set(keys):
-        got = sorted(params) if isinstance(params, dict) else type(params).__name__
-        raise ValueError(f"params must be a dict with keys {list(keys)} (see init_*_layer), got {got}")
-    if not isinstance(norm_first, bool):
-        raise TypeError(f"norm_first must be True or False, got {norm_first!r}")
+    F = getattr(params.get("W_1"), "shape", (0, 0))[-1] if isinstance(params, dict) else 0
+    D = x.shape[-1]
+    _check_params(params, {"W_1": (D, F), "b_1": (F,), "W_2": (F, D), "b_2": (D,)}, x.dtype)
+
+
+def _check_layer(x, params, n_heads, norm_first, activation, cross, name="x"):
+    check_float_array(name, x, "(B, T, D)")
+    if x.ndim != 3:
+        raise ValueError(f"{name} must have shape (B, T, D), got {x.shape}")
+    ff = params.get("ff") if isinstance(params, dict) else None
+    F = getattr(ff.get("W_1"), "shape", (0, 0))[-1] if isinstance(ff, dict) else 0
+    _check_params(params, _layer_shapes(x.shape[-1], F, cross), x.dtype)
+    check_flag("norm_first", norm_first)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    _check_positive_int("n_heads", n_heads)
+    check_positive_int("n_heads", n_heads)
+
+
+def _check_mask_tokens(tokens, rng, V, mask_id, p, keep_ids):
+    check_rng(rng)
+    check_positive_int("V", V)
+    check_ids("tokens", tokens, V)
+    if isinstance(mask_id, bool) or not isinstance(mask_id, (int, np.integer)) or not 0 <= mask_id < V:
+        raise ValueError(f"mask_id must be an id in [0, V = {V}), got {mask_id!r}")
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p <= 1:
+        raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in keep_ids):
+        raise TypeError(f"keep_ids must be a sequence of integer ids, got {keep_ids!r}")
 
 
 # ----------------------------------------------------------------------------------------------------

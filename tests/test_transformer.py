@@ -557,10 +557,20 @@ def test_bad_tokens_are_refused_with_a_clear_message():
         tf.generate(tokens, 9, params, config)                 # the 13th position would be fed in
     with pytest.raises(ValueError, match="prompt must hold ids in"):
         tf.generate(tokens + 20, 2, params, config)
-    with pytest.raises(ValueError, match="n_new must be a non-negative integer, got -1"):
+    with pytest.raises(ValueError, match="n_new must be an integer >= 0, got -1"):
         tf.generate(tokens, -1, params, config)
-    with pytest.raises(ValueError, match="temperature must be 0 \\(greedy\\) or > 0 with an rng"):
-        tf.generate(tokens, 2, params, config, temperature=0.5)
+    with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or a finite number > 0, got -1"):
+        tf.generate(tokens, 2, params, config, temperature=-1)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        tf.generate(tokens, 2, params, config, temperature=0.5)            # sampling needs an rng
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        tf.generate(tokens, 2, params, config, temperature=0.5, rng=np.random.RandomState(0))
+    with pytest.raises(ValueError, match=r"prompt must hold at least one token per row .* got shape \(2, 0\)"):
+        tf.generate(tokens[:, :0], 2, params, config)
+    with pytest.raises(TypeError, match="prompt must be an integer array of token ids, got float32"):
+        tf.generate(tokens.astype(np.float32), 2, params, config)
+    with pytest.raises(TypeError, match=r"config must be a dict, got int64 array of shape \(2, 5\)"):
+        tf.transformer_forward(params, config, tokens)         # the old order (params, config, tokens)
     out, logits = tf.generate(tokens, 0, params, config)
     assert out is tokens and logits.shape == (2, 0, 11)
 
@@ -570,12 +580,17 @@ def test_bad_tokens_are_refused_with_a_clear_message():
     (dict(kind="gpt"), ValueError, r"config\['kind'\] must be one of"),
     (dict(positions="relative"), ValueError, r"config\['positions'\] must be one of"),
     (dict(activation="swish"), ValueError, r"config\['activation'\] must be one of"),
-    (dict(n_layers=0), ValueError, r"config\['n_layers'\] must be a positive integer, got 0"),
-    (dict(V=2.5), ValueError, r"config\['V'\] must be a positive integer, got 2.5"),
+    (dict(n_layers=0), ValueError, r"config\['n_layers'\] must be an integer >= 1, got 0"),
+    (dict(D=0), ValueError, r"config\['D'\] must be an integer >= 1, got 0"),
+    (dict(F=0), ValueError, r"config\['F'\] must be an integer >= 1, got 0"),
+    (dict(max_len=0), ValueError, r"config\['max_len'\] must be an integer >= 1, got 0"),
+    (dict(n_heads=0), ValueError, r"config\['n_heads'\] must be an integer >= 1, got 0"),
+    (dict(V=2.5), ValueError, r"config\['V'\] must be an integer >= 1, got 2.5"),
     (dict(norm_first="yes"), TypeError, r"config\['norm_first'\] must be True or False"),
     (dict(pad_id=11), ValueError, r"config\['pad_id'\] must be None or an id in \[0, 11\)"),
     (dict(D=6, n_heads=2, positions="rope"), ValueError, "needs an even head width"),
     (dict(heads=2), ValueError, "config has unknown fields"),
+    (dict(positions=None), ValueError, r"config\['positions'\] must be one of .*'none'"),
 ])
 def test_bad_configs_are_refused_naming_the_field(change, error, message):
     config = {"V": 11, "D": 8, **change}
@@ -599,7 +614,7 @@ def test_bad_layer_inputs_are_refused():
         tf.decoder_layer_forward(x, x[..., :4], tf.init_decoder_layer(8, 16, rng, np.float64), 2)
     with pytest.raises(ValueError, match=r"gamma must have shape \(8,\) to match x"):
         tf.layer_norm_forward(x, np.ones(4), np.zeros(8))
-    with pytest.raises(TypeError, match="gamma must have dtype float64 like x"):
+    with pytest.raises(TypeError, match=r"gamma must have dtype float64 \(x.s\), got float32"):
         tf.layer_norm_forward(x, np.ones(8, np.float32), np.zeros(8))
     out, cache = tf.encoder_layer_forward(x, params, 2)
     with pytest.raises(ValueError, match=r"dout must have shape \(2, 3, 8\)"):
@@ -608,9 +623,72 @@ def test_bad_layer_inputs_are_refused():
         tf.encoder_layer_backward(out.astype(np.float32), cache)
     with pytest.raises(ValueError, match=r"dropout p must be in \[0, 1\), got 1.0"):
         tf.dropout_forward(x, 1.0, rng)
-    with pytest.raises(ValueError, match="params must be a dict with keys \\['attn', 'ln1', 'ff', 'ln2'\\]"):
+    with pytest.raises(ValueError, match=r"params must have keys \['attn', 'ff', 'ln1', 'ln2'\]: missing \['ff'\]"):
         tf.encoder_layer_forward(x, {k: v for k, v in params.items() if k != "ff"}, 2)
-    with pytest.raises(ValueError, match=r"params\['W_2'\] must have shape \(16, 8\) for x \(2, 3, 8\)"):
+    with pytest.raises(ValueError, match=r"params\['W_2'\] must be a (a )?float array of shape \(16, 8\)"):
         tf.feed_forward_forward(x, dict(params["ff"], W_2=np.zeros((16, 4))))
-    with pytest.raises(TypeError, match=r"params\['W_1'\] must have dtype float64 like x, got float32"):
+    with pytest.raises(TypeError, match="params must hold arrays of one dtype, float64, got a float32"):
         tf.feed_forward_forward(x, dict(params["ff"], W_1=params["ff"]["W_1"].astype(np.float32)))
+    with pytest.raises(ValueError, match=r"params\['ln2'\]\['gamma'\] must be a (a )?float array of shape \(8,\)"):
+        tf.encoder_layer_forward(x, dict(params, ln2={"gamma": np.ones(4), "beta": np.zeros(8)}), 2)
+    with pytest.raises(TypeError, match="norm_first must be True or False"):
+        tf.encoder_layer_forward(x, params, 2, norm_first=1)
+    for eps in (0.0, -1e-5, float("nan")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            tf.layer_norm_forward(x, np.ones(8), np.zeros(8), eps=eps)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        tf.dropout_forward(x, 0.5, np.random.RandomState(0))
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        tf.init_feed_forward(8, 16, 0)
+
+
+def test_a_params_tree_that_does_not_match_its_config_is_refused_by_path():
+    config, params, tokens, _ = make_model("decoder", "learned")
+    fewer = dict(params, decoder=params["decoder"][:1])        # config['n_layers'] = 2
+    with pytest.raises(ValueError, match=r"params\['decoder'\] must be a list of length 2, got length 1"):
+        logits_of(fewer, config, tokens)
+    with pytest.raises(ValueError, match=r"params must have keys .*: missing \['W_out'\]"):
+        logits_of({k: v for k, v in params.items() if k != "W_out"}, config, tokens)
+    with pytest.raises(ValueError, match=r"extra \['W_out'\]"):
+        logits_of(params, dict(config, tied=True), tokens)     # a tied config has no W_out
+    wide = tree_map(lambda p: p, params)
+    wide["decoder"][1]["ff"]["W_1"] = np.zeros((8, 13))
+    with pytest.raises(ValueError, match=r"params\['decoder'\]\[1\]\['ff'\]\['W_1'\] must be a (a )?float array of shape \(8, 12\)"):
+        logits_of(wide, config, tokens)
+    with pytest.raises(ValueError, match=r"params\['embed'\] must be a (a )?float array of shape \(12, 8\)"):
+        logits_of(params, dict(config, V=12), tokens)
+    with pytest.raises(TypeError, match="params must hold arrays of one dtype, float64, got a float32"):
+        logits_of(dict(params, b_out=params["b_out"].astype(np.float32)), config, tokens)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        tf.init_transformer(config, 0)
+
+
+def test_a_cache_from_another_function_is_refused():
+    config, params, tokens, _ = make_model("decoder", "none")
+    logits, model_cache = tf.transformer_forward(tokens, params, config)
+    _, loss_cache = tf.lm_loss_forward(tokens, tokens, params, config)
+    with pytest.raises(TypeError, match=r"cache must be the dict transformer_forward returned"):
+        tf.transformer_backward(logits, loss_cache)
+    with pytest.raises(TypeError, match=r"cache must be the dict lm_loss_forward returned"):
+        tf.lm_loss_backward(1.0, model_cache)
+    layer_cache = model_cache["decoder"][0]
+    with pytest.raises(TypeError, match=r"cache must be the dict decoder_layer_forward returned"):
+        tf.decoder_layer_backward(np.zeros((2, 5, 8)), layer_cache)
+    with pytest.raises(TypeError, match=r"cache must be the dict layer_norm_forward returned"):
+        tf.layer_norm_backward(np.zeros((2, 5, 8)), layer_cache)
+    with pytest.raises(TypeError, match=r"cache must be the dict feed_forward_forward returned"):
+        tf.feed_forward_backward(np.zeros((2, 5, 8)), (1, 2))
+    with pytest.raises(ValueError, match=r"dlogits must have shape \(2, 5, 11\)"):
+        tf.transformer_backward(logits[:, :3], model_cache)
+
+
+def test_mask_tokens_refuses_a_bad_probability_mask_id_or_rng():
+    tokens, rng = np.ones((2, 5), np.int64), np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\], got 1.5"):
+        tf.mask_tokens(tokens, rng, V=10, mask_id=3, p=1.5)
+    with pytest.raises(ValueError, match=r"mask_id must be an id in \[0, V = 10\), got 10"):
+        tf.mask_tokens(tokens, rng, V=10, mask_id=10)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        tf.mask_tokens(tokens, None, V=10, mask_id=3)
+    with pytest.raises(TypeError, match="tokens must be an integer array"):
+        tf.mask_tokens(tokens.astype(np.float32), rng, V=10, mask_id=3)
