@@ -290,10 +290,10 @@ def test_the_memory_gradient_is_the_sum_over_every_decoder_layer():
     _, cache = tf.transformer_forward(tokens, params, config, src)
     dh = np.random.default_rng(0).standard_normal((2, 5, 8))
     dmemory_each, d = [], dh
-    for layer_cache in reversed(cache["decoder"]):
+    for layer_cache in reversed(cache["decoder"]["layers"]):
         d, dmemory, _ = tf.decoder_layer_backward(d, layer_cache)
         dmemory_each.append(dmemory)
-    _, total = tf._stack_backward(dh, dict(cache, dec_norm=None), "decoder", {})
+    _, _, total = tf._stack_backward(dh, dict(cache["decoder"], norm=None), "decoder")
     assert all(np.abs(d).max() > 1e-3 for d in dmemory_each)   # every layer reads the memory
     np.testing.assert_allclose(total, sum(dmemory_each), rtol=1e-12)
 
@@ -502,7 +502,7 @@ def test_float32_stays_float32_through_a_whole_training_step(xp):
         config, params, tokens, src = make_model(kind, "alibi", dtype=np.float32, tied=True)
         params, tokens, src = tree_map(xp.asarray, params), xp.asarray(tokens), on(xp, src)
         loss, cache = tf.lm_loss_forward(tokens, tokens, params, config, src, label_smoothing=0.1)
-        assert cache["model"]["out"]["h"].dtype == np.float32
+        assert cache["model"]["out"]["x"].dtype == np.float32
         grads = tf.lm_loss_backward(1.0, cache)
         new_params, _ = adam_step(params, grads, adam_init(params), lr=1e-3, weight_decay=0.1)
         assert all(x.dtype == np.float32 for x in tree_leaves(grads) + tree_leaves(new_params))
@@ -529,7 +529,7 @@ def test_the_same_code_runs_on_every_array_module(xp, kind):
 
 @pytest.mark.slow
 def test_demo_reverses_held_out_sequences_and_its_cross_attention_is_the_mirror(tmp_path):
-    result = run_demo(ROOT / "transformer.py", "--figures", tmp_path, timeout=600, cwd=tmp_path)
+    result = run_demo(ROOT / "transformer.py", timeout=600, cwd=tmp_path)
     # The demo itself asserts exact match >= 0.99 and anti-diagonal cross-attention mass > 0.5.
     assert "held-out exact-match accuracy on 1000 sequences" in result.stdout
 
@@ -671,7 +671,7 @@ def test_a_cache_from_another_function_is_refused():
         tf.transformer_backward(logits, loss_cache)
     with pytest.raises(TypeError, match=r"cache must be the dict lm_loss_forward returned"):
         tf.lm_loss_backward(1.0, model_cache)
-    layer_cache = model_cache["decoder"][0]
+    layer_cache = model_cache["decoder"]["layers"][0]
     with pytest.raises(TypeError, match=r"cache must be the dict decoder_layer_forward returned"):
         tf.decoder_layer_backward(np.zeros((2, 5, 8)), layer_cache)
     with pytest.raises(TypeError, match=r"cache must be the dict layer_norm_forward returned"):
