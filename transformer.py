@@ -272,6 +272,17 @@ def _sublayer_forward(x, f, params, key, n, norm_first, dropout, rng):
     return out, {key: f_cache, f"ln{n}": norm_cache, f"drop{n}": drop_cache}
 
 
+def _part_backward(dupdate, cache, key):
+    """Backward of the part params[key] of a layer: dz at its input, its grads, and dmemory or None."""
+    if key == "ff":
+        dz, grads = feed_forward_backward(dupdate, cache[key])
+        return dz, grads, None
+    dx_q, dx_kv, grads = multihead_backward(dupdate, cache[key])
+    if key == "attn":                                          # self-attention: z was fed as x_q and as x_kv,
+        return dx_q + dx_kv, grads, None                       # so its gradient is the sum of the two
+    return dx_q, grads, dx_kv                                  # cross-attention: x_kv is the memory
+
+
 def _sublayer_backward(dout, cache, key, n, norm_first):
     """Backward of _sublayer_forward, read from the layer's cache. Returns dx, the sublayer's grads
     {key: f's, 'ln{n}': the norm's} and dmemory (or None). x feeds both the residual and f, so dx is the
@@ -286,16 +297,6 @@ def _sublayer_backward(dout, cache, key, n, norm_first):
         dx_f, f_grads, dmemory = _part_backward(dropout_backward(dsum, drop_cache), cache, key)
         dx = dsum + dx_f                                       # residual path + path through f
     return dx, {key: f_grads, f"ln{n}": {"gamma": dgamma, "beta": dbeta}}, dmemory
-
-
-def _part_backward(dupdate, cache, key):
-    """Backward of the part params[key] of a layer: dz at its input, its grads, and dmemory or None."""
-    if key == "ff":
-        return (*feed_forward_backward(dupdate, cache[key]), None)
-    dx_q, dx_kv, grads = multihead_backward(dupdate, cache[key])
-    if key == "attn":                                          # self-attention: z was fed as x_q and as x_kv,
-        return dx_q + dx_kv, grads, None                       # so its gradient is the sum of the two
-    return dx_q, grads, dx_kv                                  # cross-attention: x_kv is the memory
 
 
 def encoder_layer_forward(x, params, n_heads, mask=None, norm_first=True, activation="gelu", causal=False,
