@@ -48,3 +48,9 @@ def test_every_png_in_figures_is_made_by_the_command():
     made = {f"{name}.png" for name in NAMES}
     strays = sorted(path.name for path in FIGURES_DIR.glob("*.png") if path.name not in made)
     assert not strays, f"figures/ holds {strays}, which python figures/make_figures.py does not make"
+
+
+def test_transformer_figures_are_drawn_here_from_its_public_demo_functions():
+    # The model file draws nothing: its demo's training run and cross-attention are public functions.
+    assert "matplotlib" not in (ROOT / "transformer.py").read_text()
+    assert {"transformer_learning_curve", "transformer_cross_attention"} <= set(make_figures.FIGURES)
