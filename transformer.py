@@ -48,8 +48,9 @@ where torch.nn.TransformerEncoderLayer's does: on each sublayer's output before 
 after the FFN's activation (not on attention weights). With dropout 0 the layers equal torch's
 (batch_first=True) in outputs and every gradient.
 
-Shapes: B batch, T length of the sequence a stack reads (the target), S source length (the memory),
-D model width, H heads, Dh = D / H, F FFN width, V vocabulary; config['n_layers'] layers per stack.
+Shapes: B batch, T length of the sequence a stack reads (queries), S length of what is attended to (keys:
+the source, i.e. the memory; in cached generation, the tokens so far), D model width, H heads, Dh = D / H,
+F FFN width, V vocabulary; config['n_layers'] layers per stack.
 Masks are boolean, True = may attend (the opposite of PyTorch's boolean src_mask).
 
 Imports attention.py, positional.py, multihead.py (which imports those two), training.py (token embedding,
