@@ -23,6 +23,10 @@ Backward walks the same steps in reverse:
     dW_Q = x_q^T dq,   db_Q = sum(dq),   dx_q = dq W_Q^T          (the same for K and V, from x_kv)
     dx_kv = dk W_K^T + dv W_V^T       x_kv feeds both k and v, so its two gradients add
 
+The four projections are one building block, the linear layer y = x W + b (linear_forward /
+linear_backward: dx = dy W^T, dW = x^T dy, db = sum dy), written once here; transformer.py's feed-forward
+network and output layer use it too.
+
 Self-attention feeds one tensor x into both x_q and x_kv; its gradient is dx_q + dx_kv, and the caller
 adds them (one tensor feeding two places sums its gradients).
 
@@ -52,7 +56,7 @@ from attention import (attention_backward, attention_forward, check_flag, check_
 from positional import rope_backward, rope_forward
 
 PARAM_NAMES = ("W_q", "b_q", "W_k", "b_k", "W_v", "b_v", "W_o", "b_o")
-CACHE_FIELDS = ("x_q", "x_kv", "params", "n_heads", "concat", "attn", "rope_q", "rope_k")
+CACHE_FIELDS = ("q", "k", "v", "o", "n_heads", "attn", "rope_q", "rope_k")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,22 +96,43 @@ def init_multihead(D, rng, dtype=np.float32):
 
 
 def split_heads(x, n_heads):
-    """(B, L, D) -> (B, H, L, Dh): head h holds columns h*Dh .. (h+1)*Dh - 1 of the last axis."""
-    B, L, D = x.shape
-    return x.reshape(B, L, n_heads, D // n_heads).swapaxes(1, 2)
+    """(B, T, D) -> (B, H, T, Dh): head h holds columns h*Dh .. (h+1)*Dh - 1 of the last axis."""
+    B, T, D = x.shape
+    return x.reshape(B, T, n_heads, D // n_heads).swapaxes(1, 2)
 
 
 def merge_heads(x):
-    """(B, H, L, Dh) -> (B, L, D), the inverse of split_heads (Concat(head_1, ..., head_H))."""
-    B, H, L, Dh = x.shape
-    return x.swapaxes(1, 2).reshape(B, L, H * Dh)
+    """(B, H, T, Dh) -> (B, T, D), the inverse of split_heads (Concat(head_1, ..., head_H))."""
+    B, H, T, Dh = x.shape
+    return x.swapaxes(1, 2).reshape(B, T, H * Dh)
 
 
-def _linear_backward(dy, x, W):
-    """Forward was y = x @ W + b with x (B, L, Din): dx = dy W^T, dW = x^T dy, db = sum(dy)."""
-    x_rows = x.reshape(-1, x.shape[-1])                        # (B*L, Din) every token is one row
-    dy_rows = dy.reshape(-1, dy.shape[-1])                     # (B*L, Dout)
-    return dy @ W.T, x_rows.T @ dy_rows, dy_rows.sum(axis=0)   # (B, L, Din), (Din, Dout), (Dout,)
+def linear_forward(x, W, b):
+    """y = x W + b, the linear layer: x (..., K), W (K, N), b (N,) -> y (..., N).
+
+    Every leading axis is a batch of rows, so the map runs as ONE 2-D product over all of them,
+    x.reshape(-1, K) @ W: NumPy runs a (B, T, K) @ (K, N) product as B separate (T, K) @ (K, N) ones,
+    slower than one (B*T, K) @ (K, N). Returns y and cache = {'x', 'W'}.
+    """
+    _check_linear(x, W, b)
+    x_rows = x.reshape(-1, x.shape[-1])                        # (rows, K) every token is one row
+    y_rows = x_rows @ W + b                                    # (rows, N)
+    return y_rows.reshape(x.shape[:-1] + W.shape[1:]), {"x": x, "W": W}
+
+
+def linear_backward(dy, cache):
+    """dx = dy W^T,  dW = x^T dy,  db = sum of dy over every row (b was added to each row).
+
+    dy (..., N). Returns dx (..., K), dW (K, N), db (N,), each from one 2-D product over the rows.
+    """
+    if not isinstance(cache, dict) or set(cache) != {"x", "W"}:
+        raise TypeError(f"cache must be the dict linear_forward returned (keys ['W', 'x']), got {describe(cache)}")
+    x, W = cache["x"], cache["W"]
+    check_upstream("dy", dy, x, shape=x.shape[:-1] + W.shape[1:])
+    x_rows = x.reshape(-1, W.shape[0])                         # (rows, K)
+    dy_rows = dy.reshape(-1, W.shape[1])                       # (rows, N)
+    dx = (dy_rows @ W.T).reshape(x.shape)                      # (..., K)
+    return dx, x_rows.T @ dy_rows, dy_rows.sum(axis=0)         # (..., K), (K, N), (N,)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,25 +157,24 @@ def multihead_forward(x_q, x_kv, params, n_heads, mask=None, causal=False, rope=
       rope_offset >= max(0, T - S); without rope, rope_offset must stay 0 (it would do nothing).
     bias: float, broadcastable to (B, H, T, S), added to every head's scores; attention_forward casts
       it to x_q's dtype, so a float64 table cannot upcast float32 (ALiBi: positional.alibi_bias(H, T, S)).
-    Returns out (B, T, D) and cache = {'x_q', 'x_kv', 'params', 'n_heads', 'concat', 'attn', 'rope_q',
-    'rope_k'}: the inputs, the merged heads (B, T, D) before W_o, attention_forward's cache under 'attn',
-    and rope_forward's caches of q and k (None without rope).
+    Returns out (B, T, D) and cache = {'q', 'k', 'v', 'o', 'n_heads', 'attn', 'rope_q', 'rope_k'}: the four
+    projections' linear_forward caches ('o' holds the merged heads (B, T, D) it multiplied), attention_forward's
+    cache under 'attn', and rope_forward's caches of q and k (None without rope).
     The per-head attention weights (B, H, T, S), for plots, are cache['attn']['weights'].
     """
     _check_inputs(x_q, x_kv, params, n_heads, rope, rope_offset)
     T, S = x_q.shape[1], x_kv.shape[1]
-    q = split_heads(x_q @ params["W_q"] + params["b_q"], n_heads)     # (B, H, T, Dh)
-    k = split_heads(x_kv @ params["W_k"] + params["b_k"], n_heads)    # (B, H, S, Dh)
-    v = split_heads(x_kv @ params["W_v"] + params["b_v"], n_heads)    # (B, H, S, Dh)
-    rope_q = rope_k = None
+    cache = {"n_heads": n_heads, "rope_q": None, "rope_k": None}
+    q, cache["q"] = linear_forward(x_q, params["W_q"], params["b_q"])  # (B, T, D)
+    k, cache["k"] = linear_forward(x_kv, params["W_k"], params["b_k"])  # (B, S, D)
+    v, cache["v"] = linear_forward(x_kv, params["W_v"], params["b_v"])  # (B, S, D)
+    q, k, v = split_heads(q, n_heads), split_heads(k, n_heads), split_heads(v, n_heads)   # (B, H, T or S, Dh)
     if rope:
-        q, rope_q = rope_forward(q, offset=rope_offset + (S - T))      # (B, H, T, Dh) query t at offset+S-T+t
-        k, rope_k = rope_forward(k, offset=rope_offset)                # (B, H, S, Dh) key j at offset+j
-    heads, attn_cache = attention_forward(q, k, v, mask=mask, causal=causal, bias=bias)  # (B, H, T, Dh)
+        q, cache["rope_q"] = rope_forward(q, offset=rope_offset + (S - T))   # (B, H, T, Dh) query t at offset+S-T+t
+        k, cache["rope_k"] = rope_forward(k, offset=rope_offset)             # (B, H, S, Dh) key j at offset+j
+    heads, cache["attn"] = attention_forward(q, k, v, mask=mask, causal=causal, bias=bias)  # (B, H, T, Dh)
     concat = merge_heads(heads)                                        # (B, T, D)
-    out = concat @ params["W_o"] + params["b_o"]                       # (B, T, D)
-    cache = {"x_q": x_q, "x_kv": x_kv, "params": params, "n_heads": n_heads, "concat": concat,
-             "attn": attn_cache, "rope_q": rope_q, "rope_k": rope_k}
+    out, cache["o"] = linear_forward(concat, params["W_o"], params["b_o"])   # (B, T, D)
     return out, cache
 
 
@@ -162,11 +186,11 @@ def multihead_backward(dout, cache):
     """
     if not isinstance(cache, dict) or set(cache) != set(CACHE_FIELDS):
         raise TypeError(f"cache must be the dict multihead_forward returned, got {describe(cache)}")
-    x_q, x_kv, params, n_heads = cache["x_q"], cache["x_kv"], cache["params"], cache["n_heads"]
+    n_heads, x_q = cache["n_heads"], cache["q"]["x"]
     check_upstream("dout", dout, x_q)                                  # out has x_q's shape and dtype
     grads = {}
     # out = concat W_o + b_o
-    dconcat, grads["W_o"], grads["b_o"] = _linear_backward(dout, cache["concat"], params["W_o"])  # (B, T, D)
+    dconcat, grads["W_o"], grads["b_o"] = linear_backward(dout, cache["o"])                  # (B, T, D)
     # concat = merge_heads(heads), heads = attention(q, k, v): one batched backward for all heads
     dheads = split_heads(dconcat, n_heads)                             # (B, H, T, Dh)
     dq, dk, dv = attention_backward(dheads, cache["attn"])             # dq (B, H, T, Dh), dk, dv (B, H, S, Dh)
@@ -174,9 +198,9 @@ def multihead_backward(dout, cache):
         dq = rope_backward(dq, cache["rope_q"])                        # (B, H, T, Dh) rotate back
         dk = rope_backward(dk, cache["rope_k"])                        # (B, H, S, Dh)
     # q = x_q W_q + b_q, k = x_kv W_k + b_k, v = x_kv W_v + b_v (then split into heads)
-    dx_q, grads["W_q"], grads["b_q"] = _linear_backward(merge_heads(dq), x_q, params["W_q"])   # (B, T, D)
-    dx_k, grads["W_k"], grads["b_k"] = _linear_backward(merge_heads(dk), x_kv, params["W_k"])  # (B, S, D)
-    dx_v, grads["W_v"], grads["b_v"] = _linear_backward(merge_heads(dv), x_kv, params["W_v"])  # (B, S, D)
+    dx_q, grads["W_q"], grads["b_q"] = linear_backward(merge_heads(dq), cache["q"])        # (B, T, D)
+    dx_k, grads["W_k"], grads["b_k"] = linear_backward(merge_heads(dk), cache["k"])        # (B, S, D)
+    dx_v, grads["W_v"], grads["b_v"] = linear_backward(merge_heads(dv), cache["v"])        # (B, S, D)
     # x_kv feeds both k and v: its gradient is the sum of the two paths.
     dx_kv = dx_k + dx_v                                                # (B, S, D)
     return dx_q, dx_kv, {name: grads[name] for name in PARAM_NAMES}
@@ -225,6 +249,16 @@ def _check_inputs(x_q, x_kv, params, n_heads, rope, rope_offset):
         check_float_array(f"params['{name}']", params[name], str(need), like=x_q, like_name="x_q")
         if params[name].shape != need:
             raise ValueError(f"params['{name}'] must have shape {need} for D = {D}, got {params[name].shape}")
+
+
+def _check_linear(x, W, b):
+    check_float_array("x", x, "(..., K)")
+    check_float_array("W", W, "(K, N)", like=x, like_name="x")
+    check_float_array("b", b, "(N,)", like=x, like_name="x")
+    if x.ndim < 1 or W.ndim != 2 or W.shape[0] != x.shape[-1]:
+        raise ValueError(f"W must have shape ({x.shape[-1] if x.ndim else 'K'}, N) to multiply x {x.shape}, got {W.shape}")
+    if b.shape != W.shape[1:]:
+        raise ValueError(f"b must have shape ({W.shape[1]},) to match W {W.shape}, got {b.shape}")
 
 
 # ----------------------------------------------------------------------------------------------------

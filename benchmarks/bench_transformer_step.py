@@ -66,7 +66,7 @@ def numpy_trainer(params, config, tokens, targets):
     decay = training.weight_decay_mask(params)
 
     def step():
-        loss, cache = transformer.lm_loss_forward(held["params"], config, tokens, targets)
+        loss, cache = transformer.lm_loss_forward(tokens, targets, held["params"], config)
         grads = transformer.lm_loss_backward(1.0, cache)
         held["params"], held["adam"] = training.adam_step(held["params"], grads, held["adam"], lr=LR,
                                                           weight_decay=WEIGHT_DECAY, decay=decay)

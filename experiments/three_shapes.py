@@ -174,7 +174,7 @@ def train(params, config, batch, steps, seed, B=32, max_lr=3e-3, weight_decay=0.
     warmup, losses = max(1, steps // 10), []
     for step in range(steps):
         tokens, targets, src = batch(rng, B)
-        loss, cache = lm_loss_forward(params, config, tokens, targets, src)
+        loss, cache = lm_loss_forward(tokens, targets, params, config, src)
         grads, _ = clip_gradients(lm_loss_backward(1.0, cache), 1.0)
         lr = lr_schedule(step + 1, max_lr, warmup, steps, min_lr=max_lr / 10)
         params, state = adam_step(params, grads, state, lr=lr, weight_decay=weight_decay, decay=decay)
@@ -188,7 +188,7 @@ def train(params, config, batch, steps, seed, B=32, max_lr=3e-3, weight_decay=0.
 
 def masked_word_probs(params, config, tokens, positions):
     """probs (M, V): BERT's distribution over the word at tokens[m, positions[m]] (a [MASK]), tokens (M, L)."""
-    logits, _ = transformer_forward(params, config, tokens)                    # (M, L, V)
+    logits, _ = transformer_forward(tokens, params, config)                    # (M, L, V)
     logits = logits[np.arange(len(tokens)), positions]                         # (M, V) at the masks
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))                # (M, V)
     return probs / probs.sum(axis=-1, keepdims=True)
@@ -218,13 +218,13 @@ def gpt_samples(params, config, n, seed, temperature=1.0):
     """Token rows (n, max_len) continuing [BOS] by generate (KV cache); greedy if temperature is 0."""
     prompt = np.full((n, 1), BOS, dtype=np.int64)                              # (n, 1)
     rng = np.random.default_rng(seed) if temperature > 0 else None
-    return generate(params, config, prompt, config["max_len"] - 1, temperature=temperature, rng=rng)[0]
+    return generate(prompt, config["max_len"] - 1, params, config, temperature=temperature, rng=rng)[0]
 
 
 def continue_prompt(params, config, data, prompt_words):
     """The greedy continuation of [BOS] + prompt_words: a token row (max_len,) starting with [BOS]."""
     prompt = np.array([[BOS] + [data["ids"][w] for w in prompt_words]], dtype=np.int64)   # (1, T0)
-    return generate(params, config, prompt, config["max_len"] - prompt.shape[1])[0][0]
+    return generate(prompt, config["max_len"] - prompt.shape[1], params, config)[0][0]
 
 
 def show(row, vocab):
@@ -245,7 +245,7 @@ def translate(params, config, sentences, data):
     """Greedy decoding of the encoder-decoder (generate, KV cache): a word tuple (or None) per sentence."""
     src = encode(sentences, data["ids"], data["length"])                       # (N, L)
     prompt = np.full((len(sentences), 1), BOS, dtype=np.int64)                 # (N, 1)
-    tokens, _ = generate(params, config, prompt, config["max_len"] - 1, src=src)
+    tokens, _ = generate(prompt, config["max_len"] - 1, params, config, src=src)
     return [decode(row[1:], data["vocab"]) for row in tokens]
 
 

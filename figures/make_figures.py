@@ -4,18 +4,17 @@
     python figures/make_figures.py attention_masks     # only the named ones
     python figures/make_figures.py --list              # the names
 
-Needs matplotlib (`python -m pip install matplotlib`). Two kinds of figure, both easy to add:
-- A figure a demo already draws stays the demo's: add its command line to DEMO_FIGURES, with the PNGs it
-  writes. Its own test runs the same command into a temporary folder.
-- Any other: a function `name(path, quick=False)` decorated with `@figure`, which writes figures/<name>.png.
-  It calls the file that owns the numbers (its public functions) rather than copy its code, so the picture
-  and the README's numbers come from the same place. `quick=True` draws it from tiny sizes, so that
-  tests/test_figures.py checks in seconds that it still runs (the picture is then meaningless).
+Needs matplotlib (`python -m pip install matplotlib`). No concept file imports matplotlib: each figure is a
+function `name(path, quick=False)` decorated with `@figure`, which writes figures/<name>.png. It calls the
+file that owns the numbers (its public functions, the demo's training run included) rather than copy its
+code, so the picture and the numbers the demo prints come from the same place. `quick=True` draws it from
+tiny sizes, so that tests/test_figures.py checks in seconds that it still runs (the picture is then
+meaningless).
 Keep each PNG small (about 600 x 400 pixels, under 100 KB; the test checks the size) and show it in the
 README next to its numbers (the test checks that too).
 """
+import functools
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -28,30 +27,12 @@ for folder in (ROOT, os.path.join(ROOT, "experiments"), os.path.join(ROOT, "benc
 
 FIGURES = {}                                                   # name -> function(path, quick=False)
 
-# Figures a demo draws itself: the PNGs (figures/<name>.png) -> the demo's command, {out} standing for the
-# folder the PNGs go to.
-DEMO_FIGURES = {
-    ("transformer_cross_attention", "transformer_learning_curve"): ["transformer.py", "--figures", "{out}"],
-}
 
 
 def figure(function):
     """Register `function` as the figure figures/<its name>.png."""
     FIGURES[function.__name__] = function
     return function
-
-
-def run_demo_figures(command, out):
-    """Run a DEMO_FIGURES command from the repository root, its figures written into the folder `out`;
-    returns the command line it ran.
-
-    One BLAS thread unless the caller chose: on 2 cores two threads spin on the demos' small matrices
-    (the model demos take minutes with two, under a minute with one)."""
-    env = dict(os.environ, MPLBACKEND="Agg")
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    argv = [arg.replace("{out}", os.path.abspath(out)) for arg in command]
-    subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-    return argv
 
 
 def pyplot():
@@ -240,6 +221,50 @@ def vit_rollout(path, quick=False):
     plt.close(fig)
 
 
+# --- transformer.py: its demo's training run (train_reversal, the same steps and seeds as `python transformer.py`) ---
+
+
+@functools.lru_cache(maxsize=2)
+def reversal_run(quick=False):
+    """params, config and learning curve of transformer.train_reversal, trained once for both figures."""
+    from transformer import train_reversal
+    return train_reversal(steps=4, every=2) if quick else train_reversal()
+
+
+@figure
+def transformer_learning_curve(path, quick=False):
+    """Training loss and held-out exact match of the demo's encoder-decoder learning to reverse 8 symbols."""
+    _, _, curve = reversal_run(quick)
+    steps, losses, accuracies = zip(*curve)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(steps, losses, "o-", label="training loss (nats/token)")
+    ax.plot(steps, accuracies, "s-", label="held-out exact match")
+    ax.set_xlabel("step")
+    ax.legend()
+    save(fig, path)
+
+
+@figure
+def transformer_cross_attention(path, quick=False):
+    """Where output position t looks: the trained demo model's last decoder layer, cross-attention averaged
+    over heads, for the first held-out sequence (the demo asserts its mirrored mass is above 0.5)."""
+    from transformer import reversal_batch, reversal_cross_attention
+    params, config, _ = reversal_run(quick)
+    T = config["max_len"]
+    src, _, targets = reversal_batch(np.random.default_rng(1), 1, T, config["V"] - 2)    # the demo's held-out row 0
+    cross = reversal_cross_attention(params, config, src[0], targets[0])                # (T, S)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    ax.imshow(cross, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(T), [str(s) for s in src[0]])
+    ax.set_yticks(range(T), [str(s) for s in targets[0]])
+    ax.set_xlabel("source symbol (key)")
+    ax.set_ylabel("output symbol (query)")
+    ax.set_title("cross-attention, last decoder layer")
+    save(fig, path)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command
 
@@ -248,27 +273,20 @@ if __name__ == "__main__":
     import argparse
     import time
 
-    demo_names = {name: command for names, command in DEMO_FIGURES.items() for name in names}
     parser = argparse.ArgumentParser(description="Draw the README's figures into figures/.")
     parser.add_argument("names", nargs="*", metavar="name", help="figures to draw (default: all)")
     parser.add_argument("--out", default=HERE, help="folder to write the PNGs to (default: figures/)")
     parser.add_argument("--list", action="store_true", help="print the figure names and exit")
     args = parser.parse_args()
     if args.list:
-        print("\n".join([*demo_names, *FIGURES]))
+        print("\n".join(FIGURES))
         sys.exit(0)
-    unknown = [name for name in args.names if name not in FIGURES and name not in demo_names]
+    unknown = [name for name in args.names if name not in FIGURES]
     if unknown:
-        parser.error(f"unknown figure {unknown}; choose from {[*demo_names, *FIGURES]}")
+        parser.error(f"unknown figure {unknown}; choose from {list(FIGURES)}")
     pyplot()                                                   # fails here, not after a minute, without matplotlib
     os.makedirs(args.out, exist_ok=True)
-    names = args.names or [*demo_names, *FIGURES]
-    commands = dict.fromkeys(tuple(demo_names[name]) for name in names if name in demo_names)  # each once
-    for command in commands:
-        start = time.perf_counter()
-        argv = run_demo_figures(command, args.out)
-        print(f"python {' '.join(argv)}  {time.perf_counter() - start:.1f} s")
-    for name in (name for name in names if name in FIGURES):
+    for name in args.names or FIGURES:
         start = time.perf_counter()
         path = os.path.join(args.out, f"{name}.png")
         FIGURES[name](path)

@@ -1,10 +1,10 @@
-"""figures/make_figures.py: every figure it draws still runs against the current code, every demo it calls
-still has the figure option it uses, and every figure in figures/ is made by it, small, and shown in the
-README."""
+"""figures/make_figures.py: every figure it draws still runs against the current code, no concept file
+draws (matplotlib lives in figures/ alone), and every figure in figures/ is made by it, small, and shown in
+the README."""
 import importlib.util
 
 import pytest
-from helpers import ROOT, run_demo
+from helpers import ROOT
 
 FIGURES_DIR = ROOT / "figures"
 
@@ -17,7 +17,7 @@ def load_make_figures():
 
 
 make_figures = load_make_figures()
-NAMES = [*make_figures.FIGURES, *(name for names in make_figures.DEMO_FIGURES for name in names)]
+NAMES = list(make_figures.FIGURES)
 
 
 @pytest.mark.parametrize("name", list(make_figures.FIGURES))
@@ -26,14 +26,6 @@ def test_figure_function_writes_a_png(name, tmp_path):
     path = tmp_path / f"{name}.png"
     make_figures.FIGURES[name](str(path), quick=True)          # tiny sizes: seconds for all of them
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{name} did not write a PNG"
-
-
-@pytest.mark.parametrize("command", list(make_figures.DEMO_FIGURES.values()), ids=lambda command: command[0])
-def test_each_demo_still_has_the_figure_option_the_command_uses(command):
-    # Running the demo is its own test's job (test_transformer.py runs it with this option into a temporary
-    # folder); here `--help` proves the option is still there, in a second.
-    script, option = command[0], command[1]
-    assert option in run_demo(script, "--help").stdout, f"python {script} has no option {option} any more"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -48,3 +40,8 @@ def test_every_png_in_figures_is_made_by_the_command():
     made = {f"{name}.png" for name in NAMES}
     strays = sorted(path.name for path in FIGURES_DIR.glob("*.png") if path.name not in made)
     assert not strays, f"figures/ holds {strays}, which python figures/make_figures.py does not make"
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("*.py")), ids=lambda path: path.name)
+def test_no_concept_file_draws_figures_are_drawn_here_from_its_public_functions(path):
+    assert "matplotlib" not in path.read_text(), f"{path.name} mentions matplotlib: its figures belong in figures/"

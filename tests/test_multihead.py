@@ -13,7 +13,8 @@ from hypothesis import given, strategies as st
 from attention import causal_mask
 from gradcheck import check_directional_derivative, check_gradients, random_like
 from helpers import run_demo, spoiled, to_numpy, with_examples
-from multihead import PARAM_NAMES, init_multihead, multihead_backward, multihead_forward
+from multihead import (PARAM_NAMES, init_multihead, linear_backward, linear_forward, multihead_backward,
+                       multihead_forward)
 from positional import alibi_bias
 
 
@@ -613,11 +614,41 @@ def test_empty_batches_and_sequences_run_forward_and_backward(xp, B, T, S, varia
 def test_cache_is_a_dict_with_the_fields_the_docstring_names(xp):
     _, x_q, x_kv, params = make_case(xp, 10, 2, 3, 5, 4)
     _, cache = multihead_forward(x_q, x_kv, params, 2)
-    assert set(cache) == {"x_q", "x_kv", "params", "n_heads", "concat", "attn", "rope_q", "rope_k"}
-    assert cache["rope_q"] is None and cache["rope_k"] is None and cache["concat"].shape == (2, 3, 4)
+    assert set(cache) == {"q", "k", "v", "o", "n_heads", "attn", "rope_q", "rope_k"}
+    assert cache["rope_q"] is None and cache["rope_k"] is None and cache["o"]["x"].shape == (2, 3, 4)
+    assert cache["q"]["x"] is x_q and cache["k"]["x"] is x_kv and cache["v"]["W"] is params["W_v"]
     _, cache = multihead_forward(x_q, x_kv, params, 2, rope=True)
     assert cache["rope_q"]["x_shape"] == (2, 2, 3, 2) and cache["rope_k"]["x_shape"] == (2, 2, 5, 2)
     assert cache["attn"]["weights"].shape == (2, 2, 3, 5)
+
+
+@pytest.mark.parametrize("x_shape", [(7,), (3, 7), (2, 3, 7), (2, 0, 7)])
+def test_linear_layer_gradients_match_finite_differences(xp, x_shape):
+    rng = np.random.default_rng(0)
+    x, W, b = (xp.asarray(rng.standard_normal(shape)) for shape in (x_shape, (7, 5), (5,)))
+    y, cache = linear_forward(x, W, b)
+    # The one 2-D product over all rows is the same map as the batched one, row for row.
+    np.testing.assert_allclose(to_numpy(y), to_numpy(x) @ to_numpy(W) + to_numpy(b), rtol=1e-13, atol=1e-13)
+    dy = random_like(y, rng)                                   # random: all ones would hide a transposed dW
+    dx, dW, db = linear_backward(dy, cache)
+    assert dx.shape == x.shape and dW.shape == W.shape and db.shape == b.shape
+    check_gradients(lambda: float((linear_forward(x, W, b)[0] * dy).sum()), [x, W, b], [dx, dW, db])
+
+
+def test_linear_layer_keeps_float32_and_refuses_bad_input():
+    x, W, b = np.ones((2, 3, 4), np.float32), np.ones((4, 5), np.float32), np.ones(5, np.float32)
+    y, cache = linear_forward(x, W, b)
+    assert y.dtype == np.float32 and all(g.dtype == np.float32 for g in linear_backward(y, cache))
+    with pytest.raises(ValueError, match=r"W must have shape \(4, N\) to multiply x \(2, 3, 4\), got \(5, 4\)"):
+        linear_forward(x, W.T, b)
+    with pytest.raises(ValueError, match=r"b must have shape \(5,\) to match W \(4, 5\), got \(4,\)"):
+        linear_forward(x, W, b[:4])
+    with pytest.raises(TypeError, match="W must have dtype float32"):
+        linear_forward(x, W.astype(np.float64), b)
+    with pytest.raises(ValueError, match=r"dy must have shape \(2, 3, 5\)"):
+        linear_backward(y[:, :2], cache)
+    with pytest.raises(TypeError, match="cache must be the dict linear_forward returned"):
+        linear_backward(y, {"x": x})
 
 
 def test_demo_runs_and_its_asserts_hold():

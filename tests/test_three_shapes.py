@@ -76,8 +76,8 @@ def test_cached_greedy_decoding_of_padded_sources_equals_recomputation(data):
     src = experiment.encode(sentences, data["ids"], data["length"])
     assert (src == experiment.PAD).any()
     prompt = np.full((len(sentences), 1), experiment.BOS, dtype=np.int64)
-    cached, cached_logits = experiment.generate(params, config, prompt, 8, src=src)
-    full, full_logits = experiment.generate(params, config, prompt, 8, src=src, use_cache=False)
+    cached, cached_logits = experiment.generate(prompt, 8, params, config, src=src)
+    full, full_logits = experiment.generate(prompt, 8, params, config, src=src, use_cache=False)
     np.testing.assert_array_equal(cached, full)
     np.testing.assert_allclose(cached_logits, full_logits, rtol=0, atol=1e-12)   # float64 rounding of sums
 

@@ -38,7 +38,7 @@ def on(xp, ids):
 
 
 def logits_of(params, config, tokens, src=None):
-    return tf.transformer_forward(params, config, tokens, src)[0]
+    return tf.transformer_forward(tokens, params, config, src)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def test_gelu_is_x_times_the_normal_cdf_and_tanh_is_gpt2s_formula():
     # x**3 against x*x*x and tanh's own rounding: a few ulp of the output, or of 1 where it crosses zero.
     np.testing.assert_allclose(tf.activation_forward(x, "gelu_tanh")[0], approx, rtol=1e-14, atol=4 * EPS64)
     gap = np.abs(tf.activation_forward(x, "gelu")[0] - tf.activation_forward(x, "gelu_tanh")[0])
-    # The two GELUs differ by up to ~4.7e-4 (PITFALLS.md): a 1e-4 comparison tells which one is used.
+    # The two GELUs differ by up to ~4.7e-4 (near |x| = 2.7): a 1e-4 comparison tells which one is used.
     assert 4e-4 < gap.max() < 5e-4
 
 
@@ -222,7 +222,7 @@ def test_model_gradients_along_a_random_direction(xp, kind, positions):
             src[1, -2:] = 0                                    # and padded source positions
         params, tokens, src = tree_map(xp.asarray, params), xp.asarray(tokens), on(xp, src)
         rng = np.random.default_rng(3)
-        logits, cache = tf.transformer_forward(params, config, tokens, src)
+        logits, cache = tf.transformer_forward(tokens, params, config, src)
         dlogits = random_array(rng, logits.shape, np.float64, xp)
         grads = tf.transformer_backward(dlogits, cache)
         assert [g.shape for g in tree_leaves(grads)] == [p.shape for p in tree_leaves(params)]
@@ -233,9 +233,9 @@ def test_model_gradients_along_a_random_direction(xp, kind, positions):
 def test_small_model_gradients_match_finite_differences_entry_by_entry():
     config, params, tokens, src = make_model("encoder-decoder", "learned", tied=True, B=1, T=3, S=3, D=4, n_layers=1)
     targets = np.array([[2, -100, 5]])                         # one ignored position
-    loss, cache = tf.lm_loss_forward(params, config, tokens, targets, src, label_smoothing=0.1)
+    loss, cache = tf.lm_loss_forward(tokens, targets, params, config, src, label_smoothing=0.1)
     grads = tf.lm_loss_backward(1.0, cache)
-    check_gradients(lambda: tf.lm_loss_forward(params, config, tokens, targets, src, label_smoothing=0.1)[0],
+    check_gradients(lambda: tf.lm_loss_forward(tokens, targets, params, config, src, label_smoothing=0.1)[0],
                     params, grads)
 
 
@@ -245,34 +245,55 @@ def test_a_tied_table_gets_the_sum_of_its_output_and_input_gradients():
     untied = dict(params, W_out=params["embed"].T.copy())      # the same function, two separate arrays
     dlogits = np.random.default_rng(0).standard_normal((2, 5, config["V"]))
     np.testing.assert_allclose(logits_of(params, config, tokens), logits_of(untied, untied_config, tokens))
-    tied_grads = tf.transformer_backward(dlogits, tf.transformer_forward(params, config, tokens)[1])
-    untied_grads = tf.transformer_backward(dlogits, tf.transformer_forward(untied, untied_config, tokens)[1])
+    tied_grads = tf.transformer_backward(dlogits, tf.transformer_forward(tokens, params, config)[1])
+    untied_grads = tf.transformer_backward(dlogits, tf.transformer_forward(tokens, untied, untied_config)[1])
     output_use, input_use = untied_grads["W_out"].T, untied_grads["embed"]
     assert np.abs(output_use).max() > 0.1 and np.abs(input_use).max() > 0.1      # both uses contribute
     np.testing.assert_allclose(tied_grads["embed"], output_use + input_use, rtol=1e-12, atol=1e-14)
 
 
-def test_tokens_and_tied_logits_start_at_unit_scale():
-    # The embedding is drawn N(0, 1/D) and multiplied by sqrt(D): unit-scale tokens next to the sinusoids,
-    # and a tied output (unit-scale normalised h times N(0, 1/D) rows) gives logits of unit scale.
-    config = {"kind": "decoder", "V": 200, "D": 64, "n_heads": 4, "positions": "none", "tied": True}
+@pytest.mark.parametrize("V", [12, 1000])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("kind", tf.KINDS)
+def test_a_fresh_model_starts_within_half_a_nat_of_ln_v(kind, tied, V):
+    # "Verify loss @ init" (Karpathy): a uniform guess costs ln V. Random targets, so no logit is right.
+    config = {"kind": kind, "V": V, "D": 32, "n_heads": 4, "F": 32, "n_layers": 1, "max_len": 16,
+              "positions": "sinusoidal", "tied": tied, "norm_first": kind != "encoder"}
     params = tf.init_transformer(config, np.random.default_rng(0), np.float64)
-    tokens = np.random.default_rng(1).integers(0, 200, (8, 32))
+    rng = np.random.default_rng(1)
+    tokens, targets = rng.integers(0, V, (8, 16)), rng.integers(0, V, (8, 16))
+    src = rng.integers(0, V, (8, 16)) if kind == "encoder-decoder" else None
+    loss, _ = tf.lm_loss_forward(tokens, targets, params, config, src)
+    # Logits of std s add about s^2 / 2 (0.17 untied, s = 0.6); a tied token's own logit (<= 1) adds less.
+    assert abs(loss - math.log(V)) < 0.5, (loss, math.log(V))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tokens_enter_at_the_scale_the_init_docstring_gives_and_tied_logits_stay_below_one(tied):
+    # Untied: embed N(0, 1/D) times sqrt(D), unit-scale entries next to the sinusoids. Tied: N(0, 1/D^2) times
+    # sqrt(D), entries 1/sqrt(D), so that each logit |LN(h) . embed[v]| <= sqrt(D) |embed[v]| is about 1.
+    D, V = 64, 200
+    config = {"kind": "decoder", "V": V, "D": D, "n_heads": 4, "positions": "none", "tied": tied}
+    params = tf.init_transformer(config, np.random.default_rng(0), np.float64)
+    tokens = np.random.default_rng(1).integers(0, V, (8, 32))
     x, _ = tf.embed_forward(tokens, params, tf.check_config(config))
-    logits = logits_of(params, config, tokens)
-    # 16384 and 51200 draws: their standard deviations are within a few percent of 1.
-    assert 0.9 < x.std() < 1.1 and 0.7 < logits.std() < 1.4
+    need = 1 / math.sqrt(D) if tied else 1.0
+    assert 0.9 * need < x.std() < 1.1 * need                   # 16384 draws: within a few percent
+    if tied:
+        logits = logits_of(params, config, tokens)
+        bound = math.sqrt(D) * np.linalg.norm(params["embed"], axis=1).max()    # Cauchy-Schwarz, |LN(h)| <= sqrt(D)
+        assert np.abs(logits).max() <= bound < 1.5
 
 
 def test_the_memory_gradient_is_the_sum_over_every_decoder_layer():
     config, params, tokens, src = make_model("encoder-decoder", "none", n_layers=3)
-    _, cache = tf.transformer_forward(params, config, tokens, src)
+    _, cache = tf.transformer_forward(tokens, params, config, src)
     dh = np.random.default_rng(0).standard_normal((2, 5, 8))
     dmemory_each, d = [], dh
-    for layer_cache in reversed(cache["decoder"]):
+    for layer_cache in reversed(cache["decoder"]["layers"]):
         d, dmemory, _ = tf.decoder_layer_backward(d, layer_cache)
         dmemory_each.append(dmemory)
-    _, total = tf._stack_backward(dh, dict(cache, dec_norm=None), "decoder", {})
+    _, _, total = tf._stack_backward(dh, dict(cache["decoder"], norm=None), "decoder")
     assert all(np.abs(d).max() > 1e-3 for d in dmemory_each)   # every layer reads the memory
     np.testing.assert_allclose(total, sum(dmemory_each), rtol=1e-12)
 
@@ -396,7 +417,7 @@ def test_future_positions_get_exactly_zero_gradient_from_earlier_logits(xp, kind
     dlogits = np.random.default_rng(0).standard_normal((2, 5, config["V"]))
     dlogits[:, 3:] = 0                                         # a loss on positions 0, 1, 2 only
     params = tree_map(xp.asarray, params)
-    _, cache = tf.transformer_forward(params, config, xp.asarray(tokens), on(xp, src))
+    _, cache = tf.transformer_forward(xp.asarray(tokens), params, config, on(xp, src))
     grads = tree_map(to_numpy, tf.transformer_backward(xp.asarray(dlogits), cache))
     assert np.all(grads["pos"][3:] == 0) and np.all(grads["embed"][7:11] == 0)
     assert np.abs(grads["pos"][:3]).min() > 0
@@ -431,8 +452,8 @@ def test_cached_generation_equals_recomputation(xp, kind, positions, seed, promp
     # NumPy: up to the last position the table holds. The slower CuPy stand-in checks the same code path
     # (the CuPy branch of every function) on three steps.
     n_new = config["max_len"] - prompt_length if xp is np else 3
-    cached, cached_logits = tf.generate(params, config, prompt, n_new, src=src)
-    full, full_logits = tf.generate(params, config, prompt, n_new, src=src, use_cache=False)
+    cached, cached_logits = tf.generate(prompt, n_new, params, config, src=src)
+    full, full_logits = tf.generate(prompt, n_new, params, config, src=src, use_cache=False)
     np.testing.assert_array_equal(to_numpy(cached), to_numpy(full))
     cached_logits, full_logits = to_numpy(cached_logits), to_numpy(full_logits)
     # The same arithmetic on fewer rows at a time: matrix products may sum in another order, so the logits
@@ -444,11 +465,11 @@ def test_cached_generation_equals_recomputation(xp, kind, positions, seed, promp
 
 def test_sampling_is_seeded_and_follows_the_temperature():
     config, params, tokens, _ = make_model("decoder", "rope")
-    a, _ = tf.generate(params, config, tokens[:, :2], 6, temperature=1.0, rng=np.random.default_rng(4))
-    b, _ = tf.generate(params, config, tokens[:, :2], 6, temperature=1.0, rng=np.random.default_rng(4))
+    a, _ = tf.generate(tokens[:, :2], 6, params, config, temperature=1.0, rng=np.random.default_rng(4))
+    b, _ = tf.generate(tokens[:, :2], 6, params, config, temperature=1.0, rng=np.random.default_rng(4))
     np.testing.assert_array_equal(a, b)
-    greedy, _ = tf.generate(params, config, tokens[:, :2], 6)
-    cold, _ = tf.generate(params, config, tokens[:, :2], 6, temperature=1e-6, rng=np.random.default_rng(4))
+    greedy, _ = tf.generate(tokens[:, :2], 6, params, config)
+    cold, _ = tf.generate(tokens[:, :2], 6, params, config, temperature=1e-6, rng=np.random.default_rng(4))
     np.testing.assert_array_equal(cold, greedy)                # temperature -> 0 is greedy
 
 
@@ -480,8 +501,8 @@ def test_float32_stays_float32_through_a_whole_training_step(xp):
     for kind in tf.KINDS:
         config, params, tokens, src = make_model(kind, "alibi", dtype=np.float32, tied=True)
         params, tokens, src = tree_map(xp.asarray, params), xp.asarray(tokens), on(xp, src)
-        loss, cache = tf.lm_loss_forward(params, config, tokens, tokens, src, label_smoothing=0.1)
-        assert cache["model"]["out"]["h"].dtype == np.float32
+        loss, cache = tf.lm_loss_forward(tokens, tokens, params, config, src, label_smoothing=0.1)
+        assert cache["model"]["out"]["x"].dtype == np.float32
         grads = tf.lm_loss_backward(1.0, cache)
         new_params, _ = adam_step(params, grads, adam_init(params), lr=1e-3, weight_decay=0.1)
         assert all(x.dtype == np.float32 for x in tree_leaves(grads) + tree_leaves(new_params))
@@ -493,22 +514,22 @@ def test_the_same_code_runs_on_every_array_module(xp, kind):
     config, params, tokens, src = make_model(kind, "rope", pad_id=0)
     xp_params = tree_map(xp.asarray, params)
     xp_src = None if src is None else xp.asarray(src)
-    logits, cache = tf.transformer_forward(xp_params, config, xp.asarray(tokens), xp_src)
+    logits, cache = tf.transformer_forward(xp.asarray(tokens), xp_params, config, xp_src)
     np.testing.assert_allclose(to_numpy(logits), logits_of(params, config, tokens, src), rtol=1e-10, atol=1e-12)
     dlogits = random_array(np.random.default_rng(0), logits.shape, np.float64, xp)
     grads = tf.transformer_backward(dlogits, cache)
-    expected = tf.transformer_backward(to_numpy(dlogits), tf.transformer_forward(params, config, tokens, src)[1])
+    expected = tf.transformer_backward(to_numpy(dlogits), tf.transformer_forward(tokens, params, config, src)[1])
     for g, e in zip(tree_leaves(grads), tree_leaves(expected)):
         np.testing.assert_allclose(to_numpy(g), e, rtol=1e-9, atol=1e-12)
     if kind != "encoder":
         prompt = xp.asarray(tokens[:, :1])
-        out, _ = tf.generate(xp_params, config, prompt, 4, src=xp_src)
-        np.testing.assert_array_equal(to_numpy(out), tf.generate(params, config, tokens[:, :1], 4, src=src)[0])
+        out, _ = tf.generate(prompt, 4, xp_params, config, src=xp_src)
+        np.testing.assert_array_equal(to_numpy(out), tf.generate(tokens[:, :1], 4, params, config, src=src)[0])
 
 
 @pytest.mark.slow
 def test_demo_reverses_held_out_sequences_and_its_cross_attention_is_the_mirror(tmp_path):
-    result = run_demo(ROOT / "transformer.py", "--figures", tmp_path, timeout=600, cwd=tmp_path)
+    result = run_demo(ROOT / "transformer.py", timeout=600, cwd=tmp_path)
     # The demo itself asserts exact match >= 0.99 and anti-diagonal cross-attention mass > 0.5.
     assert "held-out exact-match accuracy on 1000 sequences" in result.stdout
 
@@ -533,14 +554,24 @@ def test_bad_tokens_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="src must be given"):
         logits_of(ed_params, ed_config, ed_tokens)
     with pytest.raises(ValueError, match="positions must be < max_len"):
-        tf.generate(params, config, tokens, 9)                 # the 13th position would be fed in
+        tf.generate(tokens, 9, params, config)                 # the 13th position would be fed in
     with pytest.raises(ValueError, match="prompt must hold ids in"):
-        tf.generate(params, config, tokens + 20, 2)
-    with pytest.raises(ValueError, match="n_new must be a non-negative integer, got -1"):
-        tf.generate(params, config, tokens, -1)
-    with pytest.raises(ValueError, match="temperature must be 0 \\(greedy\\) or > 0 with an rng"):
-        tf.generate(params, config, tokens, 2, temperature=0.5)
-    out, logits = tf.generate(params, config, tokens, 0)
+        tf.generate(tokens + 20, 2, params, config)
+    with pytest.raises(ValueError, match="n_new must be an integer >= 0, got -1"):
+        tf.generate(tokens, -1, params, config)
+    with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or a finite number > 0, got -1"):
+        tf.generate(tokens, 2, params, config, temperature=-1)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        tf.generate(tokens, 2, params, config, temperature=0.5)            # sampling needs an rng
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        tf.generate(tokens, 2, params, config, temperature=0.5, rng=np.random.RandomState(0))
+    with pytest.raises(ValueError, match=r"prompt must hold at least one token per row .* got shape \(2, 0\)"):
+        tf.generate(tokens[:, :0], 2, params, config)
+    with pytest.raises(TypeError, match="prompt must be an integer array of token ids, got float32"):
+        tf.generate(tokens.astype(np.float32), 2, params, config)
+    with pytest.raises(TypeError, match=r"config must be a dict, got int64 array of shape \(2, 5\)"):
+        tf.transformer_forward(params, config, tokens)         # the old order (params, config, tokens)
+    out, logits = tf.generate(tokens, 0, params, config)
     assert out is tokens and logits.shape == (2, 0, 11)
 
 
@@ -549,12 +580,17 @@ def test_bad_tokens_are_refused_with_a_clear_message():
     (dict(kind="gpt"), ValueError, r"config\['kind'\] must be one of"),
     (dict(positions="relative"), ValueError, r"config\['positions'\] must be one of"),
     (dict(activation="swish"), ValueError, r"config\['activation'\] must be one of"),
-    (dict(n_layers=0), ValueError, r"config\['n_layers'\] must be a positive integer, got 0"),
-    (dict(V=2.5), ValueError, r"config\['V'\] must be a positive integer, got 2.5"),
+    (dict(n_layers=0), ValueError, r"config\['n_layers'\] must be an integer >= 1, got 0"),
+    (dict(D=0), ValueError, r"config\['D'\] must be an integer >= 1, got 0"),
+    (dict(F=0), ValueError, r"config\['F'\] must be an integer >= 1, got 0"),
+    (dict(max_len=0), ValueError, r"config\['max_len'\] must be an integer >= 1, got 0"),
+    (dict(n_heads=0), ValueError, r"config\['n_heads'\] must be an integer >= 1, got 0"),
+    (dict(V=2.5), ValueError, r"config\['V'\] must be an integer >= 1, got 2.5"),
     (dict(norm_first="yes"), TypeError, r"config\['norm_first'\] must be True or False"),
     (dict(pad_id=11), ValueError, r"config\['pad_id'\] must be None or an id in \[0, 11\)"),
     (dict(D=6, n_heads=2, positions="rope"), ValueError, "needs an even head width"),
     (dict(heads=2), ValueError, "config has unknown fields"),
+    (dict(positions=None), ValueError, r"config\['positions'\] must be one of .*'none'"),
 ])
 def test_bad_configs_are_refused_naming_the_field(change, error, message):
     config = {"V": 11, "D": 8, **change}
@@ -578,7 +614,7 @@ def test_bad_layer_inputs_are_refused():
         tf.decoder_layer_forward(x, x[..., :4], tf.init_decoder_layer(8, 16, rng, np.float64), 2)
     with pytest.raises(ValueError, match=r"gamma must have shape \(8,\) to match x"):
         tf.layer_norm_forward(x, np.ones(4), np.zeros(8))
-    with pytest.raises(TypeError, match="gamma must have dtype float64 like x"):
+    with pytest.raises(TypeError, match=r"gamma must have dtype float64 \(x.s\), got float32"):
         tf.layer_norm_forward(x, np.ones(8, np.float32), np.zeros(8))
     out, cache = tf.encoder_layer_forward(x, params, 2)
     with pytest.raises(ValueError, match=r"dout must have shape \(2, 3, 8\)"):
@@ -587,9 +623,72 @@ def test_bad_layer_inputs_are_refused():
         tf.encoder_layer_backward(out.astype(np.float32), cache)
     with pytest.raises(ValueError, match=r"dropout p must be in \[0, 1\), got 1.0"):
         tf.dropout_forward(x, 1.0, rng)
-    with pytest.raises(ValueError, match="params must be a dict with keys \\['attn', 'ln1', 'ff', 'ln2'\\]"):
+    with pytest.raises(ValueError, match=r"params must have keys \['attn', 'ff', 'ln1', 'ln2'\]: missing \['ff'\]"):
         tf.encoder_layer_forward(x, {k: v for k, v in params.items() if k != "ff"}, 2)
-    with pytest.raises(ValueError, match=r"params\['W_2'\] must have shape \(16, 8\) for x \(2, 3, 8\)"):
+    with pytest.raises(ValueError, match=r"params\['W_2'\] must be a (a )?float array of shape \(16, 8\)"):
         tf.feed_forward_forward(x, dict(params["ff"], W_2=np.zeros((16, 4))))
-    with pytest.raises(TypeError, match=r"params\['W_1'\] must have dtype float64 like x, got float32"):
+    with pytest.raises(TypeError, match="params must hold arrays of one dtype, float64, got a float32"):
         tf.feed_forward_forward(x, dict(params["ff"], W_1=params["ff"]["W_1"].astype(np.float32)))
+    with pytest.raises(ValueError, match=r"params\['ln2'\]\['gamma'\] must be a (a )?float array of shape \(8,\)"):
+        tf.encoder_layer_forward(x, dict(params, ln2={"gamma": np.ones(4), "beta": np.zeros(8)}), 2)
+    with pytest.raises(TypeError, match="norm_first must be True or False"):
+        tf.encoder_layer_forward(x, params, 2, norm_first=1)
+    for eps in (0.0, -1e-5, float("nan")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            tf.layer_norm_forward(x, np.ones(8), np.zeros(8), eps=eps)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        tf.dropout_forward(x, 0.5, np.random.RandomState(0))
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        tf.init_feed_forward(8, 16, 0)
+
+
+def test_a_params_tree_that_does_not_match_its_config_is_refused_by_path():
+    config, params, tokens, _ = make_model("decoder", "learned")
+    fewer = dict(params, decoder=params["decoder"][:1])        # config['n_layers'] = 2
+    with pytest.raises(ValueError, match=r"params\['decoder'\] must be a list of length 2, got length 1"):
+        logits_of(fewer, config, tokens)
+    with pytest.raises(ValueError, match=r"params must have keys .*: missing \['W_out'\]"):
+        logits_of({k: v for k, v in params.items() if k != "W_out"}, config, tokens)
+    with pytest.raises(ValueError, match=r"extra \['W_out'\]"):
+        logits_of(params, dict(config, tied=True), tokens)     # a tied config has no W_out
+    wide = tree_map(lambda p: p, params)
+    wide["decoder"][1]["ff"]["W_1"] = np.zeros((8, 13))
+    with pytest.raises(ValueError, match=r"params\['decoder'\]\[1\]\['ff'\]\['W_1'\] must be a (a )?float array of shape \(8, 12\)"):
+        logits_of(wide, config, tokens)
+    with pytest.raises(ValueError, match=r"params\['embed'\] must be a (a )?float array of shape \(12, 8\)"):
+        logits_of(params, dict(config, V=12), tokens)
+    with pytest.raises(TypeError, match="params must hold arrays of one dtype, float64, got a float32"):
+        logits_of(dict(params, b_out=params["b_out"].astype(np.float32)), config, tokens)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        tf.init_transformer(config, 0)
+
+
+def test_a_cache_from_another_function_is_refused():
+    config, params, tokens, _ = make_model("decoder", "none")
+    logits, model_cache = tf.transformer_forward(tokens, params, config)
+    _, loss_cache = tf.lm_loss_forward(tokens, tokens, params, config)
+    with pytest.raises(TypeError, match=r"cache must be the dict transformer_forward returned"):
+        tf.transformer_backward(logits, loss_cache)
+    with pytest.raises(TypeError, match=r"cache must be the dict lm_loss_forward returned"):
+        tf.lm_loss_backward(1.0, model_cache)
+    layer_cache = model_cache["decoder"]["layers"][0]
+    with pytest.raises(TypeError, match=r"cache must be the dict decoder_layer_forward returned"):
+        tf.decoder_layer_backward(np.zeros((2, 5, 8)), layer_cache)
+    with pytest.raises(TypeError, match=r"cache must be the dict layer_norm_forward returned"):
+        tf.layer_norm_backward(np.zeros((2, 5, 8)), layer_cache)
+    with pytest.raises(TypeError, match=r"cache must be the dict feed_forward_forward returned"):
+        tf.feed_forward_backward(np.zeros((2, 5, 8)), (1, 2))
+    with pytest.raises(ValueError, match=r"dlogits must have shape \(2, 5, 11\)"):
+        tf.transformer_backward(logits[:, :3], model_cache)
+
+
+def test_mask_tokens_refuses_a_bad_probability_mask_id_or_rng():
+    tokens, rng = np.ones((2, 5), np.int64), np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"p must be a probability in \[0, 1\], got 1.5"):
+        tf.mask_tokens(tokens, rng, V=10, mask_id=3, p=1.5)
+    with pytest.raises(ValueError, match=r"mask_id must be an id in \[0, V = 10\), got 10"):
+        tf.mask_tokens(tokens, rng, V=10, mask_id=10)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        tf.mask_tokens(tokens, None, V=10, mask_id=3)
+    with pytest.raises(TypeError, match="tokens must be an integer array"):
+        tf.mask_tokens(tokens.astype(np.float32), rng, V=10, mask_id=3)

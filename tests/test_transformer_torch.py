@@ -322,7 +322,7 @@ def test_decoder_only_model_loss_and_every_gradient_match_the_same_model_built_f
     targets = np.where(keep, np.roll(tokens, -1, axis=1), -100)           # next token; padding ignored
     targets[:, -1] = -100
 
-    loss, cache = transformer.lm_loss_forward(params, config, tokens, targets)
+    loss, cache = transformer.lm_loss_forward(tokens, targets, params, config)
     grads = transformer.lm_loss_backward(1.0, cache)
     t_loss, t_grads = torch_decoder_only_loss(params, config, tokens, targets)
 
