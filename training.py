@@ -353,8 +353,9 @@ def check_tree(name, tree, like, dtype=None):
             shape, need_dtype = (l, dtype) if isinstance(l, tuple) else (l.shape, l.dtype)
             if not hasattr(t, "dtype") or t.dtype.kind != "f" or tuple(t.shape) != tuple(shape) \
                     or (need_dtype is not None and t.dtype != need_dtype):
-                need = f"{need_dtype or 'a float'} array of shape {tuple(shape)}"
-                raise ValueError(f"{path} must be a {need}, got {describe(t)}")
+                need = f"a {need_dtype} array" if need_dtype is not None else "a float array"
+                need += f" of shape {tuple(shape)}"
+                raise ValueError(f"{path} must be {need}, got {describe(t)}")
     walk(tree, like, name)
 
 

@@ -221,11 +221,14 @@ PLANTED = {
         {"test_output_equals_the_formula_computed_independently",
          "test_default_scale_is_one_over_sqrt_of_the_query_key_width_not_the_value_width",
          "test_an_explicit_scale_multiplies_the_scores"}),
-    "causal_mask aligned at the top-left": (
-        "attention", "causal_mask",
-        lambda: planted("attention", "causal_mask", "return j <= i + (S - T)", "return j <= i"),
+    "causal mask aligned at the top-left": (          # causal_mask is sliding_window_mask(left=None, right=0)
+        "attention", "sliding_window_mask",
+        lambda: planted("attention", "sliding_window_mask", "p = xp.arange(T)[:, None] + (S - T)",
+                        "p = xp.arange(T)[:, None]"),
         {"test_causal_mask_examples_are_bottom_right_aligned",
-         "test_causal_mask_lets_query_i_see_key_j_iff_j_le_i_plus_s_minus_t"}),
+         "test_causal_mask_lets_query_i_see_key_j_iff_j_le_i_plus_s_minus_t",
+         "test_causal_window_w_sees_exactly_min_w_plus_1_p_plus_1_keys_flash_attention_2s_count",
+         "test_sliding_window_mask_is_the_band_p_minus_left_to_p_plus_right"}),
     "encoder_layer_backward forgetting the residual gradient": (
         "transformer", "encoder_layer_backward", forgetting_the_residual,
         {"test_encoder_layer_gradients_match_finite_differences"}),
