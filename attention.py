@@ -4,7 +4,7 @@ Each query asks "which keys look like me?", turns the answers into weights that 
 the weighted average of the values (Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762):
 
     scores  = Q K^T * scale + bias           scale = 1 / sqrt(Dk) by default          (..., T, S)
-    scores  = -inf where the key may not be attended (mask False, or a future key when causal)
+    scores  = -inf where the key may not be attended (mask False, a future key when causal, outside the window)
     weights = softmax(scores)                 over the key axis S, each allowed row sums to 1
     out     = weights V                                                                 (..., T, Dv)
 
@@ -17,7 +17,12 @@ Backward, with dweights the gradient flowing into `weights`:
 
 Masks are boolean and True means "may attend". Causal means query i may attend key j iff
 j <= i + (S - T): aligned at the bottom-right, so the last query sees every key (with T < S the
-queries are the newest T positions of a longer sequence, as in cached decoding). A query row with no
+queries are the newest T positions of a longer sequence, as in cached decoding). A sliding window
+(Longformer, arXiv:2004.05150; Mistral 7B, arXiv:2310.06825) window = (left, right) lets query i, at the
+aligned position p = i + (S - T), attend key j iff p - left <= j <= p + right (None: unbounded on that
+side), so the cost can fall from O(T S) to O(T (left + right + 1)) (flash.py skips the tiles outside it).
+This is FlashAttention-2's window_size: window = (w, 0) attends w + 1 keys, the query's own included;
+Mistral's eager code calls the same thing a window of w + 1 (the two disagree by one). A query row with no
 allowed key returns zeros and passes zero gradient, never NaN. A key that no query may attend (padding)
 changes nothing whatever its k and v hold, NaN and inf included: its k and v rows are set to 0 before
 the products, since a weight of 0 times NaN would still be NaN. A key masked for some queries only is
@@ -85,20 +90,43 @@ def softmax_backward(dy, y, axis=-1):
 
 def causal_mask(T, S=None, xp=np):
     """Boolean (T, S): query i may attend key j iff j <= i + (S - T) (bottom-right aligned)."""
+    return sliding_window_mask(T, S, left=None, right=0, xp=xp)
+
+
+def sliding_window_mask(T, S=None, left=None, right=None, global_tokens=(), xp=np):
+    """Boolean (T, S): query i, at p = i + (S - T), may attend key j iff p - left <= j <= p + right.
+
+    left, right: integers >= 0, or None for no bound on that side; (None, 0) is causal_mask, and (w, 0)
+    lets each query see w + 1 keys, its own included (FlashAttention-2's window_size convention).
+    global_tokens: Longformer's global positions (integers in [0, T), needs T == S): their rows and
+    columns are all True, so they see every key and every query sees them. Pass the result as `mask`.
+    """
     check_size("T", T, 0)
     S = T if S is None else S
     check_size("S", S, 0)
+    for name, side in (("left", left), ("right", right)):
+        if not is_window_side(side):
+            raise ValueError(f"{name} must be an integer >= 0 or None (unbounded), got {describe(side)}")
+    check_global_tokens(global_tokens, T, S)
     check_array_module(xp)
-    i = xp.arange(T)[:, None]                                  # (T, 1) query positions
+    p = xp.arange(T)[:, None] + (S - T)                        # (T, 1) aligned query positions
     j = xp.arange(S)[None, :]                                  # (1, S) key positions
-    return j <= i + (S - T)
+    allowed = xp.ones((T, S), dtype=bool)                      # (T, S)
+    if left is not None:
+        allowed &= j >= p - left
+    if right is not None:
+        allowed &= j <= p + right
+    if len(global_tokens):
+        is_global = (xp.arange(T)[:, None] == xp.asarray(list(global_tokens))[None, :]).any(axis=1)  # (T,)
+        allowed |= is_global[:, None] | is_global[None, :]     # global rows see all, every row sees them
+    return allowed
 
 
 # ----------------------------------------------------------------------------------------------------
 # Attention
 
 
-def attention_forward(q, k, v, mask=None, causal=False, bias=None, scale=None):
+def attention_forward(q, k, v, mask=None, causal=False, bias=None, scale=None, window=None):
     """out = softmax(q k^T * scale + bias, masked) v.
 
     q (..., T, Dk), k (..., S, Dk), v (..., S, Dv); leading axes broadcast, Dk >= 1.
@@ -107,23 +135,27 @@ def attention_forward(q, k, v, mask=None, causal=False, bias=None, scale=None):
     bias: float, broadcastable to (..., T, S) like mask, added to the scores (ALiBi uses it); cast to
       q's dtype, so a float64 table cannot upcast float32 attention.
     scale: a finite number > 0; defaults to 1 / sqrt(Dk) (the query/key width, not Dv).
+    window: None, or (left, right) with each an integer >= 0 or None: query i (at p = i + (S - T)) may
+      attend key j iff p - left <= j <= p + right; AND-ed with mask and causal. (w, 0) sees w + 1 keys.
     Returns out (..., T, Dv) and cache = {'q', 'k', 'v', 'weights', 'scale'}: the inputs (k and v with
     the keys no query may attend set to 0), the weights and the scale used.
     The attention weights (..., T, S), for plots, are cache['weights']: non-negative, each row with an
     allowed key sums to 1, rows with none are all zero.
     """
-    check_attention_inputs(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale)
+    check_attention_inputs(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, window=window)
     xp = get_xp(q, k, v)
     T, S = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
     allowed = mask
-    if causal:
-        allowed = causal_mask(T, S, xp) if allowed is None else allowed & causal_mask(T, S, xp)
-    if mask is not None:
+    if causal or window is not None:
+        left, right = (None, None) if window is None else window
+        band = sliding_window_mask(T, S, left, 0 if causal else right, xp=xp)   # (T, S) causal: j <= p
+        allowed = band if allowed is None else allowed & band
+    if mask is not None or window is not None:
         # Keys that no query may attend: zero their k and v, so NaN or inf there cannot reach out or the
         # gradients through 0 * NaN = NaN (their weight is 0 anyway). Causal alone leaves none: the last
-        # query sees every key.
+        # query sees every key; a window can leave some (the keys before the first query's window).
         attended = xp.broadcast_to(allowed, allowed.shape[:-2] + (T, S)).any(axis=-2)   # (..., S)
         k, v = zero_unattended_keys(k, attended), zero_unattended_keys(v, attended)
     scores = (q @ xp.swapaxes(k, -1, -2)) * scale              # (..., T, S)
@@ -258,7 +290,7 @@ def check_flag(name, value):
         raise TypeError(f"{name} must be True or False, got {describe(value)}")
 
 
-def check_attention_inputs(q, k, v, mask=None, bias=None, causal=False, scale=None):
+def check_attention_inputs(q, k, v, mask=None, bias=None, causal=False, scale=None, window=None):
     """Raise ValueError/TypeError naming the argument, what it got and what it needs.
 
     Shared by every attention implementation in the project (flash.py uses it too).
@@ -302,6 +334,30 @@ def check_attention_inputs(q, k, v, mask=None, bias=None, causal=False, scale=No
             raise TypeError(f"scale must be a number (or None for 1 / sqrt(Dk)), got {describe(scale)}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    if window is not None:
+        check_window(window)
+
+
+def is_window_side(side):
+    """One side of a sliding window: an integer >= 0 (not a bool), or None for no bound."""
+    return side is None or (isinstance(side, (int, np.integer)) and not isinstance(side, bool) and side >= 0)
+
+
+def check_window(window):
+    """A sliding window (left, right): a pair, each side an integer >= 0 or None (unbounded)."""
+    if not isinstance(window, (tuple, list)) or len(window) != 2 or not all(map(is_window_side, window)):
+        got = repr(tuple(window)) if isinstance(window, (tuple, list)) else describe(window)
+        raise ValueError(f"window must be a pair (left, right) of integers >= 0 or None, got {got}")
+
+
+def check_global_tokens(global_tokens, T, S):
+    """Longformer's global tokens: a sequence of integer positions in [0, T), and T == S (self-attention)."""
+    if not isinstance(global_tokens, (tuple, list, range)) or not all(
+            isinstance(g, (int, np.integer)) and not isinstance(g, bool) and 0 <= g < T for g in global_tokens):
+        got = repr(list(global_tokens)) if isinstance(global_tokens, (tuple, list)) else describe(global_tokens)
+        raise ValueError(f"global_tokens must be a sequence of integer positions in [0, {T}), got {got}")
+    if len(global_tokens) and T != S:
+        raise ValueError(f"global_tokens need T == S (each is both a query and a key), got T = {T}, S = {S}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,5 +391,10 @@ if __name__ == "__main__":
     show("Padding mask: no query attends <pad> (its column is zero):", cache["weights"])
     assert np.all(cache["weights"][:, -1] == 0)
     np.testing.assert_allclose(cache["weights"].sum(-1), 1.0)
+
+    _, cache = attention_forward(x, x, x, causal=True, window=(1, 0))
+    show("Sliding window (1, 0): each query sees itself and one key before it, 2 keys (FlashAttention-2's count):",
+         cache["weights"])
+    assert ((cache["weights"] > 0).sum(-1) == [1, 2, 2, 2, 2]).all()
 
     print("Every allowed row sums to 1 and masked entries are exactly 0.")

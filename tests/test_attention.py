@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from attention import attention_backward, attention_forward, causal_mask, softmax, softmax_backward
+from attention import (attention_backward, attention_forward, causal_mask, sliding_window_mask, softmax,
+                       softmax_backward)
 from gradcheck import check_gradients, random_like
 from helpers import random_array, run_demo, spoiled, to_numpy, with_examples
 
@@ -34,13 +35,17 @@ TOL = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-10, atol
 FD_ATOL = 2e-8
 
 
-def allowed_keys(T, S, lead, mask=None, causal=False):
+def allowed_keys(T, S, lead, mask=None, causal=False, window=None):
     """The boolean (lead..., T, S) of keys each query may attend, written out independently."""
     allowed = np.ones(lead + (T, S), dtype=bool)
     if mask is not None:
         allowed &= to_numpy(mask)
     if causal:
-        allowed &= np.array([[j <= i + (S - T) for j in range(S)] for i in range(T)])
+        allowed &= np.array([[j <= i + (S - T) for j in range(S)] for i in range(T)]).reshape(T, S)
+    if window is not None:
+        left, right = (math.inf if side is None else side for side in window)
+        allowed &= np.array([[i + (S - T) - left <= j <= i + (S - T) + right for j in range(S)]
+                             for i in range(T)]).reshape(T, S)
     return allowed
 
 
@@ -513,6 +518,108 @@ def test_gradients_are_right_whichever_input_carries_the_leading_axes(xp, q_shap
 
 
 # ----------------------------------------------------------------------------------------------------
+# Sliding windows: query i at p = i + (S - T) attends key j iff p - left <= j <= p + right
+
+
+window_sides = st.one_of(st.none(), st.integers(0, 14))   # up to wider than any S drawn
+
+
+# The window's edges: 0 (only the aligned key), wider than S, a window that leaves rows with no key
+# (T > S with right 0, or T < S with left 0 and right 0 misses the first keys), one side unbounded.
+WINDOW_EDGES = [((), 3, 3, 2, 2, (0, 0)), ((), 4, 6, 3, 5, (20, 20)), ((2,), 7, 3, 2, 1, (1, 0)),
+                ((), 2, 7, 1, 3, (0, 0)), ((), 5, 5, 3, 3, (None, 1)), ((), 6, 2, 2, 2, (0, 2))]
+at_the_window_edges = functools.partial(with_examples, "case", WINDOW_EDGES)
+
+
+@st.composite
+def window_problems(draw, max_len=12, max_width=6):
+    """(lead, T, S, Dk, Dv, window)."""
+    return draw(attention_problems(max_len, max_width)) + ((draw(window_sides), draw(window_sides)),)
+
+
+@given(case=window_problems(), seed=seeds, dtype=dtypes, causal=st.booleans(), use_mask=st.booleans())
+@at_the_window_edges(seed=0, dtype=np.float64, causal=True, use_mask=True)
+@at_the_window_edges(seed=1, dtype=np.float32, causal=False, use_mask=False)
+def test_window_equals_the_formula_and_attention_with_the_explicit_mask(xp, case, seed, dtype, causal, use_mask):
+    lead, T, S, Dk, Dv, window = case
+    rng = np.random.default_rng(seed)
+    q, k, v = random_qkv(xp, rng, lead, T, S, Dk, Dv, dtype)
+    mask = rng.random(lead + (T, S)) < 0.8 if use_mask else None
+    allowed = allowed_keys(T, S, lead, mask, causal, window)
+    out, cache = attention_forward(q, k, v, mask=None if mask is None else xp.asarray(mask), causal=causal,
+                                   window=window)
+    out_masked, _ = attention_forward(q, k, v, mask=xp.asarray(allowed))
+    weights = to_numpy(cache["weights"])
+    assert not np.isnan(to_numpy(out)).any()
+    assert (weights[~allowed] == 0).all()                    # nothing outside the window is attended
+    assert (to_numpy(out)[~allowed.any(axis=-1)] == 0).all()   # a row with no key in its window: zeros
+    np.testing.assert_array_equal(to_numpy(out), to_numpy(out_masked))   # the same mask, the same sums
+    np.testing.assert_allclose(to_numpy(out), reference_attention(q, k, v, allowed), **TOL[dtype])
+
+
+@given(case=window_problems(max_len=5, max_width=3), seed=seeds, causal=st.booleans())
+@at_the_window_edges(seed=0, causal=True)
+@at_the_window_edges(seed=1, causal=False)
+def test_window_gradients_match_finite_differences_and_the_explicit_mask(xp, case, seed, causal):
+    lead, T, S, Dk, Dv, window = case
+    rng = np.random.default_rng(seed)
+    q, k, v = random_qkv(xp, rng, lead, T, S, Dk, Dv)
+    dout = random_array(rng, lead + (T, Dv), xp=xp)                    # random upstream gradient
+    _, cache = attention_forward(q, k, v, causal=causal, window=window)
+    grads = attention_backward(dout, cache)
+    check_gradients(attention_loss(q, k, v, dout, causal=causal, window=window), [q, k, v], grads, atol=FD_ATOL)
+    _, masked_cache = attention_forward(q, k, v, mask=xp.asarray(allowed_keys(T, S, (), causal=causal,
+                                                                              window=window)))
+    for ours, theirs in zip(grads, attention_backward(dout, masked_cache)):
+        np.testing.assert_array_equal(to_numpy(ours), to_numpy(theirs))
+
+
+@pytest.mark.parametrize("T, S", [(9, 9), (4, 9), (9, 4)])
+@pytest.mark.parametrize("w", [0, 1, 3, 20])
+def test_causal_window_w_sees_exactly_min_w_plus_1_p_plus_1_keys_flash_attention_2s_count(xp, T, S, w):
+    # The off-by-one of transformers issue 29623: (w, 0) counts the query's own key apart, so w + 1 keys.
+    q, k, v = random_qkv(xp, np.random.default_rng(0), (), T, S, 2, 2)
+    _, cache = attention_forward(q, k, v, causal=True, window=(w, 0))
+    p = np.arange(T) + (S - T)                                          # aligned positions
+    expected = np.clip(np.minimum(w + 1, p + 1), 0, None)               # no key at all where p < 0 (T > S)
+    np.testing.assert_array_equal((to_numpy(cache["weights"]) > 0).sum(axis=-1), expected)
+    np.testing.assert_array_equal(to_numpy(sliding_window_mask(T, S, w, 0, xp=xp)).sum(axis=-1), expected)
+
+
+@given(T=lengths, S=st.one_of(st.none(), lengths), left=window_sides, right=window_sides)
+def test_sliding_window_mask_is_the_band_p_minus_left_to_p_plus_right(xp, T, S, left, right):
+    mask = sliding_window_mask(T, S, left, right, xp=xp)
+    S = T if S is None else S
+    assert isinstance(mask, xp.ndarray) and mask.dtype == bool and mask.shape == (T, S)
+    np.testing.assert_array_equal(to_numpy(mask), allowed_keys(T, S, (), window=(left, right)))
+    if (left, right) == (None, 0):
+        np.testing.assert_array_equal(to_numpy(mask), to_numpy(causal_mask(T, S, xp)))
+
+
+@given(T=lengths, left=window_sides, right=window_sides, data=st.data())
+def test_global_tokens_see_every_key_and_every_query_sees_them(xp, T, left, right, data):
+    tokens = data.draw(st.lists(st.integers(0, T - 1), max_size=3))
+    mask = to_numpy(sliding_window_mask(T, T, left, right, global_tokens=tokens, xp=xp))
+    band = allowed_keys(T, T, (), window=(left, right))
+    is_global = np.isin(np.arange(T), tokens)
+    assert mask[is_global].all() and mask[:, is_global].all()            # Longformer's global rows and columns
+    np.testing.assert_array_equal(mask[~is_global][:, ~is_global], band[~is_global][:, ~is_global])
+
+
+def test_window_zeroes_keys_no_query_can_reach_so_nan_there_changes_nothing(xp):
+    rng = np.random.default_rng(0)
+    q, k, v = random_qkv(xp, rng, (), 2, 6, 3, 3)                      # T < S: queries at p = 4, 5
+    k_nan, v_nan = to_numpy(k).copy(), to_numpy(v).copy()
+    k_nan[:3], v_nan[:3] = np.nan, np.inf                              # keys 0..2 lie before every window
+    out, cache = attention_forward(q, k, v, window=(1, 0))
+    out2, cache2 = attention_forward(q, xp.asarray(k_nan), xp.asarray(v_nan), window=(1, 0))
+    np.testing.assert_array_equal(to_numpy(out2), to_numpy(out))
+    dout = random_array(rng, out.shape, xp=xp)
+    for ours, clean in zip(attention_backward(dout, cache2), attention_backward(dout, cache)):
+        np.testing.assert_array_equal(to_numpy(ours), to_numpy(clean))
+
+
+# ----------------------------------------------------------------------------------------------------
 # PyTorch cross-check
 
 
@@ -786,6 +893,31 @@ BAD_CALLS = {
     "causal_mask(None)": (lambda xp: causal_mask(None, xp=xp), ValueError, r"T must be an integer >= 0, got None"),
     "causal_mask(3, -1)": (lambda xp: causal_mask(3, -1, xp=xp), ValueError, r"S must be an integer >= 0, got -1"),
     "causal_mask(3, 2.0)": (lambda xp: causal_mask(3, 2.0, xp=xp), ValueError, r"S must be an integer >= 0, got 2\.0"),
+    # window: a pair (left, right), each an integer >= 0 or None; sliding_window_mask's sides and globals
+    "window a number": (call_forward(window=3), ValueError,
+                        r"window must be a pair \(left, right\) of integers >= 0 or None, got 3"),
+    "window of one side": (call_forward(window=(3,)), ValueError, r"window must be a pair .*got \(3,\)"),
+    "window of three sides": (call_forward(window=(1, 2, 3)), ValueError, r"window must be a pair .*got \(1, 2, 3\)"),
+    "window negative": (call_forward(window=(-1, 0)), ValueError, r"window must be a pair .*got \(-1, 0\)"),
+    "window a float side": (call_forward(window=(2.0, 0)), ValueError, r"window must be a pair .*got \(2\.0, 0\)"),
+    "window a bool side": (call_forward(window=(True, 0)), ValueError, r"window must be a pair .*got \(True, 0\)"),
+    "window an array": (call_forward(window=lambda xp: xp.ones(2, dtype=np.int64)), ValueError,
+                        r"window must be a pair .*got \w+ array of dtype int64, shape \(2,\)"),
+    "sliding_window_mask left -1": (lambda xp: sliding_window_mask(3, left=-1, xp=xp), ValueError,
+                                    r"left must be an integer >= 0 or None \(unbounded\), got -1"),
+    "sliding_window_mask right 1.5": (lambda xp: sliding_window_mask(3, right=1.5, xp=xp), ValueError,
+                                      r"right must be an integer >= 0 or None \(unbounded\), got 1\.5"),
+    "sliding_window_mask T -1": (lambda xp: sliding_window_mask(-1, xp=xp), ValueError,
+                                 r"T must be an integer >= 0, got -1"),
+    "global token out of range": (lambda xp: sliding_window_mask(4, left=1, global_tokens=(0, 4), xp=xp),
+                                  ValueError, r"global_tokens must be a sequence of integer positions in "
+                                              r"\[0, 4\), got \[0, 4\]"),
+    "global token negative": (lambda xp: sliding_window_mask(4, global_tokens=[-1], xp=xp), ValueError,
+                              r"global_tokens must be .* in \[0, 4\), got \[-1\]"),
+    "global tokens a number": (lambda xp: sliding_window_mask(4, global_tokens=2, xp=xp), ValueError,
+                               r"global_tokens must be a sequence .*got 2"),
+    "global tokens with T != S": (lambda xp: sliding_window_mask(3, 5, left=1, global_tokens=(0,), xp=xp), ValueError,
+                                  r"global_tokens need T == S .*got T = 3, S = 5"),
     "causal_mask(an array)": (lambda xp: causal_mask(xp.ones(3, dtype=np.int64), xp=xp), ValueError,
                               r"T must be an integer >= 0, got \w+ array of dtype int64, shape \(3,\)"),
 }
