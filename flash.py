@@ -9,8 +9,8 @@ so the result is exactly softmax(scores) V. The forward stores only the per-row 
 lse = m + log(l) (length T); the backward recomputes each tile's probabilities from it.
 
 Forward, for each query tile Q_i (block_q rows), starting from m = -inf, l = 0, O = 0:
-    for each key/value tile K_j, V_j (block_k rows), skipping tiles entirely in the causal future:
-        S_ij  = Q_i K_j^T * scale              (-inf where causal forbids)     (block_q, block_k)
+    for each key/value tile K_j, V_j (block_k rows) holding a key some row of Q_i may attend:
+        S_ij  = Q_i K_j^T * scale              (-inf where not allowed)        (block_q, block_k)
         m_new = max(m, rowmax(S_ij))
         P_ij  = exp(S_ij - m_new)
         alpha = exp(m - m_new)                  rescales what came before
@@ -28,8 +28,12 @@ Backward by recomputation, with delta = rowsum(dO * O), for each key tile K_j, V
     dQ_i += dS K_j * scale
     dK_j += dS^T Q_i * scale
 
-Semantics are attention.py's: causal means query i may attend key j iff j <= i + (S - T); any T and S
-(neither a multiple of the tiles), T != S; a row with no allowed key gives zeros, lse = -inf and zero
+Semantics are attention.py's. Query i, at p = i + (S - T), may attend key j iff p - left <= j <= p + right:
+window = (left, right) (None: unbounded; FlashAttention-2's window_size, so (w, 0) sees w + 1 keys), and
+causal caps right at 0 (j <= p). So the keys of a query tile form one band, and the key tiles wholly
+outside it are never visited (nor, in the backward, the query tiles outside a key tile's band): a window of
+w costs O(T w) time, not O(T S); the partial tiles at both edges of the band are visited and masked. Any
+T and S (neither a multiple of the tiles); a row with no allowed key gives zeros, lse = -inf and zero
 gradient. Extra memory beyond inputs and outputs is O(T) for m, l, lse and O(block_q * block_k) for one
 tile of scores, never O(T * S).
 
@@ -68,11 +72,11 @@ from attention import check_attention_inputs, check_size, check_upstream, descri
 # The algorithm: the equations above, loop for loop (NumPy, or CuPy float64 on a GPU).
 
 
-def _flash_forward_tiled(q, k, v, causal, scale, block_q, block_k):
+def _flash_forward_tiled(q, k, v, band, scale, block_q, block_k):
     """The forward of the module docstring: out and lse, one query tile Q_i at a time.
 
-    q (..., T, Dh), k (..., S, Dh), v (..., S, Dv), leading axes broadcast; block_q, block_k any positive
-    tile sizes (the last tile of each sequence may be partial).
+    q (..., T, Dh), k (..., S, Dh), v (..., S, Dv), leading axes broadcast; band = (left, right) from _band;
+    block_q, block_k any positive tile sizes (the last tile of each sequence may be partial).
     Returns out (..., T, Dv) and lse (..., T); a row with no allowed key gets out = 0 and lse = -inf.
     Besides out and lse it holds, per query tile, m and l (block_q,), O (block_q, Dv) and one tile of
     scores S_ij (block_q, block_k): never T x S.
@@ -88,12 +92,10 @@ def _flash_forward_tiled(q, k, v, causal, scale, block_q, block_k):
         m = xp.full(lead + (r1 - r0,), -np.inf, dtype=q.dtype)  # (..., bq) running row max
         l = xp.zeros(lead + (r1 - r0,), dtype=q.dtype)         # (..., bq) running row sum
         O = xp.zeros(lead + (r1 - r0, v.shape[-1]), dtype=q.dtype)  # (..., bq, Dv) unnormalised
-        for c0 in range(0, S, block_k):
-            if causal and _tile_is_future(r1, c0, T, S):
-                break                                          # every later tile is further in the future
+        for c0 in _tiles_seen(r0, r1, T, S, band, block_k):   # only the key tiles inside the band
             c1 = min(c0 + block_k, S)
             K_j, V_j = k[..., c0:c1, :], v[..., c0:c1, :]      # (..., bk, Dh), (..., bk, Dv)
-            S_ij = _tile_scores(Q_i, K_j, r0, c0, T, S, causal, scale)  # (..., bq, bk)
+            S_ij = _tile_scores(Q_i, K_j, r0, c0, T, S, band, scale)  # (..., bq, bk)
             m_new = xp.maximum(m, S_ij.max(axis=-1))           # (..., bq)
             # A row that has seen only -inf so far keeps m_new = -inf; shifting by 0 instead keeps
             # exp(-inf - 0) = 0 where exp(-inf - (-inf)) would be NaN.
@@ -109,7 +111,7 @@ def _flash_forward_tiled(q, k, v, causal, scale, block_q, block_k):
     return out, lse
 
 
-def _flash_backward_tiled(dout, q, k, v, out, lse, causal, scale, block_q, block_k):
+def _flash_backward_tiled(dout, q, k, v, out, lse, band, scale, block_q, block_k):
     """The backward of the module docstring: dq, dk, dv, recomputing each tile's P from lse.
 
     dout, out (..., T, Dv) and lse (..., T) have the forward's broadcast leading axes; q, k, v are the
@@ -125,18 +127,17 @@ def _flash_backward_tiled(dout, q, k, v, out, lse, causal, scale, block_q, block
     dk = xp.zeros(lead + k.shape[-2:], dtype=k.dtype)          # (..., S, Dh)
     dv = xp.zeros(lead + v.shape[-2:], dtype=v.dtype)          # (..., S, Dv)
     delta = (dout * out).sum(axis=-1)                          # (..., T) rowsum(dO * O)
-    # A row with no allowed key (causal with T > S: flash takes no mask, so that is the only way) has
-    # lse = -inf and every S_ij = -inf; shifting it by 0 gives P = exp(-inf) = 0 instead of NaN.
+    # A row with no allowed key (causal with T > S, or a window past the keys) has lse = -inf and every
+    # S_ij = -inf; shifting it by 0 gives P = exp(-inf) = 0 instead of NaN.
     lse_safe = xp.where(xp.isneginf(lse), 0, lse)              # (..., T)
     for c0 in range(0, S, block_k):
         c1 = min(c0 + block_k, S)
         K_j, V_j = k[..., c0:c1, :], v[..., c0:c1, :]          # (..., bk, Dh), (..., bk, Dv)
-        for r0 in range(0, T, block_q):
+        # The query tiles that see K_j: the same band seen from the keys (T, S and left, right swapped).
+        for r0 in _tiles_seen(c0, c1, S, T, band[::-1], block_q):
             r1 = min(r0 + block_q, T)
-            if causal and _tile_is_future(r1, c0, T, S):
-                continue                                       # this query tile sees none of these keys
             Q_i, dO_i = q[..., r0:r1, :], dout[..., r0:r1, :]  # (..., bq, Dh), (..., bq, Dv)
-            S_ij = _tile_scores(Q_i, K_j, r0, c0, T, S, causal, scale)  # (..., bq, bk) recomputed
+            S_ij = _tile_scores(Q_i, K_j, r0, c0, T, S, band, scale)  # (..., bq, bk) recomputed
             P = xp.exp(S_ij - lse_safe[..., r0:r1, None])      # (..., bq, bk) = forward's softmax
             dv[..., c0:c1, :] += xp.swapaxes(P, -1, -2) @ dO_i  # (..., bk, Dv)
             dP = dO_i @ xp.swapaxes(V_j, -1, -2)               # (..., bq, bk)
@@ -146,21 +147,31 @@ def _flash_backward_tiled(dout, q, k, v, out, lse, causal, scale, block_q, block
     return dq, dk, dv
 
 
-def _tile_scores(Q_i, K_j, r0, c0, T, S, causal, scale):
-    """S_ij = Q_i K_j^T * scale for the tile whose first query is r0 and first key c0; with causal,
-    -inf where query r may not attend key c (allowed iff c <= r + (S - T), absolute positions)."""
+def _tile_scores(Q_i, K_j, r0, c0, T, S, band, scale):
+    """S_ij = Q_i K_j^T * scale for the tile whose first query is r0 and first key c0, -inf where query r
+    may not attend key c: allowed iff p - left <= c <= p + right, p = r + (S - T) (absolute positions)."""
     xp = get_xp(Q_i)
     S_ij = (Q_i @ xp.swapaxes(K_j, -1, -2)) * scale            # (..., bq, bk)
-    if causal:
-        rows = r0 + xp.arange(Q_i.shape[-2])[:, None]          # (bq, 1) absolute query positions
-        cols = c0 + xp.arange(K_j.shape[-2])[None, :]          # (1, bk) absolute key positions
-        S_ij = xp.where(cols <= rows + (S - T), S_ij, -xp.inf)
-    return S_ij
+    p = r0 + (S - T) + xp.arange(Q_i.shape[-2])[:, None]       # (bq, 1) aligned query positions
+    c = c0 + xp.arange(K_j.shape[-2])[None, :]                 # (1, bk) key positions
+    return xp.where((p - band[0] <= c) & (c <= p + band[1]), S_ij, -xp.inf)
 
 
-def _tile_is_future(r1, c0, T, S):
-    """True when every key of a tile starting at c0 lies after what the last query r1 - 1 may see."""
-    return c0 > (r1 - 1) + (S - T)
+def _band(T, S, causal, window):
+    """(left, right) as integers: None (unbounded) becomes T + S, which reaches every key from every
+    query (and fits the kernels' int32); causal caps right at 0."""
+    left, right = (min(T + S, side) if side is not None else T + S for side in (window or (None, None)))
+    return left, (min(right, 0) if causal else right)
+
+
+def _tiles_seen(r0, r1, T, S, band, block):
+    """Starts of the block-row tiles of keys that queries r0 .. r1 - 1 may attend between them.
+
+    Those keys run from p0 - left to p1 + right (p = i + (S - T)), one unbroken band since each row's
+    window is one step right of the previous row's; tiles wholly outside it are not visited.
+    """
+    lo, hi = max(0, r0 + (S - T) - band[0]), min(S, r1 - 1 + (S - T) + band[1] + 1)   # keys [lo, hi)
+    return range(lo - lo % block, hi, block) if lo < hi else range(0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,11 +179,11 @@ def _tile_is_future(r1, c0, T, S):
 # CuPy float32 arrays the CUDA kernels of the appendix.
 
 
-def flash_attention_forward(q, k, v, causal=False, scale=None, block_q=128, block_k=128):
-    """out = softmax(q k^T * scale, causal) v, computed tile by tile (see the module docstring).
+def flash_attention_forward(q, k, v, causal=False, scale=None, window=None, block_q=128, block_k=128):
+    """out = softmax(q k^T * scale, causal, window) v, computed tile by tile (see the module docstring).
 
     q (..., T, Dh), k (..., S, Dh), v (..., S, Dv); leading axes broadcast. causal: True or False.
-    scale: a positive number, 1 / sqrt(Dh) by default.
+    scale: a positive number, 1 / sqrt(Dh) by default. window: None or (left, right) as in attention.py.
     block_q, block_k: tile sizes of the tiled loops (positive integers; T and S need not be multiples of
     them). CuPy float32 inputs run the CUDA kernels instead, with their own 64 x 64 tiles; they need
     Dv = Dh <= 128 (ValueError otherwise). CuPy float64 inputs run the tiled loops on the GPU; other
@@ -182,16 +193,19 @@ def flash_attention_forward(q, k, v, causal=False, scale=None, block_q=128, bloc
         'out'           the output (..., T, Dv), for delta = rowsum(dout * out)
         'lse'           (..., T) the per-row log-sum-exp of the scores, the only statistic the backward
                         needs (T numbers, not the T x S weights); -inf on rows with no allowed key
-        'causal', 'scale', 'block_q', 'block_k'   the options, so the backward tiles the same way
+        'band'          (left, right) as integers, causal included (see _band), so the backward visits the
+                        same tiles
+        'scale', 'block_q', 'block_k'   the options, so the backward tiles the same way
     """
-    _check_forward_inputs(q, k, v, causal, scale, block_q, block_k)
+    _check_forward_inputs(q, k, v, causal, scale, window, block_q, block_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if _uses_kernels(q):
+    band = _band(q.shape[-2], k.shape[-2], causal, window)
+    if _uses_kernels(q) and window is None:
         out, lse = _flash_forward_cuda(q, k, v, bool(causal), scale)
     else:
-        out, lse = _flash_forward_tiled(q, k, v, bool(causal), scale, block_q, block_k)
-    cache = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "causal": bool(causal), "scale": scale,
-             "block_q": block_q, "block_k": block_k}
+        out, lse = _flash_forward_tiled(q, k, v, band, scale, block_q, block_k)
+    cache = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "band": band, "causal": bool(causal),
+             "window": window, "scale": scale, "block_q": block_q, "block_k": block_k}
     return out, cache
 
 
@@ -200,15 +214,15 @@ def flash_attention_backward(dout, cache):
 
     dout: the gradient of out, with out's shape, dtype and array module (ValueError / TypeError otherwise).
     """
-    fields = {"q", "k", "v", "out", "lse", "causal", "scale", "block_q", "block_k"}
+    fields = {"q", "k", "v", "out", "lse", "band", "causal", "window", "scale", "block_q", "block_k"}
     if not isinstance(cache, dict) or set(cache) != fields:
         raise TypeError(f"cache must be the dict flash_attention_forward returned, got {describe(cache)}")
     q, k, v, out = cache["q"], cache["k"], cache["v"], cache["out"]
     check_upstream("dout", dout, out)
-    if _uses_kernels(q):
+    if _uses_kernels(q) and cache["window"] is None:
         dq, dk, dv = _flash_backward_cuda(dout, q, k, v, out, cache["lse"], cache["causal"], cache["scale"])
     else:
-        dq, dk, dv = _flash_backward_tiled(dout, q, k, v, out, cache["lse"], cache["causal"],
+        dq, dk, dv = _flash_backward_tiled(dout, q, k, v, out, cache["lse"], cache["band"],
                                            cache["scale"], cache["block_q"], cache["block_k"])
     # Leading axes that were broadcast in the forward (one k shared by all heads, say) sum back.
     return sum_to_shape(dq, q.shape), sum_to_shape(dk, k.shape), sum_to_shape(dv, v.shape)
@@ -224,10 +238,10 @@ def _uses_kernels(q):
     return get_xp(q) is not np and q.dtype == np.float32
 
 
-def _check_forward_inputs(q, k, v, causal, scale, block_q, block_k):
-    """attention.py's checks (arrays, shapes, dtypes, causal, scale), the tile sizes, and what the CUDA
-    kernels need of CuPy inputs."""
-    check_attention_inputs(q, k, v, causal=causal, scale=scale)
+def _check_forward_inputs(q, k, v, causal, scale, window, block_q, block_k):
+    """attention.py's checks (arrays, shapes, dtypes, causal, scale, window), the tile sizes, and what the
+    CUDA kernels need of CuPy inputs."""
+    check_attention_inputs(q, k, v, causal=causal, scale=scale, window=window)
     check_size("block_q", block_q, 1)
     check_size("block_k", block_k, 1)
     if get_xp(q) is not np:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import attention
 import flash
-from attention import attention_backward, attention_forward, causal_mask
+from attention import attention_backward, attention_forward, causal_mask, sliding_window_mask
 from flash import flash_attention_backward, flash_attention_forward
 from gradcheck import check_gradients, random_like
 from helpers import random_array, run_demo, to_numpy
@@ -22,23 +22,47 @@ from helpers import random_array, run_demo, to_numpy
 U = 2.0**-24                                                   # float32 unit roundoff
 
 
+window_sides = st.one_of(st.none(), st.integers(0, 40))
+
+
 @st.composite
 def flash_cases(draw, max_len=200):
-    """Shapes that stress the tiling: lengths not multiples of the tiles, T != S, tiny and odd tiles."""
+    """Shapes that stress the tiling: lengths not multiples of the tiles, T != S, tiny and odd tiles, and
+    sliding windows (narrow ones, whose band skips tiles, and wide ones)."""
     lead = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)))
     T, S = draw(st.integers(1, max_len)), draw(st.integers(1, max_len))
     Dh = draw(st.integers(1, 40))
     # Tiles from 1 row up to larger than the sequence; at least T/16 so a case stays a few hundred tiles.
     block_q = draw(st.integers(max(1, T // 16), T + 5))
     block_k = draw(st.integers(max(1, S // 16), S + 5))
+    window = draw(st.one_of(st.none(), st.tuples(window_sides, window_sides)))
     return dict(lead=lead, T=T, S=S, Dh=Dh, block_q=block_q, block_k=block_k,
-                causal=draw(st.booleans()), seed=draw(st.integers(0, 2**32 - 1)))
+                causal=draw(st.booleans()), window=window, seed=draw(st.integers(0, 2**32 - 1)))
 
 
-# Edges every run: T < S and T > S causal (rows that see no key), one token, partial tiles of both lengths.
-EDGES = [dict(lead=(2,), T=5, S=13, Dh=3, block_q=2, block_k=4, causal=True, seed=0),
-         dict(lead=(), T=13, S=5, Dh=4, block_q=4, block_k=2, causal=True, seed=1),
-         dict(lead=(1,), T=1, S=1, Dh=1, block_q=1, block_k=1, causal=False, seed=2)]
+# Edges every run: T < S and T > S causal (rows that see no key), one token, partial tiles of both lengths;
+# windows of 0, wider than S, leaving rows with no key (T > S), cutting tiles at both band edges, T < S.
+EDGES = [dict(lead=(2,), T=5, S=13, Dh=3, block_q=2, block_k=4, causal=True, window=None, seed=0),
+         dict(lead=(), T=13, S=5, Dh=4, block_q=4, block_k=2, causal=True, window=None, seed=1),
+         dict(lead=(1,), T=1, S=1, Dh=1, block_q=1, block_k=1, causal=False, window=None, seed=2),
+         dict(lead=(), T=13, S=13, Dh=2, block_q=4, block_k=4, causal=False, window=(0, 0), seed=3),
+         dict(lead=(2,), T=7, S=9, Dh=3, block_q=3, block_k=2, causal=True, window=(50, 50), seed=4),
+         dict(lead=(), T=10, S=4, Dh=2, block_q=3, block_k=3, causal=False, window=(0, 1), seed=5),
+         dict(lead=(), T=40, S=40, Dh=3, block_q=8, block_k=8, causal=False, window=(5, 3), seed=6),
+         dict(lead=(), T=5, S=23, Dh=2, block_q=3, block_k=4, causal=True, window=(3, None), seed=7),
+         dict(lead=(), T=23, S=6, Dh=2, block_q=4, block_k=3, causal=False, window=(None, 2), seed=8)]
+at_the_edges = [example(case=case) for case in EDGES]
+
+
+def with_edges(test):
+    for pin in at_the_edges:
+        test = pin(test)
+    return test
+
+
+def options(case):
+    """causal and window of a case, as both attention_forward and flash_attention_forward take them."""
+    return dict(causal=case["causal"], window=case["window"])
 
 
 def make_qkv(case, dtype, xp=np):
@@ -47,11 +71,12 @@ def make_qkv(case, dtype, xp=np):
     return [random_array(rng, shape, dtype, xp) for shape in shapes]
 
 
-def log_sum_exp_of_scores(q, k, causal, xp):
+def log_sum_exp_of_scores(q, k, causal, xp, window=None):
     """lse computed the direct way from the full T x S scores, -inf for rows with no allowed key."""
+    T, S = q.shape[-2], k.shape[-2]
     scores = (q @ xp.swapaxes(k, -1, -2)) / np.sqrt(q.shape[-1])
-    if causal:
-        scores = xp.where(causal_mask(q.shape[-2], k.shape[-2], xp), scores, -xp.inf)
+    allowed = sliding_window_mask(T, S, *(window or (None, None)), xp=xp)
+    scores = xp.where(allowed & causal_mask(T, S, xp) if causal else allowed, scores, -xp.inf)
     row_max = scores.max(axis=-1, keepdims=True)
     finite_max = xp.where(xp.isneginf(row_max), 0, row_max)
     with np.errstate(divide="ignore"):                        # log(0) = -inf is the answer for empty rows
@@ -59,17 +84,15 @@ def log_sum_exp_of_scores(q, k, causal, xp):
 
 
 @given(case=flash_cases())
-@example(case=EDGES[0])
-@example(case=EDGES[1])
-@example(case=EDGES[2])
+@with_edges
 def test_flash_matches_full_attention_outputs_and_gradients(case, xp):
     q, k, v = make_qkv(case, np.float64, xp)
     opts = dict(block_q=case["block_q"], block_k=case["block_k"])
-    full, full_cache = attention_forward(q, k, v, causal=case["causal"])
-    flash_out, cache = flash_attention_forward(q, k, v, causal=case["causal"], **opts)
+    full, full_cache = attention_forward(q, k, v, **options(case))
+    flash_out, cache = flash_attention_forward(q, k, v, **options(case), **opts)
     # float64: the two differ only in the order of additions, ~1e-16 per term.
     xp.testing.assert_allclose(flash_out, full, rtol=1e-10, atol=1e-12)
-    xp.testing.assert_allclose(cache["lse"], log_sum_exp_of_scores(q, k, case["causal"], xp),
+    xp.testing.assert_allclose(cache["lse"], log_sum_exp_of_scores(q, k, case["causal"], xp, case["window"]),
                                rtol=1e-10, atol=1e-12)
     dout = random_like(full, np.random.default_rng(case["seed"] + 1))
     for got, want in zip(flash_attention_backward(dout, cache), attention_backward(dout, full_cache)):
@@ -77,11 +100,12 @@ def test_flash_matches_full_attention_outputs_and_gradients(case, xp):
 
 
 @given(case=flash_cases(max_len=300))
+@example(case=EDGES[6])
 def test_flash_matches_full_attention_in_float32(case, xp):
     q, k, v = make_qkv(case, np.float32, xp)
-    full, full_cache = attention_forward(q, k, v, causal=case["causal"])
-    flash_out, cache = flash_attention_forward(q, k, v, causal=case["causal"],
-                                               block_q=case["block_q"], block_k=case["block_k"])
+    full, full_cache = attention_forward(q, k, v, **options(case))
+    flash_out, cache = flash_attention_forward(q, k, v, **options(case), block_q=case["block_q"],
+                                               block_k=case["block_k"])
     assert flash_out.dtype == np.float32 and cache["lse"].dtype == np.float32
     # float32 epsilon is 6e-8; weights and sums over <= 300 keys in a different order stay within 1e-5.
     xp.testing.assert_allclose(flash_out, full, rtol=1e-4, atol=1e-5)
@@ -91,18 +115,82 @@ def test_flash_matches_full_attention_in_float32(case, xp):
         xp.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)   # gradients sum T x S products
 
 
-def test_flash_backward_matches_finite_differences():
+@pytest.mark.parametrize("causal, window", [(False, None), (True, None), (False, (1, 2)), (True, (2, None))])
+def test_flash_backward_matches_finite_differences(causal, window):
     rng = np.random.default_rng(0)
     q, k, v = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 7, 3)), rng.standard_normal((2, 7, 4))
-    for causal in (False, True):
-        out, cache = flash_attention_forward(q, k, v, causal=causal, block_q=2, block_k=3)
-        dout = random_like(out, rng)
+    opts = dict(causal=causal, window=window, block_q=2, block_k=3)
+    out, cache = flash_attention_forward(q, k, v, **opts)
+    dout = random_like(out, rng)                                  # random upstream gradient
+    loss = lambda: float((flash_attention_forward(q, k, v, **opts)[0] * dout).sum())   # noqa: E731
+    check_gradients(loss, [q, k, v], list(flash_attention_backward(dout, cache)))
 
-        def loss():
-            return float((flash_attention_forward(q, k, v, causal=causal, block_q=2, block_k=3)[0]
-                          * dout).sum())
 
-        check_gradients(loss, [q, k, v], list(flash_attention_backward(dout, cache)))
+# ----------------------------------------------------------------------------------------------------
+# Sliding windows: the key tiles wholly outside a query tile's band are never visited (and the query
+# tiles outside a key tile's band in the backward), so a window of w costs O(T w), not O(T S).
+
+
+def tiles_with_an_allowed_key(T, S, causal, window, block_q, block_k):
+    """(query tiles, key tiles) bool: does the tile pair hold any allowed (query, key), from the mask."""
+    allowed = sliding_window_mask(T, S, *window) & (causal_mask(T, S) if causal else True)
+    rows, cols = np.arange(T) // block_q, np.arange(S) // block_k
+    sees = np.zeros((rows[-1] + 1, cols[-1] + 1), dtype=bool)
+    np.logical_or.at(sees, (rows[:, None], cols[None, :]), allowed)
+    return sees
+
+
+@pytest.mark.parametrize("T, S, causal, window", [(130, 260, False, (50, 20)), (200, 200, True, (60, 0)),
+                                                  (150, 100, False, (0, 0))])
+def test_tiles_outside_the_band_are_never_visited_forward_or_backward(xp, T, S, causal, window):
+    # NaN in a tile of k and v reaches every output row of every query tile that visits it (0 * NaN in
+    # P V and in dP = dO V^T, even where P is masked to 0) and no other. So with one key tile poisoned at
+    # a time, the query tiles whose out and dq turn NaN are exactly the ones that visited it; likewise NaN
+    # in a tile of dout reaches dk and dv of exactly the key tiles whose backward visited it. Both loops and
+    # kernels (64-row tiles) must visit just the tiles that hold an allowed (query, key) pair.
+    tile = 64
+    sees = tiles_with_an_allowed_key(T, S, causal, window, tile, tile)
+    q, k, v, dout = (np.random.default_rng(0).standard_normal((1, n, 8)).astype(np.float32) for n in (T, S, S, T))
+
+    def run(k, v, dout):
+        out, cache = flash_attention_forward(*(xp.asarray(x) for x in (q, k, v)), causal=causal, window=window,
+                                             block_q=tile, block_k=tile)
+        return [to_numpy(x)[0] for x in (out, *flash_attention_backward(xp.asarray(dout), cache))]
+
+    rows_nan = lambda x, n: ~np.isfinite(x).all(axis=-1).reshape(-1)[:n]   # noqa: E731
+    for key_tile in range(sees.shape[1]):
+        k_nan, v_nan = k.copy(), v.copy()
+        k_nan[0, key_tile * tile:(key_tile + 1) * tile] = np.nan
+        v_nan[0, key_tile * tile:(key_tile + 1) * tile] = np.nan
+        out, dq, _, _ = run(k_nan, v_nan, dout)
+        visited = np.repeat(sees[:, key_tile], tile)[:T]
+        np.testing.assert_array_equal(rows_nan(out, T), visited)
+        np.testing.assert_array_equal(rows_nan(dq, T), visited)
+    for query_tile in range(sees.shape[0]):
+        dout_nan = dout.copy()
+        dout_nan[0, query_tile * tile:(query_tile + 1) * tile] = np.nan
+        _, _, dk, dv = run(k, v, dout_nan)
+        visited = np.repeat(sees[query_tile], tile)[:S]
+        np.testing.assert_array_equal(rows_nan(dk, S), visited)
+        np.testing.assert_array_equal(rows_nan(dv, S), visited)
+
+
+def test_a_window_of_w_visits_order_t_w_tiles_not_t_s(monkeypatch):
+    # Every visited tile computes its scores once (_tile_scores), forward and backward: count the calls.
+    T = S = 4096
+    block, w = 64, 100
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, T, 4)) for _ in range(3))
+    calls = []
+    scores = flash._tile_scores
+    monkeypatch.setattr(flash, "_tile_scores", lambda *args: calls.append(1) or scores(*args))
+    out, cache = flash_attention_forward(q, k, v, causal=True, window=(w, 0), block_q=block, block_k=block)
+    forward_calls = len(calls)
+    flash_attention_backward(out, cache)
+    sees = tiles_with_an_allowed_key(T, S, True, (w, 0), block, block)
+    assert forward_calls == len(calls) - forward_calls == sees.sum()   # exactly the tiles with an allowed pair
+    # Each query tile sees its diagonal tile and the ones w keys back: at most 1 + ceil(w / 64) + 1 of 64.
+    assert sees.sum() <= (T // block) * (w // block + 2) < (T // block) ** 2 / 16
 
 
 def test_rows_with_no_allowed_key_give_zeros_and_zero_gradient(xp):
@@ -253,7 +341,7 @@ def test_cache_holds_lse_and_the_documented_fields_and_dtypes_are_preserved():
     q, k, v = (rng.standard_normal((2, 11, 8)).astype(np.float32) for _ in range(3))
     copies = [a.copy() for a in (q, k, v)]
     out, cache = flash_attention_forward(q, k, v, causal=True, block_q=4, block_k=4)
-    assert set(cache) == {"q", "k", "v", "out", "lse", "causal", "scale", "block_q", "block_k"}
+    assert set(cache) == {"q", "k", "v", "out", "lse", "band", "causal", "window", "scale", "block_q", "block_k"}
     assert cache["lse"].shape == (2, 11)                       # T numbers a row, not the T x S weights
     grads = flash_attention_backward(random_like(out, rng), cache)
     assert out.dtype == np.float32 and all(g.dtype == np.float32 for g in grads)
@@ -306,6 +394,9 @@ QKV = [np.zeros(shape) for shape in ((2, 5, 8), (2, 6, 8), (2, 6, 8))]
     (dict(block_q=2.5), ValueError, "^block_q must be an integer >= 1, got 2.5"),
     (dict(block_k=True), ValueError, "^block_k must be an integer >= 1, got True"),
     (dict(block_q=None), ValueError, "^block_q must be an integer >= 1, got None"),
+    (dict(window=4), ValueError, r"^window must be a pair \(left, right\) of integers >= 0 or None, got 4"),
+    (dict(window=(-1, 0)), ValueError, r"^window must be a pair .*got \(-1, 0\)"),
+    (dict(window=(0.5, 0)), ValueError, r"^window must be a pair .*got \(0\.5, 0\)"),
 ])
 def test_bad_forward_input_raises_naming_it(change, error, match):
     arguments = dict(zip("qkv", QKV), causal=False, scale=None, block_q=4, block_k=4)
