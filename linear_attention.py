@@ -32,7 +32,8 @@ backward recomputes the running sums: forwards over the positions for dphi(q), b
 Both sweeps go over blocks of `block` positions: a carried state (KV, z, or dKV, dz) holds what the keys
 before the block contribute, and the keys inside the block enter through a masked (block x block) product
 phi(Q_b) phi(K_b)^T, the same masked-quadratic form softmax attention uses, only block-sized. So the
-Python loop has T / block steps and each is a few matrix products: fast enough for T = 16k in NumPy.
+Python loop has T / block steps and each is a few matrix products: O((T + S) Dk Dv + T block (Dk + Dv))
+time, fast enough for T = 16k in NumPy (a fraction of a second at Dk = Dv = 64).
 
 The recurrent view (linear_attention_step): with state = {'S': KV, 'z': z}, one new token updates
 S += phi(k) v^T, z += phi(k) and reads out phi(q) S / (phi(q) . z + eps). A fixed-size state whatever the

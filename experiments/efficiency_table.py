@@ -35,11 +35,12 @@ for window, linear and GRU; memory exponents (tracemalloc counts bytes, the same
 dense rows, < 1.3 for the others; flash within float32 rounding of full; the recall pattern above.
 
 Run: python experiments/efficiency_table.py           (T = 1024 ... 16384, D = 64, w = 128; ~3 min on 2 cores)
-     python experiments/efficiency_table.py --quick   (T = 256 ... 1024, D = 32, w = 32; seconds, for tests)
+     python experiments/efficiency_table.py --quick   (T = 256 ... 1024, D = 64, w = 32; seconds, for tests)
 Imports attention.py, flash.py, linear_attention.py, rnn.py and training.py (through them) from the
 repository root, and benchmarks/bench_flash_cpu.py's peak_bytes. Prints the table as Markdown.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -57,7 +58,7 @@ from linear_attention import linear_attention_backward, linear_attention_forward
 from rnn import gru_backward, gru_forward, init_gru  # noqa: E402
 
 FULL = dict(lengths=[1024, 2048, 4096, 8192, 16384], D=64, w=128, trials=64, keys=[4, 64, 1024], near=8)
-QUICK = dict(lengths=[256, 512, 1024], D=32, w=32, trials=32, keys=[4, 64, 256], near=4)
+QUICK = dict(lengths=[256, 512, 1024], D=64, w=32, trials=32, keys=[4, 64, 256], near=4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,6 +134,17 @@ def growth(lengths, D, w, seed=0):
     return results
 
 
+def one_blas_thread():
+    """A context with one BLAS thread (threadpoolctl's threadpool_limits), or none when threadpoolctl is not
+    installed (then OPENBLAS_NUM_THREADS=1 is the caller's to set): on a busy machine more threads spin and
+    make the timings noise."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
+
+
 def exponent(lengths, costs):
     """The slope of the least-squares line through (log T, log cost): cost ~ T^slope."""
     return float(np.polyfit(np.log(lengths), np.log(costs), 1)[0])
@@ -186,8 +198,8 @@ def run(quick=False):
     measured = growth(config["lengths"], D, w)
     exponents = {name: {what: exponent(m["T"], m[what]) for what in ("seconds", "bytes")}
                  for name, m in measured.items()}
-    probes = {f"d={config['near']}, n={n}": recall(n, config["near"], D, w, config["trials"])
-              for n in config["keys"]}
+    probes = {f"d={min(config['near'], n - 1)}, n={n}": recall(n, min(config["near"], n - 1), D, w, config["trials"])
+              for n in config["keys"]}                         # near: within every window
     n_far = config["keys"][-1]
     probes[f"d={n_far - 1}, n={n_far}"] = recall(n_far, n_far - 1, D, w, config["trials"])
     return {"config": config, "growth": measured, "exponents": exponents,
@@ -249,14 +261,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds (for tests)")
     args = parser.parse_args()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:                                        # then OPENBLAS_NUM_THREADS=1 is the caller's to set
-        threadpool_limits = None
-    if threadpool_limits is not None:
-        threadpool_limits(1)                                   # one BLAS thread: stable timings on a busy machine
     start = time.perf_counter()
-    results = run(quick=args.quick)
+    with one_blas_thread():
+        results = run(quick=args.quick)
     config = results["config"]
     print(f"Causal attention, one head, D = {config['D']}, float32, NumPy, T = {config['lengths'][0]} ... "
           f"{config['lengths'][-1]}, window w = {config['w']} (w + 1 keys), recall over {config['trials']} "
