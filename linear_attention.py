@@ -5,17 +5,18 @@ Autoregressive Transformers with Linear Attention", arXiv:2006.16236).
 Softmax attention weighs key j for query i by exp(q_i . k_j) and must hold all T x S of them. Writing the
 similarity as phi(q_i) . phi(k_j) with a positive feature map lets the product be regrouped:
 
-    phi(x)   = elu(x) + 1 = x + 1 if x > 0 else exp(x)      > 0 everywhere, so no row divides by 0
+    phi(x)   = elu(x) + 1 = x + 1 if x > 0 else exp(x)      > 0 (a ReLU map could make a row's sum 0)
     KV       = sum_j phi(k_j) v_j^T                                                         (..., Dk, Dv)
     z        = sum_j phi(k_j)                                                               (..., Dk)
     out_i    = phi(q_i) KV / (phi(q_i) . z + eps)                                           (..., T, Dv)
 
 the sums over the keys j that query i may attend: all of them, or, when causal, j <= i + (S - T)
 (aligned at the bottom-right, as attention.py's causal_mask). Cost O((T + S) Dk Dv) time and no T x S
-matrix: linear in the length where softmax attention is quadratic. What it costs: the weights
-phi(q_i) . phi(k_j) are smooth and never one-hot, and everything the keys told the queries is squeezed
-into KV, a Dk x Dv matrix whatever S is, so recalling one key among many fails once there are more keys
-than that matrix can keep apart (the demo and experiments/efficiency_table.py measure both sides).
+matrix: linear in the length where softmax attention is quadratic. What it costs: everything the keys
+told the queries is squeezed into KV, a Dk x Dv matrix whatever S is, and the weights phi(q_i) . phi(k_j)
+(all features positive) are smooth, never close to one-hot, so a query asking for one key among n gets
+a blur of all n values: at Dk = 64 recall fails from a few dozen keys on, where softmax attention still
+recalls among a thousand (the demo and experiments/efficiency_table.py measure both sides).
 
 Backward, with den_i = phi(q_i) . z + eps, dnum_i = dout_i / den_i and dden_i = -(dout_i . out_i) / den_i:
 
@@ -33,7 +34,7 @@ Both sweeps go over blocks of `block` positions: a carried state (KV, z, or dKV,
 before the block contribute, and the keys inside the block enter through a masked (block x block) product
 phi(Q_b) phi(K_b)^T, the same masked-quadratic form softmax attention uses, only block-sized. So the
 Python loop has T / block steps and each is a few matrix products: O((T + S) Dk Dv + T block (Dk + Dv))
-time, fast enough for T = 16k in NumPy (a fraction of a second at Dk = Dv = 64).
+time, fast enough for T = 16k in NumPy (experiments/efficiency_table.py times it).
 
 The recurrent view (linear_attention_step): with state = {'S': KV, 'z': z}, one new token updates
 S += phi(k) v^T, z += phi(k) and reads out phi(q) S / (phi(q) . z + eps). A fixed-size state whatever the
@@ -346,6 +347,6 @@ if __name__ == "__main__":
             recall[name, n] = (similarity.argmax(axis=-1) == target).mean()
         print(f"{n:6d} {recall['full', n]:6.2f} {recall['linear', n]:7.2f}")
     assert all(recall["full", n] == 1 for n in (4, 16, 64, 256, 1024))
-    assert recall["linear", 4] > 0.5 and recall["linear", 256] < 0.1
+    assert recall["linear", 4] > 0.5 and recall["linear", 64] < 0.2 and recall["linear", 256] < 0.1
     print("Softmax attention recalls every planted key; linear attention's smooth weights lose it from a few "
           "dozen keys on.")
