@@ -36,7 +36,8 @@ only: in --quick the lengths are too short for timing to mean anything) > 1.5 fo
 for window, linear and GRU; memory exponents (tracemalloc counts bytes, the same everywhere) > 1.5 for the
 dense rows, < 1.3 for the others; flash within float32 rounding of full; the recall pattern above.
 
-Run: python experiments/efficiency_table.py           (T = 1024 ... 16384, D = 64, w = 128; ~3 min on 2 cores)
+Run: python experiments/efficiency_table.py           (T = 1024 ... 16384, D = 64, w = 128; 2 min of
+                                                      CPU, user + sys with `time`; longer on a busy machine)
      python experiments/efficiency_table.py --quick   (T = 256 ... 1024, D = 64, w = 32; seconds, for tests)
 Imports attention.py, flash.py, linear_attention.py, rnn.py and training.py (through them) from the
 repository root, and benchmarks/bench_flash_cpu.py's peak_bytes. Prints the table as Markdown.

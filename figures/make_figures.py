@@ -190,11 +190,11 @@ def efficiency_table(path, quick=False):
         measured = growth(config["lengths"], config["D"], config["w"])
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
-    for name, m in measured.items():
+    for (name, m), style in zip(measured.items(), ["o-", "s--", "^-", "v--", "D-", "x-"]):
         for ax, what, scale in ((axes[0], "seconds", 1.0), (axes[1], "bytes", 2.0**-20)):
-            ax.loglog(m["T"], np.array(m[what]) * scale, "o-", ms=3,
+            ax.loglog(m["T"], np.array(m[what]) * scale, style, ms=4,   # flash and window share memory
                       label=f"{name} (T^{exponent(m['T'], m[what]):.1f})")
-    for ax, ylabel in zip(axes, ("forward + backward (s)", "peak memory (MiB, tracemalloc)")):
+    for ax, ylabel in zip(axes, ("forward + backward (CPU s)", "peak memory (MiB, tracemalloc)")):
         ax.minorticks_off()
         ax.set_xticks(config["lengths"], [str(T) for T in config["lengths"]], fontsize=7)
         ax.set(xlabel="sequence length T", ylabel=ylabel)
