@@ -109,6 +109,7 @@ def sliding_window_mask(T, S=None, left=None, right=None, global_tokens=(), xp=n
             raise ValueError(f"{name} must be an integer >= 0 or None (unbounded), got {describe(side)}")
     check_global_tokens(global_tokens, T, S)
     check_array_module(xp)
+    left, right = (None if side is None else min(int(side), T + S) for side in (left, right))  # T + S: all keys
     p = xp.arange(T)[:, None] + (S - T)                        # (T, 1) aligned query positions
     j = xp.arange(S)[None, :]                                  # (1, S) key positions
     allowed = xp.ones((T, S), dtype=bool)                      # (T, S)

@@ -30,28 +30,24 @@ Backward by recomputation, with delta = rowsum(dO * O), for each key tile K_j, V
 
 Semantics are attention.py's. Query i, at p = i + (S - T), may attend key j iff p - left <= j <= p + right:
 window = (left, right) (None: unbounded; FlashAttention-2's window_size, so (w, 0) sees w + 1 keys), and
-causal caps right at 0 (j <= p). So the keys of a query tile form one band, and the key tiles wholly
-outside it are never visited (nor, in the backward, the query tiles outside a key tile's band): a window of
-w costs O(T w) time, not O(T S); the partial tiles at both edges of the band are visited and masked. Any
-T and S (neither a multiple of the tiles); a row with no allowed key gives zeros, lse = -inf and zero
-gradient. Extra memory beyond inputs and outputs is O(T) for m, l, lse and O(block_q * block_k) for one
-tile of scores, never O(T * S).
+causal caps right at 0. So the keys of a query tile form one band; the key tiles wholly outside it are
+never visited (nor, in the backward, the query tiles outside a key tile's band), the partial tiles at its
+edges are visited and masked: a window of w costs O(T w) time, not O(T S). Any T and S; a row with no
+allowed key gives zeros, lse = -inf and zero gradient. Extra memory beyond inputs and outputs is O(T) for
+m, l, lse and O(block_q * block_k) for one tile of scores, never O(T * S).
 
 Accuracy in float32 (u = 2^-24; tests/test_flash.py checks both bounds on inputs built to meet them):
 - Huge logits. Rounding moves a score s by a few u |s|, and so its weight by a factor up to exp(8 u |s|)
-  (most of the 8 is the kernels' base-2 exponentials), for flash and full attention alike. With scores
-  in the thousands out is then exact only to max|V| (exp(16 u max|s| + 3 (S + 4) u) - 1), about
-  16 u max|s| max|V| (plus the rounding of the scores q . k themselves, when they are not exact).
-- Saturated logits. When one key of a row wins by a wide margin, softmax is one-hot: O_i = V_j*, and the
-  exact dS_ij = P_ij (dP_ij - delta_i) is 0 because dP_ij* = dO_i . V_j* and delta_i = dO_i . O_i are the
-  same number. In floating point they are two sums of Dh products rounded in different orders, so their
-  difference leaves a residue of up to about 2 Dh u sum_d |dO_id| max|V|, and dQ_i = scale sum_j dS_ij K_j
-  multiplies it by scale |K|:
-      |dq_i - exact dq_i| <= scale max|K| (2 Dh + 4) u sum_d |dO_id| max|V|    (the exact dq_i is ~0)
-  and likewise dK_j by scale |Q|. dq is then exact in absolute terms only; its relative error is
-  unbounded. This is the price of taking delta from O (one pass over dO and O, no second pass over the
-  keys); the official FlashAttention-2 computes delta = rowsum(dO * O) the same way and behaves the same.
-  Full attention (attention.py) takes delta from the rounded dP itself and does not show it.
+  (most of the 8 is the kernels' base-2 exponentials), for flash and full attention alike: out is exact
+  only to max|V| (exp(16 u max|s| + 3 (S + 4) u) - 1), about 16 u max|s| max|V| for scores in the
+  thousands (plus the rounding of the scores q . k themselves, when they are not exact).
+- Saturated logits. When one key wins a row by a wide margin, softmax is one-hot, O_i = V_j*, and the exact
+  dS_ij = P_ij (dP_ij - delta_i) is 0 since dP_ij* = dO_i . V_j* and delta_i = dO_i . O_i are the same
+  number. Rounded, they are two sums of Dh products in different orders, whose difference dQ_i = scale
+  sum_j dS_ij K_j multiplies by scale |K|:  |dq_i - exact dq_i| <= scale max|K| (2 Dh + 4) u sum_d |dO_id|
+  max|V| (the exact dq_i is ~0), and likewise dK_j with scale |Q|. So dq is exact in absolute terms only,
+  the price of taking delta from O (one pass over dO and O); FlashAttention-2 does the same. Full
+  attention (attention.py) takes delta from the rounded dP itself and does not show it.
 
 Shapes: q (..., T, Dh), k (..., S, Dh), v (..., S, Dv). NumPy arrays (and CuPy float64 ones) take the
 tiled loops below; CuPy float32 arrays run the CUDA kernels of the appendix (Dv = Dh <= 128), built for
@@ -114,11 +110,10 @@ def _flash_forward_tiled(q, k, v, band, scale, block_q, block_k):
 def _flash_backward_tiled(dout, q, k, v, out, lse, band, scale, block_q, block_k):
     """The backward of the module docstring: dq, dk, dv, recomputing each tile's P from lse.
 
-    dout, out (..., T, Dv) and lse (..., T) have the forward's broadcast leading axes; q, k, v are the
-    forward's inputs. Key tiles outside, query tiles inside (the order of the dK, dV kernel): dK_j and dV_j
-    are finished tile by tile, dQ_i gathers a term from every key tile.
-    Returns dq (..., T, Dh), dk (..., S, Dh), dv (..., S, Dv) with out's leading axes; the caller sums the
-    axes that were broadcast.
+    dout, out (..., T, Dv), lse (..., T) have the forward's broadcast leading axes; q, k, v are its inputs.
+    Key tiles outside, query tiles inside (the dK, dV kernel's order): dK_j and dV_j are finished tile by
+    tile, dQ_i gathers a term from every key tile of its band. Returns dq (..., T, Dh), dk (..., S, Dh),
+    dv (..., S, Dv) with out's leading axes; the caller sums the axes that were broadcast.
     """
     xp = get_xp(dout)
     T, S = q.shape[-2], k.shape[-2]
@@ -165,11 +160,9 @@ def _band(T, S, causal, window):
 
 
 def _tiles_seen(r0, r1, T, S, band, block):
-    """Starts of the block-row tiles of keys that queries r0 .. r1 - 1 may attend between them.
-
-    Those keys run from p0 - left to p1 + right (p = i + (S - T)), one unbroken band since each row's
-    window is one step right of the previous row's; tiles wholly outside it are not visited.
-    """
+    """Starts of the block-row tiles of keys that queries r0 .. r1 - 1 may attend between them: keys p0 - left
+    to p1 + right (p = i + (S - T)), one unbroken band since each row's window is one step right of the
+    previous row's. Tiles wholly outside it are not visited."""
     lo, hi = max(0, r0 + (S - T) - band[0]), min(S, r1 - 1 + (S - T) + band[1] + 1)   # keys [lo, hi)
     return range(lo - lo % block, hi, block) if lo < hi else range(0)
 
@@ -193,19 +186,18 @@ def flash_attention_forward(q, k, v, causal=False, scale=None, window=None, bloc
         'out'           the output (..., T, Dv), for delta = rowsum(dout * out)
         'lse'           (..., T) the per-row log-sum-exp of the scores, the only statistic the backward
                         needs (T numbers, not the T x S weights); -inf on rows with no allowed key
-        'band'          (left, right) as integers, causal included (see _band), so the backward visits the
-                        same tiles
+        'band'          (left, right) from _band (causal included): the backward visits the same tiles
         'scale', 'block_q', 'block_k'   the options, so the backward tiles the same way
     """
     _check_forward_inputs(q, k, v, causal, scale, window, block_q, block_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     band = _band(q.shape[-2], k.shape[-2], causal, window)
-    if _uses_kernels(q) and window is None:
-        out, lse = _flash_forward_cuda(q, k, v, bool(causal), scale)
+    if _uses_kernels(q):
+        out, lse = _flash_forward_cuda(q, k, v, band, scale)
     else:
         out, lse = _flash_forward_tiled(q, k, v, band, scale, block_q, block_k)
-    cache = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "band": band, "causal": bool(causal),
-             "window": window, "scale": scale, "block_q": block_q, "block_k": block_k}
+    cache = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "band": band, "scale": scale,
+             "block_q": block_q, "block_k": block_k}
     return out, cache
 
 
@@ -214,13 +206,13 @@ def flash_attention_backward(dout, cache):
 
     dout: the gradient of out, with out's shape, dtype and array module (ValueError / TypeError otherwise).
     """
-    fields = {"q", "k", "v", "out", "lse", "band", "causal", "window", "scale", "block_q", "block_k"}
+    fields = {"q", "k", "v", "out", "lse", "band", "scale", "block_q", "block_k"}
     if not isinstance(cache, dict) or set(cache) != fields:
         raise TypeError(f"cache must be the dict flash_attention_forward returned, got {describe(cache)}")
     q, k, v, out = cache["q"], cache["k"], cache["v"], cache["out"]
     check_upstream("dout", dout, out)
-    if _uses_kernels(q) and cache["window"] is None:
-        dq, dk, dv = _flash_backward_cuda(dout, q, k, v, out, cache["lse"], cache["causal"], cache["scale"])
+    if _uses_kernels(q):
+        dq, dk, dv = _flash_backward_cuda(dout, q, k, v, out, cache["lse"], cache["band"], cache["scale"])
     else:
         dq, dk, dv = _flash_backward_tiled(dout, q, k, v, out, cache["lse"], cache["band"],
                                            cache["scale"], cache["block_q"], cache["block_k"])
@@ -242,8 +234,8 @@ def _check_forward_inputs(q, k, v, causal, scale, window, block_q, block_k):
     """attention.py's checks (arrays, shapes, dtypes, causal, scale, window), the tile sizes, and what the
     CUDA kernels need of CuPy inputs."""
     check_attention_inputs(q, k, v, causal=causal, scale=scale, window=window)
-    check_size("block_q", block_q, 1)
-    check_size("block_k", block_k, 1)
+    for name, block in (("block_q", block_q), ("block_k", block_k)):
+        check_size(name, block, 1)
     if get_xp(q) is not np:
         if q.dtype not in (np.float32, np.float64):
             raise TypeError(f"q must be float32 (the CUDA kernels) or float64 (the tiled loops) as a CuPy "
@@ -271,19 +263,16 @@ def _check_kernel_inputs(q, k, v):
 # ====================================================================================================
 # Appendix: the GPU path. The same algorithm as CUDA kernels, for CuPy float32 arrays.
 #
-# New to CUDA? Read tests/cuda/example_kernels.cu first (four small kernels: a block reduction, a
-# warp-per-row softmax, a shared-memory transpose, float4 loads), with the GPU-model table at the top of
-# tests/cuda/cuda_shim.h beside it: what a grid, a block, a thread, shared memory, a barrier and a warp
-# shuffle are, and how the CPU imitates each.
+# New to CUDA? Read tests/cuda/example_kernels.cu first (a block reduction, a warp-per-row softmax, a
+# shared-memory transpose, float4 loads), with the GPU-model table at the top of tests/cuda/cuda_shim.h:
+# what a grid, a block, a thread, shared memory, a barrier and a warp shuffle are.
 #
-# _KERNEL_TEMPLATE holds every kernel. The sizes the launch plans depend on (_TILE, _THREADS, _PAD,
-# KERNEL_HEAD_WIDTHS) are Python constants written into it, so FLASH_KERNEL_SOURCE, the source that is
-# compiled, and the launch plans cannot disagree; the source's static_asserts check that the sizes fit its
-# thread layout. _forward_launches and _backward_launches say how to run the kernels (which kernel, grid,
-# block, arguments, shared memory) without running anything, so that the same plan runs on a GPU through
-# CuPy (_run_on_gpu) and on a CPU through the C++ shim in tests/cuda, which checks the kernels where there
-# is no GPU. The kernels take (BH, T, Dh) C-contiguous float32 arrays: the wrappers at the end flatten the
-# leading axes into BH = batch * heads.
+# _KERNEL_TEMPLATE holds every kernel, with the Python constants below (_TILE, _THREADS, _PAD,
+# KERNEL_HEAD_WIDTHS) written into it, so the compiled source and the launch plans cannot disagree.
+# _forward_launches and _backward_launches say how to run the kernels (kernel, grid, block, arguments,
+# shared memory) without running anything: the same plan runs on a GPU through CuPy (_run_on_gpu) and on a
+# CPU through the C++ shim in tests/cuda. The kernels take (BH, T, Dh) C-contiguous float32 arrays: the
+# wrappers at the end flatten the leading axes into BH = batch * heads.
 
 _TILE = 64                               # rows of every query and key tile (BLOCK_Q = BLOCK_K)
 _THREADS = 256                           # threads per block
@@ -292,27 +281,19 @@ KERNEL_HEAD_WIDTHS = (32, 64, 96, 128)   # compiled widths; Dh runs on the small
 _MAX_TILES = 65535                       # CUDA's limit on gridDim.y, where the tiles of a sequence go
 
 _KERNEL_TEMPLATE = string.Template(r"""
-// flash.py's CUDA kernels: the algorithm of the module docstring, float32, one symbol for one symbol.
-// Compiled by NVRTC (cupy.RawModule) with no headers; tests/cuda compiles the same text as C++ for a CPU.
-// The sizes written as numbers here ($TILE-row tiles, $THREADS threads, head widths $WIDTHS) come
-// from flash.py's Python constants; the comments describe those sizes.
+// flash.py's CUDA kernels: the algorithm of flash.py's docstring, float32, one symbol for one symbol, with
+// $TILE-row tiles, $THREADS threads a block and head widths $WIDTHS (flash.py's Python constants). NVRTC
+// (cupy.RawModule) compiles it with no headers; tests/cuda compiles the same text as C++ for a CPU.
 // New to CUDA: read tests/cuda/example_kernels.cu and the table at the top of tests/cuda/cuda_shim.h first.
 //
-// Forward, one thread block per (batch*head, 64-row query tile Q_i):
-//     m = -inf, l = 0, O = 0
-//     for each 64-row key/value tile K_j, V_j (causal: only up to the last tile with an allowed key):
-//         S = Q_i K_j^T * scale (-inf where not allowed);  m_new = max(m, rowmax(S));  P = exp(S - m_new)
-//         alpha = exp(m - m_new);  l = alpha * l + rowsum(P);  O = alpha * O + P V_j;  m = m_new
-//     O_i = O / l,  lse_i = m + log(l)                 (no allowed key: O_i = 0, lse_i = -inf)
-// Backward by recomputation, in three kernels:
-//     flash_backward_delta:  delta = rowsum(dO * O)   (at saturated logits this leaves dS a rounding
-//                            residue: see "Accuracy in float32" in flash.py's docstring)
-//     flash_backward_dq:     one block per query tile Q_i, over key tiles K_j:
-//                            P = exp(S - lse), dP = dO V^T, dS = P * (dP - delta), dQ_i += dS K_j * scale
-//     flash_backward_dkdv:   one block per key tile K_j, over query tiles Q_i:
-//                            P = exp(S - lse), dV_j += P^T dO, dP = dO V^T, dS = P * (dP - delta),
-//                            dK_j += dS^T Q_i * scale
-//     Each block owns every number it writes (the FlashAttention-2 split): no atomics, deterministic.
+// flash_forward:        one block per (batch*head, query tile Q_i), over the key tiles K_j of its band:
+//                       the online softmax, then O_i = O / l, lse_i = m + log(l) (no key: 0 and -inf)
+// flash_backward_delta: delta = rowsum(dO * O)  (see "Accuracy in float32" in flash.py's docstring)
+// flash_backward_dq:    one block per query tile Q_i, over the key tiles of its band:
+//                       P = exp(S - lse), dP = dO V^T, dS = P * (dP - delta), dQ_i += dS K_j * scale
+// flash_backward_dkdv:  one block per key tile K_j, over the query tiles whose band holds it:
+//                       the same P and dS, dV_j += P^T dO, dK_j += dS^T Q_i * scale
+// Each block owns every number it writes (the FlashAttention-2 split): no atomics, deterministic.
 //
 // How a block divides the work (all kernels alike). THREADS = 256 threads own a 64-row tile; they form
 // 16 groups of GROUP = 16 lanes (half a warp), and group g owns rows 4g .. 4g + 3 (ROWS = 4).
@@ -326,17 +307,14 @@ _KERNEL_TEMPLATE = string.Template(r"""
 // Scores are kept in base 2 (exp(x) = exp2(x * log2 e), one hardware instruction), so m is in base-2
 // units; lse is written in natural-log units, as the tiled loops'.
 //
-// Sizes: kernels are compiled for each HEAD in $WIDTHS; a head width Dh <= the widest runs on the
-// smallest HEAD >= Dh with the extra columns zero in shared memory (they add 0 to Q K^T and are never
-// written out). Any T, S: a partial tile is zero-filled on load and masked. Causal is bottom-right
-// aligned: query i may attend key j iff j <= i + (S - T).
+// Sizes: a head width Dh runs on the smallest compiled HEAD >= Dh, the extra columns zero in shared memory
+// (they add 0 to Q K^T and are never written out). Any T, S: a partial tile is zero-filled and masked.
 
 #ifndef SHARED_MEMORY
 #define SHARED_MEMORY(name) extern __shared__ __align__(16) float name[]
 #endif
 
-// From flash.py: rows of a query tile and of a key tile, threads per block (8 warps), and the floats that
-// pad every shared-memory row (so that the 16 lanes of a group read 16 different banks).
+// From flash.py: rows of a query and a key tile, threads per block (8 warps), floats padding a shared row.
 constexpr int BLOCK_Q = $TILE, BLOCK_K = $TILE, THREADS = $THREADS, PAD = $PAD;
 constexpr int GROUP = 16;               // lanes sharing the same rows
 constexpr int ROWS = 4;                 // rows per thread: (THREADS / GROUP) * ROWS = 64
@@ -379,11 +357,9 @@ __device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
 template <int VEC>
 __device__ __forceinline__ void load_vec(const float* p, float* x) {
   if constexpr (VEC == 4) {
-    const float4 t = reinterpret_cast<const float4*>(p)[0];
-    x[0] = t.x; x[1] = t.y; x[2] = t.z; x[3] = t.w;
+    const float4 t = load4(p); x[0] = t.x; x[1] = t.y; x[2] = t.z; x[3] = t.w;
   } else if constexpr (VEC == 2) {
-    const float2 t = reinterpret_cast<const float2*>(p)[0];
-    x[0] = t.x; x[1] = t.y;
+    const float2 t = reinterpret_cast<const float2*>(p)[0]; x[0] = t.x; x[1] = t.y;
   } else {
     x[0] = p[0];
   }
@@ -402,23 +378,21 @@ __device__ __forceinline__ float group_sum(float x) {
   return x;
 }
 
-// May query i attend key j? Causal: j <= i + (S - T). Rows i >= T and keys j >= S are the zero padding
-// of a partial tile: never.
-__device__ __forceinline__ bool allowed(int i, int j, int T, int S, int causal) {
-  return i < T && j < S && (!causal || j <= i + (S - T));
+// May query i attend key j? Iff p - left <= j <= p + right, p = i + (S - T) (flash.py's _band makes
+// causal right = 0 and an unbounded side T + S). Rows i >= T and keys j >= S are the zero padding of a
+// partial tile: never.
+__device__ __forceinline__ bool allowed(int i, int j, int T, int S, int left, int right) {
+  const int p = i + (S - T);
+  return i < T && j < S && p - left <= j && j <= p + right;
 }
 
-// Key tiles a query tile starting at q0 visits: all, or (causal) up to the last key its last row may see;
-// the tiles after it are entirely in the causal future and are skipped.
-__device__ __forceinline__ int key_tiles(int q0, int T, int S, int causal) {
-  const int keys = causal ? min(S, min(q0 + BLOCK_Q, T) + (S - T)) : S;
-  return keys > 0 ? (keys + BLOCK_K - 1) / BLOCK_K : 0;
-}
-
-// The first query tile a key tile starting at k0 visits: (causal) the one holding the first query that
-// may see key k0, i >= k0 - (S - T); earlier query tiles see none of these keys.
-__device__ __forceinline__ int first_query_tile(int k0, int T, int S, int causal) {
-  return (causal ? max(0, k0 - (S - T)) : 0) / BLOCK_Q;
+// The 64-row tiles [first, end) of keys that the query tile starting at r0 may attend: keys p0 - left ..
+// p1 + right, one unbroken band; tiles wholly outside it are never visited. With (T, S) and (left, right)
+// swapped, r0 a key tile: the query tiles that attend it.
+__device__ __forceinline__ void tiles_seen(int r0, int T, int S, int left, int right, int& first, int& end) {
+  const int lo = max(0, r0 + (S - T) - left), hi = min(S, min(r0 + BLOCK_Q, T) + (S - T) + right);
+  first = lo / BLOCK_K;
+  end = lo < hi ? (hi + BLOCK_K - 1) / BLOCK_K : first;
 }
 
 // ---- Copying a 64 x Dh tile (rows of Dh floats, contiguous in global memory) into shared memory ----
@@ -426,9 +400,7 @@ __device__ __forceinline__ int first_query_tile(int k0, int T, int S, int causal
 // store (registers -> shared), so the forward fetches its next tile before computing on the current one
 // and stores it after: the global-memory latency hides behind arithmetic (software pipelining).
 template <int HEAD>
-struct TileRegs {
-  float4 x[Width<HEAD>::SLOTS];
-};
+struct TileRegs { float4 x[Width<HEAD>::SLOTS]; };
 
 template <int HEAD>
 __device__ __forceinline__ void fetch_tile(TileRegs<HEAD>& regs, const float* src, int n_rows, int Dh) {
@@ -544,12 +516,9 @@ template <int HEAD>
 __device__ __forceinline__ void flash_forward(float* smem, const float* __restrict__ q,
                                               const float* __restrict__ k, const float* __restrict__ v,
                                               float* __restrict__ out, float* __restrict__ lse, int T, int S,
-                                              int Dh, int causal, float scale) {
+                                              int Dh, int left, int right, float scale) {
   using Wd = Width<HEAD>;
-  float* Qs = smem;
-  float* Ks = Qs + Wd::TILE;
-  float* Vs = Ks + Wd::TILE;
-  float* Ps = Vs + Wd::TILE;
+  float *Qs = smem, *Ks = Qs + Wd::TILE, *Vs = Ks + Wd::TILE, *Ps = Vs + Wd::TILE;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;      // last tiles first: causal's longest rows
   const int lane = threadIdx.x % GROUP;
   const int row0 = threadIdx.x / GROUP * ROWS;                // this thread's rows: q0 + row0 .. + 3
@@ -560,25 +529,21 @@ __device__ __forceinline__ void flash_forward(float* smem, const float* __restri
   k += bh * S * Dh;
   v += bh * S * Dh;
   const float scale2 = scale * LOG2E;                         // scores in base-2 units
-  const int n_tiles = key_tiles(q0, T, S, causal);
+  int first, end;
+  tiles_seen(q0, T, S, left, right, first, end);
 
   load_tile<HEAD>(Qs, q, T - q0, Dh);
-  if (n_tiles > 0) load_tile<HEAD>(Ks, k, S, Dh);
+  if (first < end) load_tile<HEAD>(Ks, k + (long long)first * BLOCK_K * Dh, S - first * BLOCK_K, Dh);
   __syncthreads();
 
   // m = -inf, l = 0, O = 0. Each lane keeps its own share of l (the sum over its columns): the lanes of
   // a group rescale by the same alpha, so the shares stay consistent and are added up once, at the end.
-  float m[ROWS], l[ROWS], O[ROWS][Wd::COLS];
+  float m[ROWS], l[ROWS] = {}, O[ROWS][Wd::COLS] = {};
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    m[r] = neg_inf();
-    l[r] = 0.f;
-#pragma unroll
-    for (int c = 0; c < Wd::COLS; ++c) O[r][c] = 0.f;
-  }
+  for (int r = 0; r < ROWS; ++r) m[r] = neg_inf();
 
   TileRegs<HEAD> next;                                        // the tile in flight during the arithmetic
-  for (int t = 0; t < n_tiles; ++t) {
+  for (int t = first; t < end; ++t) {
     const int k0 = t * BLOCK_K;
     fetch_tile<HEAD>(next, v + (long long)k0 * Dh, S - k0, Dh);  // V_j arrives while S is computed
 
@@ -589,7 +554,7 @@ __device__ __forceinline__ void flash_forward(float* smem, const float* __restri
     for (int r = 0; r < ROWS; ++r)
 #pragma unroll
       for (int c = 0; c < COLS_S; ++c)
-        s[r][c] = allowed(q0 + row0 + r, k0 + lane + GROUP * c, T, S, causal) ? s[r][c] * scale2 : neg_inf();
+        s[r][c] = allowed(q0 + row0 + r, k0 + lane + GROUP * c, T, S, left, right) ? s[r][c] * scale2 : neg_inf();
 
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
@@ -618,10 +583,10 @@ __device__ __forceinline__ void flash_forward(float* smem, const float* __restri
     store_tile<HEAD>(Vs, next);
     __syncthreads();                                          // P and V_j visible to the whole block
 
-    if (t + 1 < n_tiles) fetch_tile<HEAD>(next, k + (long long)(k0 + BLOCK_K) * Dh, S - k0 - BLOCK_K, Dh);
+    if (t + 1 < end) fetch_tile<HEAD>(next, k + (long long)(k0 + BLOCK_K) * Dh, S - k0 - BLOCK_K, Dh);
     // O += P V_j
     rows_times_tile<HEAD>(O, Ps, Vs, row0, lane);
-    if (t + 1 < n_tiles) store_tile<HEAD>(Ks, next);          // K_j was last read before the barrier above
+    if (t + 1 < end) store_tile<HEAD>(Ks, next);          // K_j was last read before the barrier above
     __syncthreads();                                          // K_{j+1} visible; P, V_j free to overwrite
   }
 
@@ -666,13 +631,9 @@ __device__ __forceinline__ void flash_backward_dq(float* smem, const float* __re
                                                   const float* __restrict__ k, const float* __restrict__ v,
                                                   const float* __restrict__ lse, const float* __restrict__ delta,
                                                   const float* __restrict__ dout, float* __restrict__ dq, int T,
-                                                  int S, int Dh, int causal, float scale) {
+                                                  int S, int Dh, int left, int right, float scale) {
   using Wd = Width<HEAD>;
-  float* Qs = smem;
-  float* dOs = Qs + Wd::TILE;
-  float* Ks = dOs + Wd::TILE;
-  float* Vs = Ks + Wd::TILE;
-  float* dSs = Vs + Wd::TILE;
+  float *Qs = smem, *dOs = Qs + Wd::TILE, *Ks = dOs + Wd::TILE, *Vs = Ks + Wd::TILE, *dSs = Vs + Wd::TILE;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;
   const int lane = threadIdx.x % GROUP;
   const int row0 = threadIdx.x / GROUP * ROWS;                // this thread's query rows
@@ -685,21 +646,20 @@ __device__ __forceinline__ void flash_backward_dq(float* smem, const float* __re
   k += bh * S * Dh;
   v += bh * S * Dh;
   const float scale2 = scale * LOG2E;
-  const int n_tiles = key_tiles(q0, T, S, causal);
+  int first, end;
+  tiles_seen(q0, T, S, left, right, first, end);
 
   load_tile<HEAD>(Qs, q, T - q0, Dh);
   load_tile<HEAD>(dOs, dout, T - q0, Dh);
-  float lse2[ROWS], delta_r[ROWS], dQ[ROWS][Wd::COLS];
+  float lse2[ROWS], delta_r[ROWS], dQ[ROWS][Wd::COLS] = {};
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const bool real = q0 + row0 + r < T;                      // padding rows are masked, never read
     lse2[r] = real ? lse[row0 + r] * LOG2E : 0.f;
     delta_r[r] = real ? delta[row0 + r] : 0.f;
-#pragma unroll
-    for (int c = 0; c < Wd::COLS; ++c) dQ[r][c] = 0.f;
   }
 
-  for (int t = 0; t < n_tiles; ++t) {
+  for (int t = first; t < end; ++t) {
     const int k0 = t * BLOCK_K;
     __syncthreads();                                          // the previous K_j and dS are no longer read
     load_tile<HEAD>(Ks, k + (long long)k0 * Dh, S - k0, Dh);
@@ -715,7 +675,7 @@ __device__ __forceinline__ void flash_backward_dq(float* smem, const float* __re
 #pragma unroll
       for (int c = 0; c < COLS_S; ++c) {
         // P = exp(S * scale - lse);  dS = P * (dP - delta)
-        const bool ok = allowed(q0 + row0 + r, k0 + lane + GROUP * c, T, S, causal);
+        const bool ok = allowed(q0 + row0 + r, k0 + lane + GROUP * c, T, S, left, right);
         const float P = recomputed_p(s[r][c], scale2, lse2[r], ok);
         dSs[(row0 + r) * P_STRIDE + lane + GROUP * c] = P * (dP[r][c] - delta_r[r]);
       }
@@ -735,13 +695,10 @@ __device__ __forceinline__ void flash_backward_dkdv(float* smem, const float* __
                                                     const float* __restrict__ lse,
                                                     const float* __restrict__ delta,
                                                     const float* __restrict__ dout, float* __restrict__ dk,
-                                                    float* __restrict__ dv, int T, int S, int Dh, int causal,
-                                                    float scale) {
+                                                    float* __restrict__ dv, int T, int S, int Dh, int left,
+                                                    int right, float scale) {
   using Wd = Width<HEAD>;
-  float* Ks = smem;
-  float* Vs = Ks + Wd::TILE;
-  float* Qs = Vs + Wd::TILE;
-  float* dOs = Qs + Wd::TILE;
+  float *Ks = smem, *Vs = Ks + Wd::TILE, *Qs = Vs + Wd::TILE, *dOs = Qs + Wd::TILE;
   float* Ws = dOs + Wd::TILE;                                 // P^T, then dS^T
   float* lse2s = Ws + BLOCK_K * P_STRIDE;                     // (64,) lse * log2(e) of the query tile
   float* deltas = lse2s + BLOCK_Q;                            // (64,) delta of the query tile
@@ -758,17 +715,14 @@ __device__ __forceinline__ void flash_backward_dkdv(float* smem, const float* __
   lse += bh * T;
   delta += bh * T;
   const float scale2 = scale * LOG2E;
-  const int n_query_tiles = (T + BLOCK_Q - 1) / BLOCK_Q;
+  int first, end;
+  tiles_seen(k0, S, T, right, left, first, end);              // the query tiles whose band holds K_j
 
   load_tile<HEAD>(Ks, k, S - k0, Dh);
   load_tile<HEAD>(Vs, v, S - k0, Dh);
-  float dK[ROWS][Wd::COLS], dV[ROWS][Wd::COLS];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-    for (int c = 0; c < Wd::COLS; ++c) dK[r][c] = dV[r][c] = 0.f;
+  float dK[ROWS][Wd::COLS] = {}, dV[ROWS][Wd::COLS] = {};
 
-  for (int i = first_query_tile(k0, T, S, causal); i < n_query_tiles; ++i) {
+  for (int i = first; i < end; ++i) {
     const int q0 = i * BLOCK_Q;
     __syncthreads();                                          // the previous Q_i, dO_i, dS^T no longer read
     load_tile<HEAD>(Qs, q + (long long)q0 * Dh, T - q0, Dh);
@@ -787,7 +741,7 @@ __device__ __forceinline__ void flash_backward_dkdv(float* smem, const float* __
 #pragma unroll
       for (int c = 0; c < COLS_S; ++c) {
         const int query = lane + GROUP * c;
-        const bool ok = allowed(q0 + query, k0 + row0 + r, T, S, causal);
+        const bool ok = allowed(q0 + query, k0 + row0 + r, T, S, left, right);
         P[r][c] = recomputed_p(P[r][c], scale2, lse2s[query], ok);
         Ws[(row0 + r) * P_STRIDE + query] = P[r][c];
       }
@@ -821,23 +775,23 @@ __device__ __forceinline__ void flash_backward_dkdv(float* smem, const float* __
 #define FLASH_KERNELS(HEAD)                                                                              \
   extern "C" __global__ void __launch_bounds__(THREADS, HEAD <= 64 ? 2 : 1)                              \
       flash_forward_##HEAD(const float* q, const float* k, const float* v, float* out, float* lse,       \
-                           int T, int S, int Dh, int causal, float scale) {                              \
+                           int T, int S, int Dh, int left, int right, float scale) {                     \
     SHARED_MEMORY(smem);                                                                                 \
-    flash_forward<HEAD>(smem, q, k, v, out, lse, T, S, Dh, causal, scale);                              \
+    flash_forward<HEAD>(smem, q, k, v, out, lse, T, S, Dh, left, right, scale);                         \
   }                                                                                                      \
   extern "C" __global__ void __launch_bounds__(THREADS, HEAD <= 64 ? 2 : 1)                              \
       flash_backward_dq_##HEAD(const float* q, const float* k, const float* v, const float* lse,         \
                                const float* delta, const float* dout, float* dq, int T, int S, int Dh,   \
-                               int causal, float scale) {                                                \
+                               int left, int right, float scale) {                                       \
     SHARED_MEMORY(smem);                                                                                 \
-    flash_backward_dq<HEAD>(smem, q, k, v, lse, delta, dout, dq, T, S, Dh, causal, scale);              \
+    flash_backward_dq<HEAD>(smem, q, k, v, lse, delta, dout, dq, T, S, Dh, left, right, scale);         \
   }                                                                                                      \
   extern "C" __global__ void __launch_bounds__(THREADS, HEAD <= 64 ? 2 : 1)                              \
       flash_backward_dkdv_##HEAD(const float* q, const float* k, const float* v, const float* lse,       \
                                  const float* delta, const float* dout, float* dk, float* dv, int T,     \
-                                 int S, int Dh, int causal, float scale) {                               \
+                                 int S, int Dh, int left, int right, float scale) {                      \
     SHARED_MEMORY(smem);                                                                                 \
-    flash_backward_dkdv<HEAD>(smem, q, k, v, lse, delta, dout, dk, dv, T, S, Dh, causal, scale);       \
+    flash_backward_dkdv<HEAD>(smem, q, k, v, lse, delta, dout, dk, dv, T, S, Dh, left, right, scale);  \
   }
 
 $KERNELS
@@ -854,52 +808,40 @@ _P_TILE = _TILE * (_TILE + _PAD)         # floats of the shared P / dS tile (row
 Launch = collections.namedtuple("Launch", "kernel grid block args shared_mem")
 
 
-def _kernel_width(Dh):
-    """The compiled head width a head of width Dh runs on (its extra columns are zero padding)."""
-    return next(width for width in KERNEL_HEAD_WIDTHS if Dh <= width)
+def _sizes(q, k, band, scale):
+    """BH, T, S of q (BH, T, Dh) and k (BH, S, Dh); the compiled width Dh runs on (its extra columns zero
+    padding); the floats of one shared 64 x width tile (rows padded); the kernels' size arguments."""
+    (BH, T, Dh), S = q.shape, k.shape[1]
+    width = next(width for width in KERNEL_HEAD_WIDTHS if Dh <= width)
+    args = (np.int32(T), np.int32(S), np.int32(Dh), np.int32(band[0]), np.int32(band[1]), np.float32(scale))
+    return BH, T, S, width, _TILE * (width + _PAD), args
 
 
-def _tiles(n):
-    """ceil(n / 64): the tiles of a length-n sequence, one block each along the grid's y axis."""
-    return -(-n // _TILE)
-
-
-def _shared_tile(width):
-    return _TILE * (width + _PAD)                              # floats of one 64 x width tile, rows padded
-
-
-def _forward_launches(q, k, v, out, lse, causal, scale):
-    """The forward as launches: q (BH, T, Dh), k, v (BH, S, Dh) in; out (BH, T, Dh), lse (BH, T) out."""
-    BH, T, Dh = q.shape
-    S = k.shape[1]
-    width = _kernel_width(Dh)
-    shared = 4 * (3 * _shared_tile(width) + _P_TILE)           # Q_i, K_j, V_j, P
-    launches = [Launch(f"flash_forward_{width}", (BH, _tiles(T), 1), (_THREADS, 1, 1),
-                       (q, k, v, out, lse, np.int32(T), np.int32(S), np.int32(Dh), np.int32(causal),
-                        np.float32(scale)), shared)]
+def _forward_launches(q, k, v, out, lse, band, scale):
+    """The forward as launches: q (BH, T, Dh), k, v (BH, S, Dh) in; out (BH, T, Dh), lse (BH, T) out;
+    band = (left, right) from _band. One block per 64-row tile (ceil(T / 64)) along the grid's y axis."""
+    BH, T, S, width, tile, sizes = _sizes(q, k, band, scale)
+    launches = [Launch(f"flash_forward_{width}", (BH, -(-T // _TILE), 1), (_THREADS, 1, 1),
+                       (q, k, v, out, lse) + sizes, 4 * (3 * tile + _P_TILE))]   # Q_i, K_j, V_j, P
     return [launch for launch in launches if min(launch.grid) > 0]   # no rows: nothing to launch
 
 
-def _backward_launches(q, k, v, out, lse, dout, dq, dk, dv, causal, scale):
+def _backward_launches(q, k, v, out, lse, dout, dq, dk, dv, band, scale):
     """The backward as launches: delta = rowsum(dO * O), then dQ per query tile, dK and dV per key tile.
 
     delta (BH, T) is allocated here, with the arrays' own module. Every entry of dq, dk, dv is written.
     """
-    BH, T, Dh = q.shape
-    S = k.shape[1]
-    width = _kernel_width(Dh)
+    BH, T, S, width, tile, sizes = _sizes(q, k, band, scale)
     delta = get_xp(q).empty((BH, T), dtype=np.float32)         # (BH, T)
-    sizes = (np.int32(T), np.int32(S), np.int32(Dh), np.int32(causal), np.float32(scale))
     rows_per_block = _THREADS // 32                            # one warp per row
     launches = [
         Launch("flash_backward_delta", (-(-BH * T // rows_per_block), 1, 1), (_THREADS, 1, 1),
-               (out, dout, delta, np.int32(BH * T), np.int32(Dh)), 0),
-        Launch(f"flash_backward_dq_{width}", (BH, _tiles(T), 1), (_THREADS, 1, 1),
-               (q, k, v, lse, delta, dout, dq) + sizes,
-               4 * (4 * _shared_tile(width) + _P_TILE)),       # Q_i, dO_i, K_j, V_j, dS
-        Launch(f"flash_backward_dkdv_{width}", (BH, _tiles(S), 1), (_THREADS, 1, 1),
+               (out, dout, delta, np.int32(BH * T), np.int32(q.shape[2])), 0),
+        Launch(f"flash_backward_dq_{width}", (BH, -(-T // _TILE), 1), (_THREADS, 1, 1),
+               (q, k, v, lse, delta, dout, dq) + sizes, 4 * (4 * tile + _P_TILE)),   # Q_i, dO_i, K_j, V_j, dS
+        Launch(f"flash_backward_dkdv_{width}", (BH, -(-S // _TILE), 1), (_THREADS, 1, 1),
                (q, k, v, lse, delta, dout, dk, dv) + sizes,
-               4 * (4 * _shared_tile(width) + _P_TILE + 2 * _TILE)),  # K_j, V_j, Q_i, dO_i, P/dS, lse, delta
+               4 * (4 * tile + _P_TILE + 2 * _TILE)),          # K_j, V_j, Q_i, dO_i, P/dS, lse, delta
     ]
     return [launch for launch in launches if min(launch.grid) > 0]
 
@@ -909,12 +851,9 @@ CUDA_COMPILE_OPTIONS = ("--std=c++17",)  # NVRTC options of the kernels (tests/c
 
 @functools.cache
 def _cuda_module(options=CUDA_COMPILE_OPTIONS):
-    """FLASH_KERNEL_SOURCE as a cupy.RawModule, compiled on first use and kept, one per option set.
-
-    functools.cache keeps one module per option set for the life of the process, and importing flash.py
-    compiles nothing. NVRTC takes about half a minute for all the kernels; CuPy also keeps the binary
-    in its on-disk kernel cache, so later processes skip that.
-    """
+    """FLASH_KERNEL_SOURCE as a cupy.RawModule, compiled on first use (importing flash.py compiles nothing)
+    and kept for the life of the process, one per option set. NVRTC takes about half a minute; CuPy keeps
+    the binary in its on-disk kernel cache, so later processes skip that."""
     import cupy
     return cupy.RawModule(code=FLASH_KERNEL_SOURCE, options=options)
 
@@ -945,29 +884,25 @@ def _as_heads(x, lead):
     return xp.ascontiguousarray(xp.broadcast_to(x, shape)).reshape((math.prod(lead),) + x.shape[-2:])
 
 
-def _flash_forward_cuda(q, k, v, causal, scale):
+def _flash_forward_cuda(q, k, v, band, scale):
     """out, lse of CuPy float32 q, k, v (checked by _check_kernel_inputs), with the broadcast leading axes."""
-    xp = get_xp(q)
-    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    xp, lead = get_xp(q), np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     (T, Dh), BH = q.shape[-2:], math.prod(lead)
     with q.device:                                             # allocate and launch on q's GPU
         out = xp.empty((BH, T, Dh), dtype=np.float32)          # (BH, T, Dh) every entry written
         lse = xp.empty((BH, T), dtype=np.float32)              # (BH, T)
-        q3, k3, v3 = (_as_heads(x, lead) for x in (q, k, v))
-        _run_on_gpu(_forward_launches(q3, k3, v3, out, lse, causal, scale))
+        _run_on_gpu(_forward_launches(*(_as_heads(x, lead) for x in (q, k, v)), out, lse, band, scale))
     return out.reshape(lead + (T, Dh)), lse.reshape(lead + (T,))
 
 
-def _flash_backward_cuda(dout, q, k, v, out, lse, causal, scale):
+def _flash_backward_cuda(dout, q, k, v, out, lse, band, scale):
     """dq, dk, dv with the leading axes of the (broadcast) output; the caller sums them back."""
-    xp = get_xp(q)
-    lead, (T, Dh), S = out.shape[:-2], q.shape[-2:], k.shape[-2]
+    xp, lead, (T, Dh), S = get_xp(q), out.shape[:-2], q.shape[-2:], k.shape[-2]
     with q.device:                                             # allocate and launch on q's GPU
-        q3, k3, v3 = (_as_heads(x, lead) for x in (q, k, v))
-        out3, dout3 = (_as_heads(x, lead) for x in (out, dout))
+        q3, k3, v3, out3, dout3 = (_as_heads(x, lead) for x in (q, k, v, out, dout))
         dq, dk, dv = (xp.empty_like(x) for x in (q3, k3, v3))  # (BH, T, Dh), (BH, S, Dh) x 2
         lse2 = lse.reshape(math.prod(lead), T)                 # (BH, T)
-        _run_on_gpu(_backward_launches(q3, k3, v3, out3, lse2, dout3, dq, dk, dv, causal, scale))
+        _run_on_gpu(_backward_launches(q3, k3, v3, out3, lse2, dout3, dq, dk, dv, band, scale))
     return dq.reshape(lead + (T, Dh)), dk.reshape(lead + (S, Dh)), dv.reshape(lead + (S, Dh))
 
 
@@ -995,13 +930,13 @@ if __name__ == "__main__":
     q64, k64, v64 = (a.astype(np.float64) for a in (q, k, v))
     score_error = args.Dh * u * float((np.abs(q64) @ np.abs(k64).swapaxes(1, 2)).max()) / np.sqrt(args.Dh)
     bound = float(np.abs(v64).max()) * (2 * score_error + 2 * args.T * u)
-    for causal in (False, True):
-        exact, _ = attention_forward(q64, k64, v64, causal=causal)
-        full, full_cache = attention_forward(q, k, v, causal=causal)
-        flash, cache = flash_attention_forward(q, k, v, causal=causal, block_q=128, block_k=128)
+    for causal, window in ((False, None), (True, None), (True, (100, 0))):   # (100, 0): Mistral-style, 101 keys
+        exact, _ = attention_forward(q64, k64, v64, causal=causal, window=window)
+        full, full_cache = attention_forward(q, k, v, causal=causal, window=window)
+        flash, cache = flash_attention_forward(q, k, v, causal=causal, window=window, block_q=128, block_k=128)
         err = float(np.abs(full - flash).max())
-        print(f"causal={causal!s:5}  T={args.T}  max |flash - full| = {err:.1e};  full attention kept "
-              f"weights {full_cache['weights'].shape}, flash kept only lse {cache['lse'].shape}")
+        print(f"causal={causal!s:5} window={window!s:8} T={args.T}  max |flash - full| = {err:.1e};  full "
+              f"attention kept weights {full_cache['weights'].shape}, flash kept only lse {cache['lse'].shape}")
         for name, out in (("flash", flash), ("full", full)):
             assert np.abs(out - exact).max() <= bound, f"float32 {name} attention is beyond the rounding bound"
         assert cache["lse"].shape == (2, args.T) and "weights" not in cache

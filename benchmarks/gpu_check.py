@@ -12,8 +12,9 @@ that a step that hangs or crashes costs only its own time and the next step stil
                takes the xp fixture (tests/conftest.py marks it so); it stops cleanly between two tests once
                its budget is spent (pytest_time_budget.py)                            -> tests.xml, tests.txt
     bench      bench_flash_gpu.py, T = 4096 first, longest-T search capped               -> bench.json, bench.txt
-    memcheck   compute-sanitizer --tool memcheck on one small forward+backward (partial tiles, causal,
-               rows with no allowed key), checked against the NumPy path                  -> sanitizer.txt
+    memcheck   compute-sanitizer --tool memcheck on small forwards+backwards (partial tiles, causal,
+               rows with no allowed key; sliding windows whose band skips tiles on both sides), checked
+               against the NumPy path                                                     -> sanitizer.txt
     racecheck  compute-sanitizer --tool racecheck on the same                             -> sanitizer.txt
 
 then one summary line (tests passed/failed, forward and forward+backward TFLOP/s at T = 4096 for Dh = 64
@@ -503,8 +504,9 @@ def kernel_plans(cupy, flash):
     for width in internals["KERNEL_HEAD_WIDTHS"]:
         q = cupy.zeros((1, 70, width), dtype=cupy.float32)
         lse = cupy.zeros((1, 70), dtype=cupy.float32)
-        launches = (internals["_forward_launches"](q, q, q, q, lse, True, 1.0)
-                    + internals["_backward_launches"](q, q, q, q, lse, q, q, q, q, True, 1.0))
+        band = (140, 0)                                        # causal at T = S = 70 (flash._band)
+        launches = (internals["_forward_launches"](q, q, q, q, lse, band, 1.0)
+                    + internals["_backward_launches"](q, q, q, q, lse, q, q, q, q, band, 1.0))
         for launch in launches:
             threads = launch.block[0] * launch.block[1] * launch.block[2]
             plans.setdefault(launch.kernel, (launch.kernel, threads, launch.shared_mem))
@@ -610,34 +612,45 @@ def info():
     return 0
 
 
-def sanitize_target(head_widths=(40, 128)):
-    """One small forward+backward of the kernels for compute-sanitizer: partial tiles (T = 100, S = 70:
-    64 + 36 and 64 + 6 rows), causal with T > S so rows 0..29 have no allowed key, at each head width
-    (Dh = 40 runs the 64-wide kernels with padding columns, 128 the widest); checked against the NumPy
-    path in float64."""
+# (Dh, T, S, causal, window) of the sanitizer's target: partial tiles (T = 100, S = 70: 64 + 36 and 64 + 6
+# rows), causal with T > S so rows 0..29 have no allowed key, at a padded head width (40 runs the 64-wide
+# kernels) and the widest (128); then sliding windows whose band skips key tiles on both sides (every kernel
+# starts its loop mid-sequence), the second with T > S so its top rows' windows hold no key.
+SANITIZE_CASES = ((40, 100, 70, True, None), (128, 100, 70, True, None), (40, 200, 200, False, (20, 30)),
+                  (32, 190, 100, False, (0, 10)))
+
+
+def sanitize_target(cases=SANITIZE_CASES):
+    """Small forwards+backwards of the kernels for compute-sanitizer (SANITIZE_CASES), each checked against
+    the NumPy path in float64, with zeros and lse = -inf on every row whose window holds no key."""
     import numpy as np
     import cupy
     sys.path.insert(0, ROOT)
     from flash import flash_attention_backward, flash_attention_forward
+    from attention import causal_mask, sliding_window_mask
     cupy.cuda.set_allocator(None)             # every array its own cudaMalloc: the sanitizer knows each one's end
     ok = True
-    for Dh in head_widths:
-        rng = np.random.default_rng(Dh)
-        q, dout = (rng.standard_normal((2, 100, Dh)).astype(np.float32) for _ in range(2))
-        k, v = (rng.standard_normal((2, 70, Dh)).astype(np.float32) for _ in range(2))
-        out, cache = flash_attention_forward(*(cupy.asarray(x) for x in (q, k, v)), causal=True)
+    for Dh, T, S, causal, window in cases:
+        rng = np.random.default_rng(Dh + T)
+        q, dout = (rng.standard_normal((2, T, Dh)).astype(np.float32) for _ in range(2))
+        k, v = (rng.standard_normal((2, S, Dh)).astype(np.float32) for _ in range(2))
+        options = dict(causal=causal, window=window)
+        out, cache = flash_attention_forward(*(cupy.asarray(x) for x in (q, k, v)), **options)
         grads = flash_attention_backward(cupy.asarray(dout), cache)
         got = [cupy.asnumpy(x) for x in (out, cache["lse"], *grads)]
-        want_out, want_cache = flash_attention_forward(*(x.astype(np.float64) for x in (q, k, v)), causal=True)
+        want_out, want_cache = flash_attention_forward(*(x.astype(np.float64) for x in (q, k, v)), **options)
         want = [want_out, want_cache["lse"], *flash_attention_backward(dout.astype(np.float64), want_cache)]
+        label = f"Dh={Dh} T={T} S={S} causal={causal} window={window}"
         for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
             finite = np.isfinite(w)
-            # float32 sums over <= 70 keys against float64: ~1e-6; a wrong tile or mask is off by ~1e-1
+            # float32 sums over <= 260 keys against float64: ~1e-6; a wrong tile or mask is off by ~1e-1
             good = (np.array_equal(np.isfinite(g), finite) and np.allclose(g[finite], w[finite], rtol=1e-3, atol=1e-4))
             error = np.abs(g[finite] - w[finite]).max() if finite.any() else 0.0
-            print(f"Dh={Dh} {name}: max |kernel - numpy| = {error:.1e}" + ("" if good else "  <- WRONG"))
+            print(f"{label} {name}: max |kernel - numpy| = {error:.1e}" + ("" if good else "  <- WRONG"))
             ok &= good
-        ok &= bool(np.all(got[0][:, :30] == 0) and np.all(np.isneginf(got[1][:, :30])))
+        allowed = sliding_window_mask(T, S, *(window or (None, None))) & (causal_mask(T, S) if causal else True)
+        empty = ~allowed.any(axis=-1)                          # rows whose window holds no key
+        ok &= bool(np.all(got[0][:, empty] == 0) and np.all(np.isneginf(got[1][:, empty])))
     print("SANITIZE TARGET OK" if ok else "SANITIZE TARGET FAILED")
     return 0 if ok else 1
 

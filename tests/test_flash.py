@@ -140,39 +140,37 @@ def tiles_with_an_allowed_key(T, S, causal, window, block_q, block_k):
     return sees
 
 
-@pytest.mark.parametrize("T, S, causal, window", [(130, 260, False, (50, 20)), (200, 200, True, (60, 0)),
+@pytest.mark.parametrize("T, S, causal, window", [(140, 150, False, (10, 20)), (200, 200, True, (60, 0)),
                                                   (150, 100, False, (0, 0))])
 def test_tiles_outside_the_band_are_never_visited_forward_or_backward(xp, T, S, causal, window):
+    if xp.__name__ == "cupy_on_cpu" and (T, S) != (140, 150):   # the first skips tiles on both sides
+        pytest.skip("on the CPU stand-in the kernels run the first case only (a block is 256 CPU threads)")
     # NaN in a tile of k and v reaches every output row of every query tile that visits it (0 * NaN in
     # P V and in dP = dO V^T, even where P is masked to 0) and no other. So with one key tile poisoned at
     # a time, the query tiles whose out and dq turn NaN are exactly the ones that visited it; likewise NaN
     # in a tile of dout reaches dk and dv of exactly the key tiles whose backward visited it. Both loops and
     # kernels (64-row tiles) must visit just the tiles that hold an allowed (query, key) pair.
+    # One run does it all: batch entry b poisons key tile b (b < n_k) or query tile b - n_k of dout.
     tile = 64
-    sees = tiles_with_an_allowed_key(T, S, causal, window, tile, tile)
-    q, k, v, dout = (np.random.default_rng(0).standard_normal((1, n, 8)).astype(np.float32) for n in (T, S, S, T))
-
-    def run(k, v, dout):
-        out, cache = flash_attention_forward(*(xp.asarray(x) for x in (q, k, v)), causal=causal, window=window,
-                                             block_q=tile, block_k=tile)
-        return [to_numpy(x)[0] for x in (out, *flash_attention_backward(xp.asarray(dout), cache))]
-
-    rows_nan = lambda x, n: ~np.isfinite(x).all(axis=-1).reshape(-1)[:n]   # noqa: E731
-    for key_tile in range(sees.shape[1]):
-        k_nan, v_nan = k.copy(), v.copy()
-        k_nan[0, key_tile * tile:(key_tile + 1) * tile] = np.nan
-        v_nan[0, key_tile * tile:(key_tile + 1) * tile] = np.nan
-        out, dq, _, _ = run(k_nan, v_nan, dout)
-        visited = np.repeat(sees[:, key_tile], tile)[:T]
-        np.testing.assert_array_equal(rows_nan(out, T), visited)
-        np.testing.assert_array_equal(rows_nan(dq, T), visited)
-    for query_tile in range(sees.shape[0]):
-        dout_nan = dout.copy()
-        dout_nan[0, query_tile * tile:(query_tile + 1) * tile] = np.nan
-        _, _, dk, dv = run(k, v, dout_nan)
-        visited = np.repeat(sees[query_tile], tile)[:S]
-        np.testing.assert_array_equal(rows_nan(dk, S), visited)
-        np.testing.assert_array_equal(rows_nan(dv, S), visited)
+    sees = tiles_with_an_allowed_key(T, S, causal, window, tile, tile)   # (n_q, n_k)
+    n_q, n_k = sees.shape
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (np.repeat(rng.standard_normal((1, n, 8)).astype(np.float32), n_k + n_q, axis=0)
+                     for n in (T, S, S, T))
+    for b in range(n_k):
+        k[b, b * tile:(b + 1) * tile] = v[b, b * tile:(b + 1) * tile] = np.nan
+    for b in range(n_q):
+        dout[n_k + b, b * tile:(b + 1) * tile] = np.nan
+    out, cache = flash_attention_forward(*(xp.asarray(x) for x in (q, k, v)), causal=causal, window=window,
+                                         block_q=tile, block_k=tile)
+    out, dq, dk, dv = (to_numpy(x) for x in (out, *flash_attention_backward(xp.asarray(dout), cache)))
+    nan_rows = lambda x: ~np.isfinite(x).all(axis=-1)            # noqa: E731  (batch, rows) bool
+    visited_by_query_tiles = np.repeat(sees.T, tile, axis=1)[:, :T]   # (n_k, T): row i's tile visits key tile b
+    np.testing.assert_array_equal(nan_rows(out[:n_k]), visited_by_query_tiles)
+    np.testing.assert_array_equal(nan_rows(dq[:n_k]), visited_by_query_tiles)
+    visited_by_key_tiles = np.repeat(sees, tile, axis=1)[:, :S]       # (n_q, S): key j's tile visits query tile b
+    np.testing.assert_array_equal(nan_rows(dk[n_k:]), visited_by_key_tiles)
+    np.testing.assert_array_equal(nan_rows(dv[n_k:]), visited_by_key_tiles)
 
 
 def test_a_window_of_w_visits_order_t_w_tiles_not_t_s(monkeypatch):
@@ -341,7 +339,7 @@ def test_cache_holds_lse_and_the_documented_fields_and_dtypes_are_preserved():
     q, k, v = (rng.standard_normal((2, 11, 8)).astype(np.float32) for _ in range(3))
     copies = [a.copy() for a in (q, k, v)]
     out, cache = flash_attention_forward(q, k, v, causal=True, block_q=4, block_k=4)
-    assert set(cache) == {"q", "k", "v", "out", "lse", "band", "causal", "window", "scale", "block_q", "block_k"}
+    assert set(cache) == {"q", "k", "v", "out", "lse", "band", "scale", "block_q", "block_k"}
     assert cache["lse"].shape == (2, 11)                       # T numbers a row, not the T x S weights
     grads = flash_attention_backward(random_like(out, rng), cache)
     assert out.dtype == np.float32 and all(g.dtype == np.float32 for g in grads)

@@ -47,11 +47,13 @@ lengths = st.one_of(st.integers(1, 300), st.sampled_from([63, 64, 65, 127, 128, 
 
 @st.composite
 def kernel_cases(draw):
-    """Shapes for the kernels: any T and S (T != S mostly), head widths on and between the compiled ones."""
+    """Shapes for the kernels: any T and S (T != S mostly), head widths on and between the compiled ones,
+    and sliding windows (narrow ones skip tiles on both sides of the band)."""
     lead = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=2)))
     Dh = draw(st.sampled_from([1, 3, 8, 24, 32, 40, 63, 64, 80, 96, 100, 127, 128]))
+    side = st.one_of(st.none(), st.integers(0, 130))
     return dict(lead=lead, T=draw(lengths), S=draw(lengths), Dh=Dh, causal=draw(st.booleans()),
-                seed=draw(st.integers(0, 2**32 - 1)))
+                window=draw(st.one_of(st.none(), st.tuples(side, side))), seed=draw(st.integers(0, 2**32 - 1)))
 
 
 def random_inputs(case, rng):
@@ -61,9 +63,9 @@ def random_inputs(case, rng):
     return [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
 
 
-def kernels(cp, q, k, v, dout, causal):
+def kernels(cp, q, k, v, dout, causal, window=None):
     """out, lse, dq, dk, dv from the CUDA kernels, as NumPy arrays."""
-    out, cache = flash_attention_forward(*(cp.asarray(x) for x in (q, k, v)), causal=causal)
+    out, cache = flash_attention_forward(*(cp.asarray(x) for x in (q, k, v)), causal=causal, window=window)
     grads = flash_attention_backward(cp.asarray(dout), cache)
     return [cp.asnumpy(x) for x in (out, cache["lse"], *grads)]
 
@@ -71,29 +73,32 @@ def kernels(cp, q, k, v, dout, causal):
 @given(case=kernel_cases())
 def test_kernels_match_full_attention_and_the_numpy_flash_path(cp, case):
     q, k, v, dout = random_inputs(case, np.random.default_rng(case["seed"]))
-    out, lse, dq, dk, dv = kernels(cp, q, k, v, dout, case["causal"])
+    options = dict(causal=case["causal"], window=case["window"])
+    out, lse, dq, dk, dv = kernels(cp, q, k, v, dout, **options)
 
     # Full attention in float64 is the truth for out and the gradients.
     as64 = [x.astype(np.float64) for x in (q, k, v, dout)]
-    full, full_cache = attention_forward(*as64[:3], causal=case["causal"])
+    full, full_cache = attention_forward(*as64[:3], **options)
     for got, want in zip((dq, dk, dv), attention_backward(as64[3], full_cache)):
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, want, **GRAD_TOL)
     np.testing.assert_allclose(out, full, **OUT_TOL)
     # The NumPy flash path (float64) gives lse, -inf exactly where a row has no allowed key.
-    _, numpy_cache = flash_attention_forward(*as64[:3], causal=case["causal"])
+    _, numpy_cache = flash_attention_forward(*as64[:3], **options)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(numpy_cache["lse"]))
     finite = np.isfinite(numpy_cache["lse"])
     np.testing.assert_allclose(lse[finite], numpy_cache["lse"][finite], **OUT_TOL)
 
 
-def test_kernels_match_the_numpy_path_on_long_sequences(gpu_cp):
-    # 1500 = 23 full tiles and a partial one; causal with T < S skips tiles per query tile.
+@pytest.mark.parametrize("window", [None, (200, 0), (100, 150)])
+def test_kernels_match_the_numpy_path_on_long_sequences(gpu_cp, window):
+    # 1500 = 23 full tiles and a partial one; causal with T < S skips tiles per query tile, and a window
+    # skips all but the few tiles of its band.
     rng = np.random.default_rng(0)
     case = dict(lead=(2,), T=1300, S=1500, Dh=64, causal=True)
     q, k, v, dout = random_inputs(case, rng)
-    got = kernels(gpu_cp, q, k, v, dout, causal=True)
-    out, cache = flash_attention_forward(q, k, v, causal=True)
+    got = kernels(gpu_cp, q, k, v, dout, causal=True, window=window)
+    out, cache = flash_attention_forward(q, k, v, causal=True, window=window)
     want = [out, cache["lse"], *flash_attention_backward(dout, cache)]
     for name, g, w, tol in zip(("out", "lse", "dq", "dk", "dv"), got, want, [OUT_TOL] * 2 + [GRAD_TOL] * 3):
         np.testing.assert_allclose(g, w, err_msg=name, **tol)
@@ -214,8 +219,9 @@ def test_every_launch_fits_the_device(cp):
     opt_in = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
     q = cp.zeros((1, 70, 128), dtype=cp.float32)
     lse = cp.zeros((1, 70), dtype=cp.float32)
-    plans = _forward_launches(q, q, q, q, lse, True, 1.0) + _backward_launches(q, q, q, q, lse, q, q, q, q,
-                                                                               True, 1.0)
+    band = (140, 0)                                                # causal, T = S = 70
+    plans = _forward_launches(q, q, q, q, lse, band, 1.0) + _backward_launches(q, q, q, q, lse, q, q, q, q,
+                                                                               band, 1.0)
     assert max(launch.shared_mem for launch in plans) <= opt_in
 
 

@@ -403,9 +403,12 @@ def test_info_prints_versions_and_a_line_per_kernel_given_what_cupy_reports(monk
 def test_the_sanitizer_s_target_passes_its_own_checks_on_correct_kernels(monkeypatch, capsys):
     import cupy
     monkeypatch.setattr(cupy.cuda, "set_allocator", lambda allocator: None, raising=False)  # no pool to turn off
-    assert gpu_check.sanitize_target(head_widths=(40,)) == 0   # (128 too on a GPU; on a CPU it only costs time)
+    # Every case but the widest head (on a CPU it only costs time): the windows' rows with no key included.
+    cases = [case for case in gpu_check.SANITIZE_CASES if case[0] != 128]
+    assert any(case[-1] is not None for case in cases)        # the sliding-window cases are there
+    assert gpu_check.sanitize_target(cases) == 0
     out = capsys.readouterr().out
-    assert out.strip().endswith("SANITIZE TARGET OK") and "WRONG" not in out
+    assert out.strip().endswith("SANITIZE TARGET OK") and "WRONG" not in out and "window=(20, 30)" in out
 
 
 FAKE_SANITIZER = """#!/bin/sh

@@ -145,15 +145,18 @@ def test_address_sanitizer_catches_a_read_past_the_end_in_an_example(sanitizer, 
 
 
 def flash_problems():
-    """Two small problems in one run: causal with T > S (rows with no key, skipped tiles, partial tiles of
-    both lengths), and not causal with T < S and a head width that is not a multiple of 4."""
-    cases = [dict(BH=1, T=90, S=75, Dh=40, causal=True), dict(BH=2, T=30, S=70, Dh=7, causal=False)]
+    """Three small problems in one run: causal with T > S (rows with no key, skipped tiles, partial tiles of
+    both lengths), not causal with T < S and a head width that is not a multiple of 4, and a sliding window
+    whose band skips key tiles on both sides (loops that start mid-sequence, in every kernel)."""
+    cases = [dict(BH=1, T=90, S=75, Dh=40, causal=True), dict(BH=2, T=30, S=70, Dh=7, causal=False),
+             dict(BH=1, T=150, S=150, Dh=8, causal=False, window=(10, 20))]
     launches, outputs, expected = [], {}, {}
     for i, case in enumerate(cases):
         q, k, v, dout = cpu_cuda.flash_inputs(case["BH"], case["T"], case["S"], case["Dh"], seed=i)
-        case_launches, case_outputs = cpu_cuda.flash_launches(q, k, v, dout, case["causal"])
+        window = case.get("window")
+        case_launches, case_outputs = cpu_cuda.flash_launches(q, k, v, dout, case["causal"], window=window)
         launches += case_launches
-        reference = cpu_cuda.flash_reference(q, k, v, dout, case["causal"])
+        reference = cpu_cuda.flash_reference(q, k, v, dout, case["causal"], window)
         for (name, array), want in zip(case_outputs.items(), reference):
             outputs[f"{name} {i}"], expected[f"{name} {i}"] = array, want
     return launches, outputs, expected
@@ -190,5 +193,5 @@ def test_address_sanitizer_catches_a_broken_bounds_check_in_flash(sanitizer, bui
 @pytest.mark.parametrize("sanitizer", ["address"], indirect=True)
 def test_the_command_line_runs_flash_under_a_sanitizer(sanitizer, tmp_path):
     result = run_demo("tests/cuda/cpu_cuda.py", "--sanitizer", sanitizer, "--T", "20", "--S", "9",
-                      env=dict(os.environ, TMPDIR=str(tmp_path)))
+                      "--window", "3", "2", env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert f"{sanitizer} sanitizer: clean" in result.stdout and "agree with the NumPy path" in result.stdout

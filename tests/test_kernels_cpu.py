@@ -180,17 +180,18 @@ def misaligned(x):
     return view
 
 
-def assert_kernels_match_numpy_path(kernels, BH, T, S, Dh, causal, seed=0, place=lambda x: x):
+def assert_kernels_match_numpy_path(kernels, BH, T, S, Dh, causal, seed=0, place=lambda x: x, window=None):
     q, k, v, dout = (place(x) for x in cpu_cuda.flash_inputs(BH, T, S, Dh, seed))
     inputs = [x.copy() for x in (q, k, v, dout)]
-    got = cpu_cuda.run_flash_attention(kernels, q, k, v, dout, causal)
+    got = cpu_cuda.run_flash_attention(kernels, q, k, v, dout, causal, window=window)
     for name, before, after in zip(("q", "k", "v", "dout"), inputs, (q, k, v, dout)):
         np.testing.assert_array_equal(after, before, err_msg=f"the kernels modified {name}")
-    for name, g, want in zip(("out", "lse", "dq", "dk", "dv"), got, cpu_cuda.flash_reference(q, k, v, dout, causal)):
+    reference = cpu_cuda.flash_reference(q, k, v, dout, causal, window)
+    for name, g, want in zip(("out", "lse", "dq", "dk", "dv"), got, reference):
         # float32 kernels against float64: rounding of dot products over Dh <= 128 and sums over at most a
         # few hundred keys or queries, with exp/log done as exp2/log2; errors of ~1e-6 are typical.
         np.testing.assert_allclose(g, want, rtol=1e-4, atol=2e-5, err_msg=f"{name}, BH={BH} T={T} S={S} "
-                                   f"Dh={Dh} causal={causal}")
+                                   f"Dh={Dh} causal={causal} window={window}")
 
 
 @pytest.mark.parametrize("BH, T, S, Dh, causal", [
@@ -202,6 +203,18 @@ def assert_kernels_match_numpy_path(kernels, BH, T, S, Dh, causal, seed=0, place
 ])
 def test_flash_kernels_match_the_numpy_path(kernels, BH, T, S, Dh, causal):
     assert_kernels_match_numpy_path(kernels, BH, T, S, Dh, causal)
+
+
+@pytest.mark.parametrize("T, S, Dh, causal, window", [
+    (200, 200, 32, True, (70, 0)),    # Mistral-style: the band skips key tiles before it, edges mid-tile
+    (192, 192, 40, False, (10, 20)),  # key tiles skipped on both sides of the band, in every kernel
+    (60, 200, 16, False, (20, 0)),    # T < S: the queries sit at the end, so do their keys
+    (180, 70, 7, False, (0, 5)),      # T > S: the top rows' windows hold no key (zeros, lse -inf)
+    (130, 130, 64, False, (0, 0)),    # window 0: one key per row, the diagonal tile only
+    (70, 90, 96, True, (500, 500)),   # wider than S: the same as causal alone
+])
+def test_flash_kernels_match_the_numpy_path_with_a_sliding_window(kernels, T, S, Dh, causal, window):
+    assert_kernels_match_numpy_path(kernels, 1, T, S, Dh, causal, window=window)
 
 
 def test_flash_kernels_match_the_numpy_path_on_inputs_not_16_byte_aligned(kernels):
@@ -221,9 +234,9 @@ def test_flash_kernels_give_rows_with_no_allowed_key_zeros_minus_inf_lse_and_zer
 
 @settings(max_examples=max(2, settings().max_examples // 4))   # each case runs ~1000 real threads
 @given(T=st.integers(1, 140), S=st.integers(1, 140), Dh=st.integers(1, 128), causal=st.booleans(),
-       seed=st.integers(0, 2**32 - 1))
-def test_flash_kernels_match_the_numpy_path_on_drawn_shapes(kernels, T, S, Dh, causal, seed):
-    assert_kernels_match_numpy_path(kernels, 1, T, S, Dh, causal, seed)
+       seed=st.integers(0, 2**32 - 1), window=st.one_of(st.none(), st.tuples(*2 * [st.none() | st.integers(0, 80)])))
+def test_flash_kernels_match_the_numpy_path_on_drawn_shapes(kernels, T, S, Dh, causal, seed, window):
+    assert_kernels_match_numpy_path(kernels, 1, T, S, Dh, causal, seed, window=window)
 
 
 def test_the_command_line_runs_flash_on_the_cpu_and_reports_agreement(tmp_path):

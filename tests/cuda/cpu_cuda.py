@@ -12,8 +12,9 @@ The same source built with -fsanitize=thread or -fsanitize=address checks the ke
 (a missing __syncthreads) and out-of-bounds accesses. A sanitized library must run in a Python started
 with the sanitizer's runtime loaded first, so run_under_sanitizer sends the launches to a fresh one.
 
-Run `python tests/cuda/cpu_cuda.py` to watch flash.py's CUDA kernels match the NumPy path on a CPU, and
-`python tests/cuda/cpu_cuda.py --sanitizer thread` (or address) to run them under a sanitizer.
+Run `python tests/cuda/cpu_cuda.py` to watch flash.py's CUDA kernels match the NumPy path on a CPU (add
+`--causal`, or `--window 20 0` for a sliding window), and `python tests/cuda/cpu_cuda.py --sanitizer thread`
+(or address) to run them under a sanitizer.
 """
 import ctypes
 import hashlib
@@ -211,14 +212,14 @@ def flash_inputs(BH, T, S, Dh, seed=0):
     return q, k, v, dout
 
 
-def flash_reference(q, k, v, dout, causal=False):
+def flash_reference(q, k, v, dout, causal=False, window=None):
     """out, lse, dq, dk, dv of flash.py's tiled NumPy path in float64 (itself tested against attention.py)."""
     q, k, v, dout = (x.astype(np.float64) for x in (q, k, v, dout))
-    out, cache = flash.flash_attention_forward(q, k, v, causal=causal)
+    out, cache = flash.flash_attention_forward(q, k, v, causal=causal, window=window)
     return (out, cache["lse"], *flash.flash_attention_backward(dout, cache))
 
 
-def flash_launches(q, k, v, dout, causal=False, scale=None):
+def flash_launches(q, k, v, dout, causal=False, scale=None, window=None):
     """flash.py's forward and backward launches for these inputs, and the outputs they write.
 
     q (BH, T, Dh), k and v (BH, S, Dh), dout (BH, T, Dh): C-contiguous float32 NumPy arrays.
@@ -229,14 +230,15 @@ def flash_launches(q, k, v, dout, causal=False, scale=None):
     out = np.full(q.shape, np.nan, dtype=np.float32)                  # (BH, T, Dh)
     lse = np.full(q.shape[:-1], np.nan, dtype=np.float32)             # (BH, T)
     dq, dk, dv = (np.full(x.shape, np.nan, dtype=np.float32) for x in (q, k, v))
-    launches = (flash._forward_launches(q, k, v, out, lse, causal, scale)
-                + flash._backward_launches(q, k, v, out, lse, dout, dq, dk, dv, causal, scale))
+    band = flash._band(q.shape[1], k.shape[1], causal, window)        # (left, right), as flash.py passes it
+    launches = (flash._forward_launches(q, k, v, out, lse, band, scale)
+                + flash._backward_launches(q, k, v, out, lse, dout, dq, dk, dv, band, scale))
     return launches, {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
 
 
-def run_flash_attention(lib, q, k, v, dout, causal=False, scale=None):
+def run_flash_attention(lib, q, k, v, dout, causal=False, scale=None, window=None):
     """flash.py's forward and backward kernels on the CPU: out, lse, dq, dk, dv (see flash_launches)."""
-    launches, outputs = flash_launches(q, k, v, dout, causal, scale)
+    launches, outputs = flash_launches(q, k, v, dout, causal, scale, window)
     run_launches(lib, launches)
     return tuple(outputs.values())
 
@@ -250,6 +252,7 @@ def main():
     parser.add_argument("--Dh", type=int, default=40, help="head width")
     parser.add_argument("--BH", type=int, default=2, help="batch * heads")
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--window", type=int, nargs=2, metavar=("LEFT", "RIGHT"), help="a sliding window")
     parser.add_argument("--sanitizer", choices=["thread", "address"], help="build with -fsanitize=...")
     parser.add_argument("--replay", help=argparse.SUPPRESS)         # run_under_sanitizer's new process
     args = parser.parse_args()
@@ -257,7 +260,7 @@ def main():
         return _replay(args.replay)
 
     q, k, v, dout = flash_inputs(args.BH, args.T, args.S, args.Dh)
-    launches, outputs = flash_launches(q, k, v, dout, args.causal)
+    launches, outputs = flash_launches(q, k, v, dout, args.causal, window=args.window)
     library = build(flash.FLASH_KERNEL_SOURCE, sanitizer=args.sanitizer)
     if args.sanitizer:
         process, outputs = run_under_sanitizer(args.sanitizer, library, launches, outputs)
@@ -267,8 +270,9 @@ def main():
         run_launches(ctypes.CDLL(library), launches)
 
     print(f"flash.py's CUDA kernels on the CPU, BH={args.BH} T={args.T} S={args.S} Dh={args.Dh} "
-          f"causal={args.causal}" + (f", {args.sanitizer} sanitizer: clean" if args.sanitizer else ""))
-    for (name, got), want in zip(outputs.items(), flash_reference(q, k, v, dout, args.causal)):
+          f"causal={args.causal} window={args.window}"
+          + (f", {args.sanitizer} sanitizer: clean" if args.sanitizer else ""))
+    for (name, got), want in zip(outputs.items(), flash_reference(q, k, v, dout, args.causal, args.window)):
         finite = np.isfinite(want)                                    # lse is -inf on rows with no key
         assert np.array_equal(finite, np.isfinite(got)), f"{name}: non-finite entries differ"
         err = float(np.abs(got[finite] - want[finite]).max(initial=0))
