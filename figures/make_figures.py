@@ -266,6 +266,36 @@ def transformer_cross_attention(path, quick=False):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The efficiency table: the growth half of experiments/efficiency_table.py
+
+
+@figure
+def efficiency_table(path, quick=False):
+    """Seconds and peak memory of one causal forward + backward against T, log-log, for every row of
+    experiments/efficiency_table.py (full, flash, sliding window, window + global token, linear attention,
+    GRU), measured by its growth() at the table's lengths (T up to 16384: about two minutes on 2 cores), the
+    fitted exponent of each in the legend."""
+    from efficiency_table import FULL, QUICK, exponent, growth, one_blas_thread
+    config = dict(QUICK, lengths=[64, 128]) if quick else FULL
+    with one_blas_thread():
+        measured = growth(config["lengths"], config["D"], config["w"])
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    for (name, m), style in zip(measured.items(), ["o-", "s--", "^-", "v--", "D-", "x-"]):
+        for ax, what, scale in ((axes[0], "seconds", 1.0), (axes[1], "bytes", 2.0**-20)):
+            ax.loglog(m["T"], np.array(m[what]) * scale, style, ms=4,   # flash and window share memory
+                      label=f"{name} (T^{exponent(m['T'], m[what]):.1f})")
+    for ax, ylabel in zip(axes, ("forward + backward (CPU s)", "peak memory (MiB, tracemalloc)")):
+        ax.minorticks_off()
+        ax.set_xticks(config["lengths"], [str(T) for T in config["lengths"]], fontsize=7)
+        ax.set(xlabel="sequence length T", ylabel=ylabel)
+        ax.legend(fontsize=6, loc="upper left")
+    fig.suptitle(f"Causal attention, one head, D = {config['D']}, float32, NumPy, one BLAS thread "
+                 f"(window w = {config['w']})", fontsize=9)
+    save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command
 
 
