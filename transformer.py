@@ -63,7 +63,7 @@ import numbers
 
 import numpy as np
 
-from attention import attention_forward, check_flag, check_float_array, get_xp
+from attention import attention_forward, check_flag, check_float_array, get_xp, softmax
 from erf import erfc
 from multihead import (PARAM_NAMES, init_multihead, linear_backward, linear_forward, merge_heads, multihead_backward,
                        multihead_forward, split_heads)
@@ -273,30 +273,25 @@ def _sublayer_forward(x, f, params, key, n, norm_first, dropout, rng):
     return out, {key: f_cache, f"ln{n}": norm_cache, f"drop{n}": drop_cache}
 
 
-def _part_backward(dupdate, cache, key):
-    """Backward of the part params[key] of a layer: dz at its input, its grads, and dmemory or None."""
-    if key == "ff":
-        dz, grads = feed_forward_backward(dupdate, cache[key])
-        return dz, grads, None
-    dx_q, dx_kv, grads = multihead_backward(dupdate, cache[key])
-    if key == "attn":                                          # self-attention: z was fed as x_q and as x_kv,
-        return dx_q + dx_kv, grads, None                       # so its gradient is the sum of the two
-    return dx_q, grads, dx_kv                                  # cross-attention: x_kv is the memory
-
-
 def _sublayer_backward(dout, cache, key, n, norm_first):
     """Backward of _sublayer_forward, read from the layer's cache. Returns dx, the sublayer's grads
     {key: f's, 'ln{n}': the norm's} and dmemory (or None). x feeds both the residual and f, so dx is the
     sum of the two paths."""
-    norm_cache, drop_cache = cache[f"ln{n}"], cache[f"drop{n}"]
-    if norm_first:                                             # out = x + drop(f(LN(x)))
-        dz, f_grads, dmemory = _part_backward(dropout_backward(dout, drop_cache), cache, key)
-        dx_f, dgamma, dbeta = layer_norm_backward(dz, norm_cache)
-        dx = dout + dx_f                                       # residual path + path through f
-    else:                                                      # out = LN(x + drop(f(x)))
-        dsum, dgamma, dbeta = layer_norm_backward(dout, norm_cache)
-        dx_f, f_grads, dmemory = _part_backward(dropout_backward(dsum, drop_cache), cache, key)
-        dx = dsum + dx_f                                       # residual path + path through f
+    dsum = dout                                                # pre-LN: out = x + drop(f(LN(x))) is the sum
+    if not norm_first:                                         # post-LN: out = LN(x + drop(f(x)))
+        dsum, dgamma, dbeta = layer_norm_backward(dout, cache[f"ln{n}"])
+    dupdate = dropout_backward(dsum, cache[f"drop{n}"])                          # (B, T, D)
+    dmemory = None
+    if key == "ff":
+        dx_f, f_grads = feed_forward_backward(dupdate, cache[key])
+    elif key == "attn":                                        # self-attention: z was fed as x_q and as x_kv,
+        dx_q, dx_kv, f_grads = multihead_backward(dupdate, cache[key])
+        dx_f = dx_q + dx_kv                                    # so its gradient is the sum of the two
+    else:                                                      # cross-attention: x_kv is the memory
+        dx_f, dmemory, f_grads = multihead_backward(dupdate, cache[key])
+    if norm_first:                                             # f read LN(x), not x
+        dx_f, dgamma, dbeta = layer_norm_backward(dx_f, cache[f"ln{n}"])
+    dx = dsum + dx_f                                           # residual path + path through f
     return dx, {key: f_grads, f"ln{n}": {"gamma": dgamma, "beta": dbeta}}, dmemory
 
 
@@ -310,7 +305,7 @@ def encoder_layer_forward(x, params, n_heads, mask=None, norm_first=True, activa
     Returns out (B, T, D) and cache = {'attn' (multihead's), 'ln1', 'drop1', 'ff', 'ln2', 'drop2', 'norm_first'},
     keyed like params; the per-head attention weights (B, H, T, T) are cache['attn']['attn']['weights'].
     """
-    _check_layer(x, params, n_heads, norm_first, activation)
+    _check_layer(x, params, norm_first)
 
     def attention(z):
         return multihead_forward(z, z, params["attn"], n_heads, mask=mask, causal=causal, rope=rope, bias=bias)
@@ -342,7 +337,7 @@ def decoder_layer_forward(y, memory, params, n_heads, memory_mask=None, norm_fir
     Returns out (B, T, D) and cache = {'attn', 'ln1', 'drop1', 'cross_attn', 'ln2', 'drop2', 'ff', 'ln3',
     'drop3', 'norm_first'}; the cross-attention weights (B, H, T, S) are cache['cross_attn']['attn']['weights'].
     """
-    _check_layer(y, params, n_heads, norm_first, activation, memory, name="y")
+    _check_layer(y, params, norm_first, memory, name="y")
 
     def attention(z):
         return multihead_forward(z, z, params["attn"], n_heads, mask=tgt_mask, causal=True, rope=rope, bias=bias)
@@ -500,19 +495,9 @@ def _stack_backward(dh, cache, stack):
 
 
 def _output_forward(h, params, config):
-    """logits = h W_out + b_out (a linear layer), with W_out = embed^T when tied.
-    Returns logits (B, T, V) and linear_forward's cache {'x': h, 'W': W_out}."""
+    """logits (B, T, V) = h W_out + b_out, W_out = embed^T when tied; and linear_forward's cache."""
     W_out = params["embed"].T if config["tied"] else params["W_out"]              # (D, V)
     return linear_forward(h, W_out, params["b_out"])
-
-
-def _output_backward(dlogits, cache, config):
-    """dh (B, T, D), the grads {'W_out' (untied), 'b_out'}, and the tied table's gradient from this use
-    (V, D) (None when untied)."""
-    dh, dW_out, db_out = linear_backward(dlogits, cache)                        # (B, T, D), (D, V), (V,)
-    if config["tied"]:                                         # W_out = embed^T, so dembed = dW_out^T
-        return dh, {"b_out": db_out}, dW_out.T
-    return dh, {"W_out": dW_out, "b_out": db_out}, None
 
 
 def transformer_forward(tokens, params, config, src=None, dropout=0.0, rng=None):
@@ -540,10 +525,11 @@ def transformer_forward(tokens, params, config, src=None, dropout=0.0, rng=None)
 
 def transformer_backward(dlogits, cache):
     """The gradient tree of transformer_forward (the params' keys), given dlogits (B, T, V)."""
-    check_cache(cache, "transformer_forward", MODEL_CACHE_FIELDS)
+    check_cache(cache, "transformer_forward", {"config", "params", "encoder", "decoder", "out"})
     config, params, h = cache["config"], cache["params"], cache["out"]["x"]
     check_upstream("dlogits", dlogits, h.shape[:-1] + params["b_out"].shape, h.dtype)
-    dh, grads, dembed_output = _output_backward(dlogits, cache["out"], config)  # (B, T, D)
+    dh, dW_out, db_out = linear_backward(dlogits, cache["out"])                 # (B, T, D), (D, V), (V,)
+    grads = {"b_out": db_out} if config["tied"] else {"W_out": dW_out, "b_out": db_out}
     stack = "encoder" if config["kind"] == "encoder" else "decoder"
     dx, stack_grads, dmemory = _stack_backward(dh, cache[stack], stack)          # (B, T, D), (B, S, D) or 0
     grads.update(stack_grads)
@@ -555,8 +541,8 @@ def transformer_backward(dlogits, cache):
         # Source and target read one table (and one position table): their gradients add.
         dembed = dembed + dembed_src
         dpos = None if dpos is None else dpos + dpos_src
-    if dembed_output is not None:
-        dembed = dembed + dembed_output                        # tied: the table is also the output layer
+    if config["tied"]:                                         # the table is also the output layer: W_out = embed^T
+        dembed = dembed + dW_out.T
     grads["embed"] = dembed
     if dpos is not None:
         grads["pos"] = dpos
@@ -687,9 +673,7 @@ def generate(prompt, n_new, params, config, src=None, temperature=0.0, rng=None,
         if temperature == 0:
             next_token = logits.argmax(axis=-1)                # (B,)
         else:
-            scaled = logits / logits.dtype.type(temperature)                       # (B, V)
-            probs = xp.exp(scaled - scaled.max(axis=-1, keepdims=True))
-            probs = probs / probs.sum(axis=-1, keepdims=True)                      # (B, V) softmax
+            probs = softmax(logits / logits.dtype.type(temperature))               # (B, V)
             below = xp.cumsum(probs, axis=-1) < rng.random((probs.shape[0], 1))    # inverse CDF: count entries below u
             next_token = xp.minimum(below.sum(axis=-1), probs.shape[-1] - 1)
         tokens = xp.concatenate([tokens, next_token[:, None].astype(tokens.dtype)], axis=1)
@@ -702,7 +686,6 @@ def generate(prompt, n_new, params, config, src=None, temperature=0.0, rng=None,
 CONFIG_DEFAULTS = {"kind": "decoder", "n_heads": 4, "F": None, "n_layers": 2, "max_len": 64,
                    "positions": "learned", "norm_first": True, "activation": "gelu", "tied": False,
                    "pad_id": None}
-MODEL_CACHE_FIELDS = {"config", "params", "encoder", "decoder", "out"}
 
 
 def check_config(config):
@@ -845,7 +828,7 @@ def _check_feed_forward(x, params):
     _check_params(params, {"W_1": (D, F), "b_1": (F,), "W_2": (F, D), "b_2": (D,)}, x.dtype)
 
 
-def _check_layer(x, params, n_heads, norm_first, activation, memory=None, name="x"):
+def _check_layer(x, params, norm_first, memory=None, name="x"):
     check_float_array(name, x, "(B, T, D)")
     if x.ndim != 3:
         raise ValueError(f"{name} must have shape (B, T, D), got {x.shape}")
@@ -857,10 +840,7 @@ def _check_layer(x, params, n_heads, norm_first, activation, memory=None, name="
         if memory.ndim != 3 or memory.shape[0] != x.shape[0] or memory.shape[2] != x.shape[2]:
             raise ValueError(f"memory must have shape ({x.shape[0]}, S, {x.shape[2]}) to match {name} {x.shape}, "
                              f"got {memory.shape}")
-    check_flag("norm_first", norm_first)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    check_positive_int("n_heads", n_heads)
+    check_flag("norm_first", norm_first)           # n_heads: multihead_forward's check; activation: activation_forward's
 
 
 def _check_mask_tokens(tokens, rng, V, mask_id, p, keep_ids):
