@@ -89,9 +89,8 @@ def init_layer_norm(D, dtype=np.float32):
 
 
 def layer_norm_forward(x, gamma, beta, eps=1e-5):
-    """y = gamma * (x - mean) / sqrt(var + eps) + beta, statistics over the last axis.
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta over the last axis: x (..., D), gamma and beta (D,).
 
-    x (..., D), gamma and beta (D,); var is biased (divide by D), eps inside the root, as torch.nn.LayerNorm.
     The mean is subtracted before squaring (E[x^2] - E[x]^2 loses every digit when |mean| >> std).
     Returns y (..., D) and cache = {'xhat', 'gamma', 'rstd'}.
     """
@@ -130,9 +129,8 @@ def layer_norm_backward(dout, cache):
 def activation_forward(x, kind="gelu"):
     """out = act(x) for kind 'relu' (max(x, 0)), 'gelu' (x Phi(x), exact) or 'gelu_tanh' (GPT-2's).
 
-    Phi(x) = erfc(-x / sqrt 2) / 2, the normal CDF, written with erfc so that far in the negative tail
-    Phi keeps its relative accuracy. Returns out and cache = {'x', 'kind', 'phi' (gelu), 't' (gelu_tanh)},
-    None where that kind does not use it.
+    Phi(x) = erfc(-x / sqrt 2) / 2, the normal CDF, written with erfc so that far in the negative tail Phi
+    keeps its relative accuracy. Returns out and cache = {'x', 'kind', 'phi' (gelu) or None, 't' (gelu_tanh) or None}.
     """
     check_float_array("x", x, "(...)")
     if kind not in ACTIVATIONS:
@@ -211,8 +209,7 @@ def init_feed_forward(D, F, rng, dtype=np.float32):
 def feed_forward_forward(x, params, activation="gelu", dropout=0.0, rng=None):
     """out = drop(act(x W_1 + b_1)) W_2 + b_2, applied to every position alone (two linear layers).
 
-    x (B, T, D). Returns out (B, T, D) and cache = {'linear_1', 'act', 'drop', 'linear_2'}, the caches of
-    its four steps in order.
+    x (B, T, D). Returns out (B, T, D) and cache = {'linear_1', 'act', 'drop', 'linear_2'}: its steps' caches.
     """
     _check_feed_forward(x, params)
     pre, linear_1 = linear_forward(x, params["W_1"], params["b_1"])            # (B, T, F)
@@ -257,8 +254,8 @@ def _sublayer_forward(x, f, params, key, n, norm_first, dropout, rng):
 
         pre-LN:  out = x + drop(f(LN(x)))          post-LN:  out = LN(x + drop(f(x)))
 
-    f(z) -> (f(z), f's cache). Returns out (B, T, D) and the sublayer's cache, one dict keyed like the
-    layer's params: {key: f's cache, 'ln{n}': the norm's, 'drop{n}': the dropout's}.
+    f(z) -> (f(z), f's cache). Returns out (B, T, D) and a cache keyed like the layer's params:
+    {key: f's cache, 'ln{n}': the norm's, 'drop{n}': the dropout's}.
     """
     norm = params[f"ln{n}"]
     if norm_first:
@@ -273,10 +270,11 @@ def _sublayer_forward(x, f, params, key, n, norm_first, dropout, rng):
     return out, {key: f_cache, f"ln{n}": norm_cache, f"drop{n}": drop_cache}
 
 
-def _sublayer_backward(dout, cache, key, n, norm_first):
+def _sublayer_backward(dout, cache, key, n):
     """Backward of _sublayer_forward, read from the layer's cache. Returns dx, the sublayer's grads
     {key: f's, 'ln{n}': the norm's} and dmemory (or None). x feeds both the residual and f, so dx is the
     sum of the two paths."""
+    norm_first = cache["norm_first"]
     dsum = dout                                                # pre-LN: out = x + drop(f(LN(x))) is the sum
     if not norm_first:                                         # post-LN: out = LN(x + drop(f(x)))
         dsum, dgamma, dbeta = layer_norm_backward(dout, cache[f"ln{n}"])
@@ -300,8 +298,7 @@ def encoder_layer_forward(x, params, n_heads, mask=None, norm_first=True, activa
     """One encoder layer (module docstring): self-attention sublayer, then feed-forward sublayer.
 
     x (B, T, D). mask: bool broadcastable to (B, H, T, T), True = may attend (padding: (B, 1, 1, T)).
-    causal=True makes it a GPT block. rope / bias (ALiBi (H, T, T)) go to the self-attention. dropout > 0
-    (with a Generator rng) drops each sublayer's output and the FFN's hidden activations.
+    causal=True makes it a GPT block. rope / bias (ALiBi (H, T, T)) go to the self-attention; dropout > 0 needs rng.
     Returns out (B, T, D) and cache = {'attn' (multihead's), 'ln1', 'drop1', 'ff', 'ln2', 'drop2', 'norm_first'},
     keyed like params; the per-head attention weights (B, H, T, T) are cache['attn']['attn']['weights'].
     """
@@ -321,9 +318,8 @@ def encoder_layer_forward(x, params, n_heads, mask=None, norm_first=True, activa
 def encoder_layer_backward(dout, cache):
     """dx (B, T, D) and grads (the params' keys) of encoder_layer_forward: its two sublayers in reverse."""
     check_cache(cache, "encoder_layer_forward", {"attn", "ln1", "drop1", "ff", "ln2", "drop2", "norm_first"})
-    norm_first = cache["norm_first"]
-    dh, ff_grads, _ = _sublayer_backward(dout, cache, "ff", 2, norm_first)      # (B, T, D)
-    dx, attn_grads, _ = _sublayer_backward(dh, cache, "attn", 1, norm_first)     # (B, T, D)
+    dh, ff_grads, _ = _sublayer_backward(dout, cache, "ff", 2)                  # (B, T, D)
+    dx, attn_grads, _ = _sublayer_backward(dh, cache, "attn", 1)                 # (B, T, D)
     return dx, {**attn_grads, **ff_grads}                      # keys in the params' order
 
 
@@ -358,23 +354,23 @@ def decoder_layer_backward(dout, cache):
     """dy (B, T, D), dmemory (B, S, D) and grads of decoder_layer_forward, sublayers in reverse."""
     check_cache(cache, "decoder_layer_forward", {"attn", "ln1", "drop1", "cross_attn", "ln2", "drop2", "ff", "ln3",
                                                  "drop3", "norm_first"})
-    norm_first = cache["norm_first"]
-    dh2, ff_grads, _ = _sublayer_backward(dout, cache, "ff", 3, norm_first)                     # (B, T, D)
-    dh1, cross_grads, dmemory = _sublayer_backward(dh2, cache, "cross_attn", 2, norm_first)     # dmemory (B, S, D)
-    dy, attn_grads, _ = _sublayer_backward(dh1, cache, "attn", 1, norm_first)
+    dh2, ff_grads, _ = _sublayer_backward(dout, cache, "ff", 3)                     # (B, T, D)
+    dh1, cross_grads, dmemory = _sublayer_backward(dh2, cache, "cross_attn", 2)     # dmemory (B, S, D)
+    dy, attn_grads, _ = _sublayer_backward(dh1, cache, "attn", 1)                   # (B, T, D)
     return dy, dmemory, {**attn_grads, **cross_grads, **ff_grads}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Whole models: embedding and positions, stacks, output projection
 
+_NORM = {"encoder": "enc_norm", "decoder": "dec_norm"}        # each stack's final norm (pre-LN only)
+
 
 def init_transformer(config, rng, dtype=np.float32):
     """Parameters of one of the three shapes, from config (check_config: kind, V, D, n_heads, F, n_layers,
     max_len, positions, norm_first, activation, tied, pad_id). Returns {'embed' (V, D), 'pos' (max_len, D)
-    if learned, 'encoder': [encoder layers] and 'enc_norm', 'decoder': [decoder layers, or causal
-    encoder-shaped blocks for 'decoder'] and 'dec_norm', 'W_out' (D, V) unless tied, 'b_out' (V,)}; the
-    final norms for pre-LN only (post-LN ends every layer with a norm).
+    if learned, 'encoder': [encoder layers], 'decoder': [decoder layers, or causal encoder-shaped blocks for
+    'decoder'], their final norms 'enc_norm', 'dec_norm' (pre-LN only), 'W_out' (D, V) unless tied, 'b_out' (V,)}.
 
     A fresh model's loss is ln V (a uniform guess) because its logits start small: logit v is
     LN(h) . w_v with |LN(h)| <= sqrt(D) (gamma = 1, beta = 0, b_out = 0), at most sqrt(D) |w_v| (Cauchy-Schwarz).
@@ -393,15 +389,13 @@ def init_transformer(config, rng, dtype=np.float32):
     params = {"embed": (rng.standard_normal((V, D)) * std).astype(dtype)}              # (V, D)
     if config["positions"] == "learned":
         params["pos"] = init_learned_positions(config["max_len"], D, rng, dtype)        # (max_len, D)
-    if config["kind"] != "decoder":
-        params["encoder"] = [init_encoder_layer(D, F, rng, dtype) for _ in range(n_layers)]
-        if config["norm_first"]:
-            params["enc_norm"] = init_layer_norm(D, dtype)
-    if config["kind"] != "encoder":
-        init_layer = init_decoder_layer if config["kind"] == "encoder-decoder" else init_encoder_layer
-        params["decoder"] = [init_layer(D, F, rng, dtype) for _ in range(n_layers)]
-        if config["norm_first"]:
-            params["dec_norm"] = init_layer_norm(D, dtype)
+    for stack in ("encoder", "decoder"):
+        if config["kind"] in (stack, "encoder-decoder"):       # the stacks this kind has
+            cross = stack == "decoder" and config["kind"] == "encoder-decoder"   # decoder layers read a memory
+            init_layer = init_decoder_layer if cross else init_encoder_layer
+            params[stack] = [init_layer(D, F, rng, dtype) for _ in range(n_layers)]
+            if config["norm_first"]:
+                params[_NORM[stack]] = init_layer_norm(D, dtype)
     if not config["tied"]:
         params["W_out"] = rng.uniform(-1 / math.sqrt(D), 1 / math.sqrt(D), (D, V)).astype(dtype)  # (D, V)
     params["b_out"] = np.zeros(V, dtype)                                                # (V,)
@@ -415,7 +409,6 @@ def embed_forward(ids, params, config, offset=0):
     (training.embedding_forward's cache, learned_position_forward's or None).
     """
     table = params["embed"]
-    xp = get_xp(table)
     T, D = ids.shape[1], table.shape[1]
     if offset + T > config["max_len"]:
         raise ValueError(f"positions must be < max_len = {config['max_len']}, got {T} tokens from position {offset}")
@@ -423,7 +416,7 @@ def embed_forward(ids, params, config, offset=0):
     x = x * table.dtype.type(math.sqrt(D))
     pos_cache = None
     if config["positions"] == "sinusoidal":
-        x = x + sinusoidal_encoding(offset + T, D, dtype=table.dtype, xp=xp)[offset:]   # (T, D) broadcast
+        x = x + sinusoidal_encoding(offset + T, D, dtype=table.dtype, xp=get_xp(table))[offset:]   # (T, D) broadcast
     elif config["positions"] == "learned" and offset == 0:
         x, pos_cache = learned_position_forward(x, params["pos"])                # adds pos[:T]
     elif config["positions"] == "learned":
@@ -441,12 +434,7 @@ def embed_backward(dx, cache):
 
 def _padding_mask(ids, config):
     """(B, 1, 1, T) True at the keys that are not padding (broadcast over heads and queries), or None."""
-    if config["pad_id"] is None:
-        return None
-    return (ids != config["pad_id"])[:, None, None, :]
-
-
-_NORM = {"encoder": "enc_norm", "decoder": "dec_norm"}        # each stack's final norm (pre-LN only)
+    return None if config["pad_id"] is None else (ids != config["pad_id"])[:, None, None, :]
 
 
 def _stack_forward(ids, params, config, stack, memory=None, memory_mask=None, dropout=0.0, rng=None):
@@ -464,9 +452,8 @@ def _stack_forward(ids, params, config, stack, memory=None, memory_mask=None, dr
             x, layer_cache = decoder_layer_forward(x, memory, layer, H, memory_mask, norm_first, activation,
                                                    tgt_mask=mask, rope=rope, bias=bias, dropout=dropout, rng=rng)
         else:
-            x, layer_cache = encoder_layer_forward(x, layer, H, mask, norm_first, activation,
-                                                   causal=stack == "decoder", rope=rope, bias=bias,
-                                                   dropout=dropout, rng=rng)
+            x, layer_cache = encoder_layer_forward(x, layer, H, mask, norm_first, activation, causal=stack == "decoder",
+                                                   rope=rope, bias=bias, dropout=dropout, rng=rng)
         cache["layers"].append(layer_cache)                                      # x: (B, T, D)
     if norm_first:
         norm = params[_NORM[stack]]
@@ -507,9 +494,8 @@ def transformer_forward(tokens, params, config, src=None, dropout=0.0, rng=None)
     src int (B, S): the encoder-decoder's source (required there, refused elsewhere).
     Padding (config['pad_id']) is masked as a key everywhere (self-attention, and cross-attention to the
     source). Returns logits and cache = {'config', 'params', 'encoder', 'decoder', 'out'}: each stack's
-    cache {'embed', 'layers', 'norm'} (None for a stack the kind lacks) and the output layer's.
-    The per-head weights (B, H, T, S) of layer i are cache[stack]['layers'][i]['attn']['attn']['weights']
-    (self-attention) or ...['cross_attn']['attn']['weights'] (cross-attention).
+    cache {'embed', 'layers' (the layer caches, which hold the attention weights), 'norm'} (None for a stack
+    the kind lacks) and the output layer's.
     """
     config = _check_model_inputs(tokens, src, params, config)
     cache = {"config": config, "params": params, "encoder": None, "decoder": None}
@@ -543,17 +529,12 @@ def transformer_backward(dlogits, cache):
         dpos = None if dpos is None else dpos + dpos_src
     if config["tied"]:                                         # the table is also the output layer: W_out = embed^T
         dembed = dembed + dW_out.T
-    grads["embed"] = dembed
-    if dpos is not None:
-        grads["pos"] = dpos
-    return {key: grads[key] for key in params}
+    grads.update(embed=dembed, pos=dpos)                       # dpos is None without learned positions
+    return {key: grads[key] for key in params}                 # in the params' order, without a None pos
 
 
 def lm_loss_forward(tokens, targets, params, config, src=None, label_smoothing=0.0, dropout=0.0, rng=None):
-    """Mean cross-entropy of the logits against targets (B, T); targets = -100 are ignored (training.py).
-
-    Returns loss (a float) and cache for lm_loss_backward.
-    """
+    """Mean cross-entropy (a float) of the logits against targets (B, T), -100 ignored (training.py); and a cache."""
     logits, model_cache = transformer_forward(tokens, params, config, src, dropout, rng)
     loss, loss_cache = cross_entropy_forward(logits, targets, ignore_index=-100, label_smoothing=label_smoothing)
     return loss, {"model": model_cache, "loss": loss_cache}
@@ -638,10 +619,9 @@ def _layer_step(x, layer, kv, config, n_cached, keep, memory_kv=None, memory_mas
 def generate(prompt, n_new, params, config, src=None, temperature=0.0, rng=None, use_cache=True):
     """Continue prompt (B, T0) by n_new tokens, greedily (temperature 0) or by sampling softmax(logits / temp).
 
-    For 'decoder' (GPT) and 'encoder-decoder' (prompt = the start symbol, src = the source). use_cache=True
-    keeps every layer's keys and values, so each step runs one new row through the stack; use_cache=False
-    recomputes the whole sequence every step (the reference the cache must equal). rng, for sampling, is a
-    Generator of the params' array module (numpy.random.default_rng or cupy.random.default_rng).
+    For 'decoder' (GPT) and 'encoder-decoder' (prompt = the start symbol, src = the source). use_cache=False
+    recomputes the whole sequence every step (the reference the key/value cache must equal). rng, for
+    sampling, is a Generator of the params' array module (numpy.random.default_rng or cupy.random.default_rng).
     Returns tokens (B, T0 + n_new) and the logits of each new token (B, n_new, V).
     """
     config = _check_generate(prompt, n_new, params, config, src, temperature, rng)
@@ -683,9 +663,8 @@ def generate(prompt, n_new, params, config, src=None, temperature=0.0, rng=None,
 # ----------------------------------------------------------------------------------------------------
 # Input checks (below the math they guard)
 
-CONFIG_DEFAULTS = {"kind": "decoder", "n_heads": 4, "F": None, "n_layers": 2, "max_len": 64,
-                   "positions": "learned", "norm_first": True, "activation": "gelu", "tied": False,
-                   "pad_id": None}
+CONFIG_DEFAULTS = {"kind": "decoder", "n_heads": 4, "F": None, "n_layers": 2, "max_len": 64, "positions": "learned",
+                   "norm_first": True, "activation": "gelu", "tied": False, "pad_id": None}
 
 
 def check_config(config):
@@ -708,13 +687,13 @@ def check_config(config):
             raise ValueError(f"config['{name}'] must be one of {options}, got {config[name]!r}")
     for name in ("norm_first", "tied"):
         check_flag(f"config['{name}']", config[name])
-    if config["D"] % config["n_heads"]:
-        raise ValueError(f"config['D'] = {config['D']} must be divisible by config['n_heads'] = {config['n_heads']}")
-    if config["positions"] == "rope" and (config["D"] // config["n_heads"]) % 2:
-        raise ValueError(f"positions 'rope' needs an even head width D / n_heads, got {config['D'] // config['n_heads']}")
-    pad = config["pad_id"]
-    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or not 0 <= pad < config["V"]):
-        raise ValueError(f"config['pad_id'] must be None or an id in [0, {config['V']}), got {pad!r}")
+    D, H, V, pad = config["D"], config["n_heads"], config["V"], config["pad_id"]
+    if D % H:
+        raise ValueError(f"config['D'] = {D} must be divisible by config['n_heads'] = {H}")
+    if config["positions"] == "rope" and (D // H) % 2:
+        raise ValueError(f"positions 'rope' needs an even head width D / n_heads, got {D // H}")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or not 0 <= pad < V):
+        raise ValueError(f"config['pad_id'] must be None or an id in [0, {V}), got {pad!r}")
     return config
 
 
@@ -734,13 +713,12 @@ def _param_shapes(config):
     shapes = {"embed": (V, D), "b_out": (V,)}
     if config["positions"] == "learned":
         shapes["pos"] = (config["max_len"], D)
-    for stack, norm, present in (("encoder", "enc_norm", config["kind"] != "decoder"),
-                                 ("decoder", "dec_norm", config["kind"] != "encoder")):
-        if present:
-            shapes[stack] = [_layer_shapes(D, F, cross=stack == "decoder" and config["kind"] == "encoder-decoder")
-                             for _ in range(n_layers)]
+    for stack in ("encoder", "decoder"):
+        if config["kind"] in (stack, "encoder-decoder"):
+            cross = stack == "decoder" and config["kind"] == "encoder-decoder"
+            shapes[stack] = [_layer_shapes(D, F, cross) for _ in range(n_layers)]
             if config["norm_first"]:
-                shapes[norm] = {"gamma": (D,), "beta": (D,)}
+                shapes[_NORM[stack]] = {"gamma": (D,), "beta": (D,)}
     if not config["tied"]:
         shapes["W_out"] = (D, V)
     return shapes
@@ -824,8 +802,7 @@ def _check_feed_forward(x, params):
     if x.ndim < 1:
         raise ValueError(f"x must have shape (B, T, D), got {x.shape}")
     F = getattr(params.get("W_1"), "shape", (0, 0))[-1] if isinstance(params, dict) else 0
-    D = x.shape[-1]
-    _check_params(params, {"W_1": (D, F), "b_1": (F,), "W_2": (F, D), "b_2": (D,)}, x.dtype)
+    _check_params(params, _layer_shapes(x.shape[-1], F, cross=False)["ff"], x.dtype)
 
 
 def _check_layer(x, params, norm_first, memory=None, name="x"):
@@ -840,7 +817,7 @@ def _check_layer(x, params, norm_first, memory=None, name="x"):
         if memory.ndim != 3 or memory.shape[0] != x.shape[0] or memory.shape[2] != x.shape[2]:
             raise ValueError(f"memory must have shape ({x.shape[0]}, S, {x.shape[2]}) to match {name} {x.shape}, "
                              f"got {memory.shape}")
-    check_flag("norm_first", norm_first)           # n_heads: multihead_forward's check; activation: activation_forward's
+    check_flag("norm_first", norm_first)       # multihead_forward checks n_heads, activation_forward the activation
 
 
 def _check_mask_tokens(tokens, rng, V, mask_id, p, keep_ids):
