@@ -31,14 +31,12 @@ The three shapes from the same parts (`config['kind']`):
   10 % a random token, 10 % stay) -- `mask_tokens`.
 - 'decoder' (GPT, Radford et al. 2018/2019): one stack of encoder layers with a causal mask; next-token
   logits, generated one token at a time.
-Each model: token embedding x = sqrt(D) embed[ids] (the paper's section 3.4); positions
-(config['positions']: 'sinusoidal' or 'learned', added to the embedding; 'rope' rotating q and k in
-self-attention; 'alibi' biasing self-attention's scores; 'none'); the layers; a final LayerNorm for pre-LN
-(post-LN ends every layer with one; torch.nn.Transformer adds a final norm either way); the output layer
-logits = h W_out + b_out, with W_out = embed^T when `tied` (Press & Wolf, arXiv:1608.05859; the tied
-table's gradient is the sum of its two uses). Every linear map (q, k, v, o, the FFN's two, the output) is
-multihead.linear_forward, one 2-D matrix product over all B * T rows. A fresh model's loss is ln V, a
-uniform guess: its logits start small (init_transformer says why, tied or not).
+Each model: token embedding x = sqrt(D) embed[ids] (the paper's section 3.4); positions (config['positions']:
+'sinusoidal' or 'learned', added to the embedding; 'rope' rotating q and k in self-attention; 'alibi' biasing
+self-attention's scores; 'none'); the layers; a final LayerNorm for pre-LN (post-LN ends every layer with one;
+torch.nn.Transformer adds a final norm either way); the output layer logits = h W_out + b_out, with
+W_out = embed^T when `tied` (Press & Wolf, arXiv:1608.05859; the tied table's gradient is the sum of its two
+uses). A fresh model's loss is ln V, a uniform guess: its logits start small (init_transformer says why).
 
 Generation keeps a key/value cache: each layer's self-attention keys and values of the tokens so far
 (after RoPE), so a new token costs one query row, at position = the cache length for every positional
@@ -80,7 +78,6 @@ KINDS = ("encoder-decoder", "encoder", "decoder")
 
 # ----------------------------------------------------------------------------------------------------
 # Layer normalization
-
 
 def init_layer_norm(D, dtype=np.float32):
     """{'gamma': ones (D,), 'beta': zeros (D,)}: the identity map on normalised inputs, as PyTorch starts."""
@@ -168,7 +165,6 @@ def activation_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------------
 # Dropout
 
-
 def dropout_forward(x, p, rng=None):
     """out = x * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn from rng (inverted dropout).
 
@@ -193,7 +189,6 @@ def dropout_backward(dout, cache):
 
 # ----------------------------------------------------------------------------------------------------
 # Position-wise feed-forward network
-
 
 def init_feed_forward(D, F, rng, dtype=np.float32):
     """{'W_1' (D, F), 'b_1' (F,), 'W_2' (F, D), 'b_2' (D,)}, drawn as torch.nn.Linear draws them:
@@ -235,7 +230,6 @@ def feed_forward_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------------
 # Encoder layer and decoder layer
 
-
 def init_encoder_layer(D, F, rng, dtype=np.float32):
     """{'attn': multihead params, 'ln1', 'ff': FFN params, 'ln2'} (torch's self_attn, norm1, linear1/2, norm2)."""
     return {"attn": init_multihead(D, rng, dtype), "ln1": init_layer_norm(D, dtype),
@@ -271,12 +265,10 @@ def _sublayer_forward(x, f, params, key, n, norm_first, dropout, rng):
 
 
 def _sublayer_backward(dout, cache, key, n):
-    """Backward of _sublayer_forward, read from the layer's cache. Returns dx, the sublayer's grads
-    {key: f's, 'ln{n}': the norm's} and dmemory (or None). x feeds both the residual and f, so dx is the
-    sum of the two paths."""
-    norm_first = cache["norm_first"]
-    dsum = dout                                                # pre-LN: out = x + drop(f(LN(x))) is the sum
-    if not norm_first:                                         # post-LN: out = LN(x + drop(f(x)))
+    """Backward of _sublayer_forward, from the layer's cache: dx (x feeds the residual and f: the sum of both
+    paths), the sublayer's grads {key: f's, 'ln{n}': the norm's} and dmemory (or None)."""
+    dsum = dout                                                # at the sum x + drop(f(.)): pre-LN's out
+    if not cache["norm_first"]:                                # post-LN: out = LN(x + drop(f(x)))
         dsum, dgamma, dbeta = layer_norm_backward(dout, cache[f"ln{n}"])
     dupdate = dropout_backward(dsum, cache[f"drop{n}"])                          # (B, T, D)
     dmemory = None
@@ -287,7 +279,7 @@ def _sublayer_backward(dout, cache, key, n):
         dx_f = dx_q + dx_kv                                    # so its gradient is the sum of the two
     else:                                                      # cross-attention: x_kv is the memory
         dx_f, dmemory, f_grads = multihead_backward(dupdate, cache[key])
-    if norm_first:                                             # f read LN(x), not x
+    if cache["norm_first"]:                                    # f read LN(x), not x
         dx_f, dgamma, dbeta = layer_norm_backward(dx_f, cache[f"ln{n}"])
     dx = dsum + dx_f                                           # residual path + path through f
     return dx, {key: f_grads, f"ln{n}": {"gamma": dgamma, "beta": dbeta}}, dmemory
@@ -438,9 +430,8 @@ def _padding_mask(ids, config):
 
 
 def _stack_forward(ids, params, config, stack, memory=None, memory_mask=None, dropout=0.0, rng=None):
-    """Embed ids (B, T), run the layers of params[stack] ('encoder' or 'decoder'), then the final norm
-    (pre-LN only). The 'decoder' stack is causal; given memory its layers also cross-attend to it.
-    Returns h (B, T, D) and the stack's cache {'embed', 'layers' (a list of layer caches), 'norm' (or None)}."""
+    """Embed ids (B, T), run the layers of params[stack] (causal for 'decoder'; cross-attending to memory if
+    given), then the final norm (pre-LN). Returns h (B, T, D) and cache {'embed', 'layers', 'norm' (or None)}."""
     norm_first, activation, H = config["norm_first"], config["activation"], config["n_heads"]
     x, embed_cache = embed_forward(ids, params, config)                          # (B, T, D)
     rope, T = config["positions"] == "rope", ids.shape[1]
@@ -462,9 +453,8 @@ def _stack_forward(ids, params, config, stack, memory=None, memory_mask=None, dr
 
 
 def _stack_backward(dh, cache, stack):
-    """Backward of _stack_forward, given dh (B, T, D). Returns dx (B, T, D) at the embedding's output, the
-    stack's grads {stack: [layer grads], its final norm's key: {'gamma', 'beta'} (pre-LN only)} and
-    dmemory (B, S, D), summed over the layers (0 without memory)."""
+    """Backward of _stack_forward, given dh (B, T, D): dx (B, T, D) at the embedding's output, the grads
+    {stack: [layer grads], and the final norm's if pre-LN} and dmemory (B, S, D) (0 without memory)."""
     grads = {}
     if cache["norm"] is not None:
         dh, dgamma, dbeta = layer_norm_backward(dh, cache["norm"])
@@ -492,10 +482,9 @@ def transformer_forward(tokens, params, config, src=None, dropout=0.0, rng=None)
 
     tokens int (B, T): BERT's input, GPT's input, or the encoder-decoder's target shifted right.
     src int (B, S): the encoder-decoder's source (required there, refused elsewhere).
-    Padding (config['pad_id']) is masked as a key everywhere (self-attention, and cross-attention to the
-    source). Returns logits and cache = {'config', 'params', 'encoder', 'decoder', 'out'}: each stack's
-    cache {'embed', 'layers' (the layer caches, which hold the attention weights), 'norm'} (None for a stack
-    the kind lacks) and the output layer's.
+    Padding (config['pad_id']) is masked as a key everywhere (self-attention, and cross-attention to the source).
+    Returns logits and cache = {'config', 'params', 'encoder', 'decoder', 'out'}: each stack's cache {'embed',
+    'layers' (the layer caches, with the attention weights), 'norm'} (None if the kind lacks it), the output's.
     """
     config = _check_model_inputs(tokens, src, params, config)
     cache = {"config": config, "params": params, "encoder": None, "decoder": None}
@@ -547,13 +536,10 @@ def lm_loss_backward(dloss, cache):
 
 
 def mask_tokens(tokens, rng, V, mask_id, p=0.15, keep_ids=()):
-    """BERT's masked-token corruption: returns (inputs, targets), both int (B, T).
-
-    Each position is chosen with probability p (never one whose id is in keep_ids, e.g. padding); a chosen
-    position's target is its token (others -100, ignored by the loss), and its input becomes mask_id with
-    probability 0.8, a random token not in keep_ids with 0.1 (BERT drew from all), and stays with 0.1.
-    rng: a numpy Generator; tokens: NumPy ids (data preparation happens on the host).
-    """
+    """BERT's masked-token corruption (module docstring), each position chosen with probability p: returns
+    (inputs, targets), both int (B, T). A chosen position's target is its token (others -100, ignored by the
+    loss). Ids in keep_ids (e.g. padding) are never chosen nor drawn as the random token (BERT drew from all).
+    rng: a numpy Generator; tokens: NumPy ids (data preparation happens on the host)."""
     _check_mask_tokens(tokens, rng, V, mask_id, p, keep_ids)
     chosen = (rng.random(tokens.shape) < p) & ~np.isin(tokens, keep_ids)         # (B, T)
     targets = np.where(chosen, tokens, -100)
@@ -567,7 +553,6 @@ def mask_tokens(tokens, rng, V, mask_id, p=0.15, keep_ids=()):
 
 # ----------------------------------------------------------------------------------------------------
 # Generation with a key/value cache
-
 
 def _project_heads(x, params, name, n_heads):
     """split_heads(x W + b) for name 'q', 'k' or 'v' of a multihead params dict: (B, T, D) -> (B, H, T, Dh)."""
@@ -737,12 +722,11 @@ def _check_model_inputs(tokens, src, params, config, name="tokens"):
     """Check config, params against config, and the ids; return the config with its defaults."""
     config = check_config(config)
     _check_params(params, _param_shapes(config))
-    V = config["V"]
-    check_ids(name, tokens, V)
+    check_ids(name, tokens, config["V"])
     if config["kind"] == "encoder-decoder":
         if src is None:
             raise ValueError("src must be given for config['kind'] 'encoder-decoder' (the source ids (B, S))")
-        check_ids("src", src, V)
+        check_ids("src", src, config["V"])
         if src.shape[0] != tokens.shape[0]:
             raise ValueError(f"src must have batch size {tokens.shape[0]} like {name}, got shape {src.shape}")
     elif src is not None:
@@ -834,7 +818,6 @@ def _check_mask_tokens(tokens, rng, V, mask_id, p, keep_ids):
 
 # ----------------------------------------------------------------------------------------------------
 # Demo: an encoder-decoder learns to reverse sequences (figures/make_figures.py draws its two figures)
-
 
 def reversal_batch(rng, B, T, n_symbols):
     """src (B, T) random symbols 2 .. n_symbols + 1; decoder input (B, T) = BOS + reversed[:-1];
