@@ -516,7 +516,7 @@ def transformer_backward(dlogits, cache):
         # Source and target read one table (and one position table): their gradients add.
         dembed = dembed + dembed_src
         dpos = None if dpos is None else dpos + dpos_src
-    if config["tied"]:                                         # the table is also the output layer: W_out = embed^T
+    if config["tied"]:                                         # W_out = embed^T: the table's second use adds dW_out^T
         dembed = dembed + dW_out.T
     grads.update(embed=dembed, pos=dpos)                       # dpos is None without learned positions
     return {key: grads[key] for key in params}                 # in the params' order, without a None pos
