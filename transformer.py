@@ -31,14 +31,12 @@ The three shapes from the same parts (`config['kind']`):
   10 % a random token, 10 % stay) -- `mask_tokens`.
 - 'decoder' (GPT, Radford et al. 2018/2019): one stack of encoder layers with a causal mask; next-token
   logits, generated one token at a time.
-Each model: token embedding x = sqrt(D) embed[ids] (the paper's section 3.4); positions
-(config['positions']: 'sinusoidal' or 'learned', added to the embedding; 'rope' rotating q and k in
-self-attention; 'alibi' biasing self-attention's scores; 'none'); the layers; a final LayerNorm for pre-LN
-(post-LN ends every layer with one; torch.nn.Transformer adds a final norm either way); the output layer
-logits = h W_out + b_out, with W_out = embed^T when `tied` (Press & Wolf, arXiv:1608.05859; the tied
-table's gradient is the sum of its two uses). Every linear map (q, k, v, o, the FFN's two, the output) is
-multihead.linear_forward, one 2-D matrix product over all B * T rows. A fresh model's loss is ln V, a
-uniform guess: its logits start small (init_transformer says why, tied or not).
+Each model: token embedding x = sqrt(D) embed[ids] (the paper's section 3.4); positions (config['positions']:
+'sinusoidal' or 'learned', added to the embedding; 'rope' rotating q and k in self-attention; 'alibi' biasing
+self-attention's scores; 'none'); the layers; a final LayerNorm for pre-LN (post-LN ends every layer with one;
+torch.nn.Transformer adds a final norm either way); the output layer logits = h W_out + b_out, with
+W_out = embed^T when `tied` (Press & Wolf, arXiv:1608.05859; the tied table's gradient is the sum of its two
+uses). A fresh model's loss is ln V, a uniform guess: its logits start small (init_transformer says why).
 
 Generation keeps a key/value cache: each layer's self-attention keys and values of the tokens so far
 (after RoPE), so a new token costs one query row, at position = the cache length for every positional
@@ -63,7 +61,7 @@ import numbers
 
 import numpy as np
 
-from attention import attention_forward, check_flag, check_float_array, get_xp
+from attention import attention_forward, check_flag, check_float_array, get_xp, softmax
 from erf import erfc
 from multihead import (PARAM_NAMES, init_multihead, linear_backward, linear_forward, merge_heads, multihead_backward,
                        multihead_forward, split_heads)
@@ -81,7 +79,6 @@ KINDS = ("encoder-decoder", "encoder", "decoder")
 # ----------------------------------------------------------------------------------------------------
 # Layer normalization
 
-
 def init_layer_norm(D, dtype=np.float32):
     """{'gamma': ones (D,), 'beta': zeros (D,)}: the identity map on normalised inputs, as PyTorch starts."""
     check_positive_int("D", D)
@@ -89,9 +86,8 @@ def init_layer_norm(D, dtype=np.float32):
 
 
 def layer_norm_forward(x, gamma, beta, eps=1e-5):
-    """y = gamma * (x - mean) / sqrt(var + eps) + beta, statistics over the last axis.
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta over the last axis: x (..., D), gamma and beta (D,).
 
-    x (..., D), gamma and beta (D,); var is biased (divide by D), eps inside the root, as torch.nn.LayerNorm.
     The mean is subtracted before squaring (E[x^2] - E[x]^2 loses every digit when |mean| >> std).
     Returns y (..., D) and cache = {'xhat', 'gamma', 'rstd'}.
     """
@@ -130,9 +126,8 @@ def layer_norm_backward(dout, cache):
 def activation_forward(x, kind="gelu"):
     """out = act(x) for kind 'relu' (max(x, 0)), 'gelu' (x Phi(x), exact) or 'gelu_tanh' (GPT-2's).
 
-    Phi(x) = erfc(-x / sqrt 2) / 2, the normal CDF, written with erfc so that far in the negative tail
-    Phi keeps its relative accuracy. Returns out and cache = {'x', 'kind', 'phi' (gelu), 't' (gelu_tanh)},
-    None where that kind does not use it.
+    Phi(x) = erfc(-x / sqrt 2) / 2, the normal CDF, written with erfc so that far in the negative tail Phi
+    keeps its relative accuracy. Returns out and cache = {'x', 'kind', 'phi' (gelu) or None, 't' (gelu_tanh) or None}.
     """
     check_float_array("x", x, "(...)")
     if kind not in ACTIVATIONS:
@@ -170,7 +165,6 @@ def activation_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------------
 # Dropout
 
-
 def dropout_forward(x, p, rng=None):
     """out = x * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn from rng (inverted dropout).
 
@@ -196,7 +190,6 @@ def dropout_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------------
 # Position-wise feed-forward network
 
-
 def init_feed_forward(D, F, rng, dtype=np.float32):
     """{'W_1' (D, F), 'b_1' (F,), 'W_2' (F, D), 'b_2' (D,)}, drawn as torch.nn.Linear draws them:
     W and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -211,8 +204,7 @@ def init_feed_forward(D, F, rng, dtype=np.float32):
 def feed_forward_forward(x, params, activation="gelu", dropout=0.0, rng=None):
     """out = drop(act(x W_1 + b_1)) W_2 + b_2, applied to every position alone (two linear layers).
 
-    x (B, T, D). Returns out (B, T, D) and cache = {'linear_1', 'act', 'drop', 'linear_2'}, the caches of
-    its four steps in order.
+    x (B, T, D). Returns out (B, T, D) and cache = {'linear_1', 'act', 'drop', 'linear_2'}: its steps' caches.
     """
     _check_feed_forward(x, params)
     pre, linear_1 = linear_forward(x, params["W_1"], params["b_1"])            # (B, T, F)
@@ -238,7 +230,6 @@ def feed_forward_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------------
 # Encoder layer and decoder layer
 
-
 def init_encoder_layer(D, F, rng, dtype=np.float32):
     """{'attn': multihead params, 'ln1', 'ff': FFN params, 'ln2'} (torch's self_attn, norm1, linear1/2, norm2)."""
     return {"attn": init_multihead(D, rng, dtype), "ln1": init_layer_norm(D, dtype),
@@ -257,8 +248,8 @@ def _sublayer_forward(x, f, params, key, n, norm_first, dropout, rng):
 
         pre-LN:  out = x + drop(f(LN(x)))          post-LN:  out = LN(x + drop(f(x)))
 
-    f(z) -> (f(z), f's cache). Returns out (B, T, D) and the sublayer's cache, one dict keyed like the
-    layer's params: {key: f's cache, 'ln{n}': the norm's, 'drop{n}': the dropout's}.
+    f(z) -> (f(z), f's cache). Returns out (B, T, D) and a cache keyed like the layer's params:
+    {key: f's cache, 'ln{n}': the norm's, 'drop{n}': the dropout's}.
     """
     norm = params[f"ln{n}"]
     if norm_first:
@@ -273,30 +264,24 @@ def _sublayer_forward(x, f, params, key, n, norm_first, dropout, rng):
     return out, {key: f_cache, f"ln{n}": norm_cache, f"drop{n}": drop_cache}
 
 
-def _part_backward(dupdate, cache, key):
-    """Backward of the part params[key] of a layer: dz at its input, its grads, and dmemory or None."""
+def _sublayer_backward(dout, cache, key, n):
+    """Backward of _sublayer_forward, from the layer's cache: dx (x feeds the residual and f: the sum of both
+    paths), the sublayer's grads {key: f's, 'ln{n}': the norm's} and dmemory (or None)."""
+    dsum = dout                                                # at the sum x + drop(f(.)): pre-LN's out
+    if not cache["norm_first"]:                                # post-LN: out = LN(x + drop(f(x)))
+        dsum, dgamma, dbeta = layer_norm_backward(dout, cache[f"ln{n}"])
+    dupdate = dropout_backward(dsum, cache[f"drop{n}"])                          # (B, T, D)
+    dmemory = None
     if key == "ff":
-        dz, grads = feed_forward_backward(dupdate, cache[key])
-        return dz, grads, None
-    dx_q, dx_kv, grads = multihead_backward(dupdate, cache[key])
-    if key == "attn":                                          # self-attention: z was fed as x_q and as x_kv,
-        return dx_q + dx_kv, grads, None                       # so its gradient is the sum of the two
-    return dx_q, grads, dx_kv                                  # cross-attention: x_kv is the memory
-
-
-def _sublayer_backward(dout, cache, key, n, norm_first):
-    """Backward of _sublayer_forward, read from the layer's cache. Returns dx, the sublayer's grads
-    {key: f's, 'ln{n}': the norm's} and dmemory (or None). x feeds both the residual and f, so dx is the
-    sum of the two paths."""
-    norm_cache, drop_cache = cache[f"ln{n}"], cache[f"drop{n}"]
-    if norm_first:                                             # out = x + drop(f(LN(x)))
-        dz, f_grads, dmemory = _part_backward(dropout_backward(dout, drop_cache), cache, key)
-        dx_f, dgamma, dbeta = layer_norm_backward(dz, norm_cache)
-        dx = dout + dx_f                                       # residual path + path through f
-    else:                                                      # out = LN(x + drop(f(x)))
-        dsum, dgamma, dbeta = layer_norm_backward(dout, norm_cache)
-        dx_f, f_grads, dmemory = _part_backward(dropout_backward(dsum, drop_cache), cache, key)
-        dx = dsum + dx_f                                       # residual path + path through f
+        dx_f, f_grads = feed_forward_backward(dupdate, cache[key])
+    elif key == "attn":                                        # self-attention: z was fed as x_q and as x_kv,
+        dx_q, dx_kv, f_grads = multihead_backward(dupdate, cache[key])
+        dx_f = dx_q + dx_kv                                    # so its gradient is the sum of the two
+    else:                                                      # cross-attention: x_kv is the memory
+        dx_f, dmemory, f_grads = multihead_backward(dupdate, cache[key])
+    if cache["norm_first"]:                                    # f read LN(x), not x
+        dx_f, dgamma, dbeta = layer_norm_backward(dx_f, cache[f"ln{n}"])
+    dx = dsum + dx_f                                           # residual path + path through f
     return dx, {key: f_grads, f"ln{n}": {"gamma": dgamma, "beta": dbeta}}, dmemory
 
 
@@ -305,12 +290,11 @@ def encoder_layer_forward(x, params, n_heads, mask=None, norm_first=True, activa
     """One encoder layer (module docstring): self-attention sublayer, then feed-forward sublayer.
 
     x (B, T, D). mask: bool broadcastable to (B, H, T, T), True = may attend (padding: (B, 1, 1, T)).
-    causal=True makes it a GPT block. rope / bias (ALiBi (H, T, T)) go to the self-attention. dropout > 0
-    (with a Generator rng) drops each sublayer's output and the FFN's hidden activations.
+    causal=True makes it a GPT block. rope / bias (ALiBi (H, T, T)) go to the self-attention; dropout > 0 needs rng.
     Returns out (B, T, D) and cache = {'attn' (multihead's), 'ln1', 'drop1', 'ff', 'ln2', 'drop2', 'norm_first'},
     keyed like params; the per-head attention weights (B, H, T, T) are cache['attn']['attn']['weights'].
     """
-    _check_layer(x, params, n_heads, norm_first, activation)
+    _check_layer(x, params, norm_first)
 
     def attention(z):
         return multihead_forward(z, z, params["attn"], n_heads, mask=mask, causal=causal, rope=rope, bias=bias)
@@ -326,9 +310,8 @@ def encoder_layer_forward(x, params, n_heads, mask=None, norm_first=True, activa
 def encoder_layer_backward(dout, cache):
     """dx (B, T, D) and grads (the params' keys) of encoder_layer_forward: its two sublayers in reverse."""
     check_cache(cache, "encoder_layer_forward", {"attn", "ln1", "drop1", "ff", "ln2", "drop2", "norm_first"})
-    norm_first = cache["norm_first"]
-    dh, ff_grads, _ = _sublayer_backward(dout, cache, "ff", 2, norm_first)      # (B, T, D)
-    dx, attn_grads, _ = _sublayer_backward(dh, cache, "attn", 1, norm_first)     # (B, T, D)
+    dh, ff_grads, _ = _sublayer_backward(dout, cache, "ff", 2)                  # (B, T, D)
+    dx, attn_grads, _ = _sublayer_backward(dh, cache, "attn", 1)                 # (B, T, D)
     return dx, {**attn_grads, **ff_grads}                      # keys in the params' order
 
 
@@ -342,7 +325,7 @@ def decoder_layer_forward(y, memory, params, n_heads, memory_mask=None, norm_fir
     Returns out (B, T, D) and cache = {'attn', 'ln1', 'drop1', 'cross_attn', 'ln2', 'drop2', 'ff', 'ln3',
     'drop3', 'norm_first'}; the cross-attention weights (B, H, T, S) are cache['cross_attn']['attn']['weights'].
     """
-    _check_layer(y, params, n_heads, norm_first, activation, memory, name="y")
+    _check_layer(y, params, norm_first, memory, name="y")
 
     def attention(z):
         return multihead_forward(z, z, params["attn"], n_heads, mask=tgt_mask, causal=True, rope=rope, bias=bias)
@@ -363,23 +346,23 @@ def decoder_layer_backward(dout, cache):
     """dy (B, T, D), dmemory (B, S, D) and grads of decoder_layer_forward, sublayers in reverse."""
     check_cache(cache, "decoder_layer_forward", {"attn", "ln1", "drop1", "cross_attn", "ln2", "drop2", "ff", "ln3",
                                                  "drop3", "norm_first"})
-    norm_first = cache["norm_first"]
-    dh2, ff_grads, _ = _sublayer_backward(dout, cache, "ff", 3, norm_first)                     # (B, T, D)
-    dh1, cross_grads, dmemory = _sublayer_backward(dh2, cache, "cross_attn", 2, norm_first)     # dmemory (B, S, D)
-    dy, attn_grads, _ = _sublayer_backward(dh1, cache, "attn", 1, norm_first)
+    dh2, ff_grads, _ = _sublayer_backward(dout, cache, "ff", 3)                     # (B, T, D)
+    dh1, cross_grads, dmemory = _sublayer_backward(dh2, cache, "cross_attn", 2)     # dmemory (B, S, D)
+    dy, attn_grads, _ = _sublayer_backward(dh1, cache, "attn", 1)                   # (B, T, D)
     return dy, dmemory, {**attn_grads, **cross_grads, **ff_grads}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Whole models: embedding and positions, stacks, output projection
 
+_NORM = {"encoder": "enc_norm", "decoder": "dec_norm"}        # each stack's final norm (pre-LN only)
+
 
 def init_transformer(config, rng, dtype=np.float32):
     """Parameters of one of the three shapes, from config (check_config: kind, V, D, n_heads, F, n_layers,
     max_len, positions, norm_first, activation, tied, pad_id). Returns {'embed' (V, D), 'pos' (max_len, D)
-    if learned, 'encoder': [encoder layers] and 'enc_norm', 'decoder': [decoder layers, or causal
-    encoder-shaped blocks for 'decoder'] and 'dec_norm', 'W_out' (D, V) unless tied, 'b_out' (V,)}; the
-    final norms for pre-LN only (post-LN ends every layer with a norm).
+    if learned, 'encoder': [encoder layers], 'decoder': [decoder layers, or causal encoder-shaped blocks for
+    'decoder'], their final norms 'enc_norm', 'dec_norm' (pre-LN only), 'W_out' (D, V) unless tied, 'b_out' (V,)}.
 
     A fresh model's loss is ln V (a uniform guess) because its logits start small: logit v is
     LN(h) . w_v with |LN(h)| <= sqrt(D) (gamma = 1, beta = 0, b_out = 0), at most sqrt(D) |w_v| (Cauchy-Schwarz).
@@ -398,15 +381,13 @@ def init_transformer(config, rng, dtype=np.float32):
     params = {"embed": (rng.standard_normal((V, D)) * std).astype(dtype)}              # (V, D)
     if config["positions"] == "learned":
         params["pos"] = init_learned_positions(config["max_len"], D, rng, dtype)        # (max_len, D)
-    if config["kind"] != "decoder":
-        params["encoder"] = [init_encoder_layer(D, F, rng, dtype) for _ in range(n_layers)]
-        if config["norm_first"]:
-            params["enc_norm"] = init_layer_norm(D, dtype)
-    if config["kind"] != "encoder":
-        init_layer = init_decoder_layer if config["kind"] == "encoder-decoder" else init_encoder_layer
-        params["decoder"] = [init_layer(D, F, rng, dtype) for _ in range(n_layers)]
-        if config["norm_first"]:
-            params["dec_norm"] = init_layer_norm(D, dtype)
+    for stack in ("encoder", "decoder"):
+        if config["kind"] in (stack, "encoder-decoder"):       # the stacks this kind has
+            cross = stack == "decoder" and config["kind"] == "encoder-decoder"   # decoder layers read a memory
+            init_layer = init_decoder_layer if cross else init_encoder_layer
+            params[stack] = [init_layer(D, F, rng, dtype) for _ in range(n_layers)]
+            if config["norm_first"]:
+                params[_NORM[stack]] = init_layer_norm(D, dtype)
     if not config["tied"]:
         params["W_out"] = rng.uniform(-1 / math.sqrt(D), 1 / math.sqrt(D), (D, V)).astype(dtype)  # (D, V)
     params["b_out"] = np.zeros(V, dtype)                                                # (V,)
@@ -420,7 +401,6 @@ def embed_forward(ids, params, config, offset=0):
     (training.embedding_forward's cache, learned_position_forward's or None).
     """
     table = params["embed"]
-    xp = get_xp(table)
     T, D = ids.shape[1], table.shape[1]
     if offset + T > config["max_len"]:
         raise ValueError(f"positions must be < max_len = {config['max_len']}, got {T} tokens from position {offset}")
@@ -428,7 +408,7 @@ def embed_forward(ids, params, config, offset=0):
     x = x * table.dtype.type(math.sqrt(D))
     pos_cache = None
     if config["positions"] == "sinusoidal":
-        x = x + sinusoidal_encoding(offset + T, D, dtype=table.dtype, xp=xp)[offset:]   # (T, D) broadcast
+        x = x + sinusoidal_encoding(offset + T, D, dtype=table.dtype, xp=get_xp(table))[offset:]   # (T, D) broadcast
     elif config["positions"] == "learned" and offset == 0:
         x, pos_cache = learned_position_forward(x, params["pos"])                # adds pos[:T]
     elif config["positions"] == "learned":
@@ -446,18 +426,12 @@ def embed_backward(dx, cache):
 
 def _padding_mask(ids, config):
     """(B, 1, 1, T) True at the keys that are not padding (broadcast over heads and queries), or None."""
-    if config["pad_id"] is None:
-        return None
-    return (ids != config["pad_id"])[:, None, None, :]
-
-
-_NORM = {"encoder": "enc_norm", "decoder": "dec_norm"}        # each stack's final norm (pre-LN only)
+    return None if config["pad_id"] is None else (ids != config["pad_id"])[:, None, None, :]
 
 
 def _stack_forward(ids, params, config, stack, memory=None, memory_mask=None, dropout=0.0, rng=None):
-    """Embed ids (B, T), run the layers of params[stack] ('encoder' or 'decoder'), then the final norm
-    (pre-LN only). The 'decoder' stack is causal; given memory its layers also cross-attend to it.
-    Returns h (B, T, D) and the stack's cache {'embed', 'layers' (a list of layer caches), 'norm' (or None)}."""
+    """Embed ids (B, T), run the layers of params[stack] (causal for 'decoder'; cross-attending to memory if
+    given), then the final norm (pre-LN). Returns h (B, T, D) and cache {'embed', 'layers', 'norm' (or None)}."""
     norm_first, activation, H = config["norm_first"], config["activation"], config["n_heads"]
     x, embed_cache = embed_forward(ids, params, config)                          # (B, T, D)
     rope, T = config["positions"] == "rope", ids.shape[1]
@@ -469,9 +443,8 @@ def _stack_forward(ids, params, config, stack, memory=None, memory_mask=None, dr
             x, layer_cache = decoder_layer_forward(x, memory, layer, H, memory_mask, norm_first, activation,
                                                    tgt_mask=mask, rope=rope, bias=bias, dropout=dropout, rng=rng)
         else:
-            x, layer_cache = encoder_layer_forward(x, layer, H, mask, norm_first, activation,
-                                                   causal=stack == "decoder", rope=rope, bias=bias,
-                                                   dropout=dropout, rng=rng)
+            x, layer_cache = encoder_layer_forward(x, layer, H, mask, norm_first, activation, causal=stack == "decoder",
+                                                   rope=rope, bias=bias, dropout=dropout, rng=rng)
         cache["layers"].append(layer_cache)                                      # x: (B, T, D)
     if norm_first:
         norm = params[_NORM[stack]]
@@ -480,9 +453,8 @@ def _stack_forward(ids, params, config, stack, memory=None, memory_mask=None, dr
 
 
 def _stack_backward(dh, cache, stack):
-    """Backward of _stack_forward, given dh (B, T, D). Returns dx (B, T, D) at the embedding's output, the
-    stack's grads {stack: [layer grads], its final norm's key: {'gamma', 'beta'} (pre-LN only)} and
-    dmemory (B, S, D), summed over the layers (0 without memory)."""
+    """Backward of _stack_forward, given dh (B, T, D): dx (B, T, D) at the embedding's output, the grads
+    {stack: [layer grads], and the final norm's if pre-LN} and dmemory (B, S, D) (0 without memory)."""
     grads = {}
     if cache["norm"] is not None:
         dh, dgamma, dbeta = layer_norm_backward(dh, cache["norm"])
@@ -500,19 +472,9 @@ def _stack_backward(dh, cache, stack):
 
 
 def _output_forward(h, params, config):
-    """logits = h W_out + b_out (a linear layer), with W_out = embed^T when tied.
-    Returns logits (B, T, V) and linear_forward's cache {'x': h, 'W': W_out}."""
+    """logits (B, T, V) = h W_out + b_out, W_out = embed^T when tied; and linear_forward's cache."""
     W_out = params["embed"].T if config["tied"] else params["W_out"]              # (D, V)
     return linear_forward(h, W_out, params["b_out"])
-
-
-def _output_backward(dlogits, cache, config):
-    """dh (B, T, D), the grads {'W_out' (untied), 'b_out'}, and the tied table's gradient from this use
-    (V, D) (None when untied)."""
-    dh, dW_out, db_out = linear_backward(dlogits, cache)                        # (B, T, D), (D, V), (V,)
-    if config["tied"]:                                         # W_out = embed^T, so dembed = dW_out^T
-        return dh, {"b_out": db_out}, dW_out.T
-    return dh, {"W_out": dW_out, "b_out": db_out}, None
 
 
 def transformer_forward(tokens, params, config, src=None, dropout=0.0, rng=None):
@@ -520,11 +482,9 @@ def transformer_forward(tokens, params, config, src=None, dropout=0.0, rng=None)
 
     tokens int (B, T): BERT's input, GPT's input, or the encoder-decoder's target shifted right.
     src int (B, S): the encoder-decoder's source (required there, refused elsewhere).
-    Padding (config['pad_id']) is masked as a key everywhere (self-attention, and cross-attention to the
-    source). Returns logits and cache = {'config', 'params', 'encoder', 'decoder', 'out'}: each stack's
-    cache {'embed', 'layers', 'norm'} (None for a stack the kind lacks) and the output layer's.
-    The per-head weights (B, H, T, S) of layer i are cache[stack]['layers'][i]['attn']['attn']['weights']
-    (self-attention) or ...['cross_attn']['attn']['weights'] (cross-attention).
+    Padding (config['pad_id']) is masked as a key everywhere (self-attention, and cross-attention to the source).
+    Returns logits and cache = {'config', 'params', 'encoder', 'decoder', 'out'}: each stack's cache {'embed',
+    'layers' (the layer caches, with the attention weights), 'norm'} (None if the kind lacks it), the output's.
     """
     config = _check_model_inputs(tokens, src, params, config)
     cache = {"config": config, "params": params, "encoder": None, "decoder": None}
@@ -540,10 +500,11 @@ def transformer_forward(tokens, params, config, src=None, dropout=0.0, rng=None)
 
 def transformer_backward(dlogits, cache):
     """The gradient tree of transformer_forward (the params' keys), given dlogits (B, T, V)."""
-    check_cache(cache, "transformer_forward", MODEL_CACHE_FIELDS)
+    check_cache(cache, "transformer_forward", {"config", "params", "encoder", "decoder", "out"})
     config, params, h = cache["config"], cache["params"], cache["out"]["x"]
     check_upstream("dlogits", dlogits, h.shape[:-1] + params["b_out"].shape, h.dtype)
-    dh, grads, dembed_output = _output_backward(dlogits, cache["out"], config)  # (B, T, D)
+    dh, dW_out, db_out = linear_backward(dlogits, cache["out"])                 # (B, T, D), (D, V), (V,)
+    grads = {"b_out": db_out} if config["tied"] else {"W_out": dW_out, "b_out": db_out}
     stack = "encoder" if config["kind"] == "encoder" else "decoder"
     dx, stack_grads, dmemory = _stack_backward(dh, cache[stack], stack)          # (B, T, D), (B, S, D) or 0
     grads.update(stack_grads)
@@ -555,19 +516,14 @@ def transformer_backward(dlogits, cache):
         # Source and target read one table (and one position table): their gradients add.
         dembed = dembed + dembed_src
         dpos = None if dpos is None else dpos + dpos_src
-    if dembed_output is not None:
-        dembed = dembed + dembed_output                        # tied: the table is also the output layer
-    grads["embed"] = dembed
-    if dpos is not None:
-        grads["pos"] = dpos
-    return {key: grads[key] for key in params}
+    if config["tied"]:                                         # W_out = embed^T: the table's second use adds dW_out^T
+        dembed = dembed + dW_out.T
+    grads.update(embed=dembed, pos=dpos)                       # dpos is None without learned positions
+    return {key: grads[key] for key in params}                 # in the params' order, without a None pos
 
 
 def lm_loss_forward(tokens, targets, params, config, src=None, label_smoothing=0.0, dropout=0.0, rng=None):
-    """Mean cross-entropy of the logits against targets (B, T); targets = -100 are ignored (training.py).
-
-    Returns loss (a float) and cache for lm_loss_backward.
-    """
+    """Mean cross-entropy (a float) of the logits against targets (B, T), -100 ignored (training.py); and a cache."""
     logits, model_cache = transformer_forward(tokens, params, config, src, dropout, rng)
     loss, loss_cache = cross_entropy_forward(logits, targets, ignore_index=-100, label_smoothing=label_smoothing)
     return loss, {"model": model_cache, "loss": loss_cache}
@@ -580,13 +536,10 @@ def lm_loss_backward(dloss, cache):
 
 
 def mask_tokens(tokens, rng, V, mask_id, p=0.15, keep_ids=()):
-    """BERT's masked-token corruption: returns (inputs, targets), both int (B, T).
-
-    Each position is chosen with probability p (never one whose id is in keep_ids, e.g. padding); a chosen
-    position's target is its token (others -100, ignored by the loss), and its input becomes mask_id with
-    probability 0.8, a random token not in keep_ids with 0.1 (BERT drew from all), and stays with 0.1.
-    rng: a numpy Generator; tokens: NumPy ids (data preparation happens on the host).
-    """
+    """BERT's masked-token corruption (module docstring), each position chosen with probability p: returns
+    (inputs, targets), both int (B, T). A chosen position's target is its token (others -100, ignored by the
+    loss). Ids in keep_ids (e.g. padding) are never chosen nor drawn as the random token (BERT drew from all).
+    rng: a numpy Generator; tokens: NumPy ids (data preparation happens on the host)."""
     _check_mask_tokens(tokens, rng, V, mask_id, p, keep_ids)
     chosen = (rng.random(tokens.shape) < p) & ~np.isin(tokens, keep_ids)         # (B, T)
     targets = np.where(chosen, tokens, -100)
@@ -600,7 +553,6 @@ def mask_tokens(tokens, rng, V, mask_id, p=0.15, keep_ids=()):
 
 # ----------------------------------------------------------------------------------------------------
 # Generation with a key/value cache
-
 
 def _project_heads(x, params, name, n_heads):
     """split_heads(x W + b) for name 'q', 'k' or 'v' of a multihead params dict: (B, T, D) -> (B, H, T, Dh)."""
@@ -652,10 +604,9 @@ def _layer_step(x, layer, kv, config, n_cached, keep, memory_kv=None, memory_mas
 def generate(prompt, n_new, params, config, src=None, temperature=0.0, rng=None, use_cache=True):
     """Continue prompt (B, T0) by n_new tokens, greedily (temperature 0) or by sampling softmax(logits / temp).
 
-    For 'decoder' (GPT) and 'encoder-decoder' (prompt = the start symbol, src = the source). use_cache=True
-    keeps every layer's keys and values, so each step runs one new row through the stack; use_cache=False
-    recomputes the whole sequence every step (the reference the cache must equal). rng, for sampling, is a
-    Generator of the params' array module (numpy.random.default_rng or cupy.random.default_rng).
+    For 'decoder' (GPT) and 'encoder-decoder' (prompt = the start symbol, src = the source). use_cache=False
+    recomputes the whole sequence every step (the reference the key/value cache must equal). rng, for
+    sampling, is a Generator of the params' array module (numpy.random.default_rng or cupy.random.default_rng).
     Returns tokens (B, T0 + n_new) and the logits of each new token (B, n_new, V).
     """
     config = _check_generate(prompt, n_new, params, config, src, temperature, rng)
@@ -687,9 +638,7 @@ def generate(prompt, n_new, params, config, src=None, temperature=0.0, rng=None,
         if temperature == 0:
             next_token = logits.argmax(axis=-1)                # (B,)
         else:
-            scaled = logits / logits.dtype.type(temperature)                       # (B, V)
-            probs = xp.exp(scaled - scaled.max(axis=-1, keepdims=True))
-            probs = probs / probs.sum(axis=-1, keepdims=True)                      # (B, V) softmax
+            probs = softmax(logits / logits.dtype.type(temperature))               # (B, V)
             below = xp.cumsum(probs, axis=-1) < rng.random((probs.shape[0], 1))    # inverse CDF: count entries below u
             next_token = xp.minimum(below.sum(axis=-1), probs.shape[-1] - 1)
         tokens = xp.concatenate([tokens, next_token[:, None].astype(tokens.dtype)], axis=1)
@@ -699,10 +648,8 @@ def generate(prompt, n_new, params, config, src=None, temperature=0.0, rng=None,
 # ----------------------------------------------------------------------------------------------------
 # Input checks (below the math they guard)
 
-CONFIG_DEFAULTS = {"kind": "decoder", "n_heads": 4, "F": None, "n_layers": 2, "max_len": 64,
-                   "positions": "learned", "norm_first": True, "activation": "gelu", "tied": False,
-                   "pad_id": None}
-MODEL_CACHE_FIELDS = {"config", "params", "encoder", "decoder", "out"}
+CONFIG_DEFAULTS = {"kind": "decoder", "n_heads": 4, "F": None, "n_layers": 2, "max_len": 64, "positions": "learned",
+                   "norm_first": True, "activation": "gelu", "tied": False, "pad_id": None}
 
 
 def check_config(config):
@@ -725,13 +672,13 @@ def check_config(config):
             raise ValueError(f"config['{name}'] must be one of {options}, got {config[name]!r}")
     for name in ("norm_first", "tied"):
         check_flag(f"config['{name}']", config[name])
-    if config["D"] % config["n_heads"]:
-        raise ValueError(f"config['D'] = {config['D']} must be divisible by config['n_heads'] = {config['n_heads']}")
-    if config["positions"] == "rope" and (config["D"] // config["n_heads"]) % 2:
-        raise ValueError(f"positions 'rope' needs an even head width D / n_heads, got {config['D'] // config['n_heads']}")
-    pad = config["pad_id"]
-    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or not 0 <= pad < config["V"]):
-        raise ValueError(f"config['pad_id'] must be None or an id in [0, {config['V']}), got {pad!r}")
+    D, H, V, pad = config["D"], config["n_heads"], config["V"], config["pad_id"]
+    if D % H:
+        raise ValueError(f"config['D'] = {D} must be divisible by config['n_heads'] = {H}")
+    if config["positions"] == "rope" and (D // H) % 2:
+        raise ValueError(f"positions 'rope' needs an even head width D / n_heads, got {D // H}")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, (int, np.integer)) or not 0 <= pad < V):
+        raise ValueError(f"config['pad_id'] must be None or an id in [0, {V}), got {pad!r}")
     return config
 
 
@@ -751,13 +698,12 @@ def _param_shapes(config):
     shapes = {"embed": (V, D), "b_out": (V,)}
     if config["positions"] == "learned":
         shapes["pos"] = (config["max_len"], D)
-    for stack, norm, present in (("encoder", "enc_norm", config["kind"] != "decoder"),
-                                 ("decoder", "dec_norm", config["kind"] != "encoder")):
-        if present:
-            shapes[stack] = [_layer_shapes(D, F, cross=stack == "decoder" and config["kind"] == "encoder-decoder")
-                             for _ in range(n_layers)]
+    for stack in ("encoder", "decoder"):
+        if config["kind"] in (stack, "encoder-decoder"):
+            cross = stack == "decoder" and config["kind"] == "encoder-decoder"
+            shapes[stack] = [_layer_shapes(D, F, cross) for _ in range(n_layers)]
             if config["norm_first"]:
-                shapes[norm] = {"gamma": (D,), "beta": (D,)}
+                shapes[_NORM[stack]] = {"gamma": (D,), "beta": (D,)}
     if not config["tied"]:
         shapes["W_out"] = (D, V)
     return shapes
@@ -776,12 +722,11 @@ def _check_model_inputs(tokens, src, params, config, name="tokens"):
     """Check config, params against config, and the ids; return the config with its defaults."""
     config = check_config(config)
     _check_params(params, _param_shapes(config))
-    V = config["V"]
-    check_ids(name, tokens, V)
+    check_ids(name, tokens, config["V"])
     if config["kind"] == "encoder-decoder":
         if src is None:
             raise ValueError("src must be given for config['kind'] 'encoder-decoder' (the source ids (B, S))")
-        check_ids("src", src, V)
+        check_ids("src", src, config["V"])
         if src.shape[0] != tokens.shape[0]:
             raise ValueError(f"src must have batch size {tokens.shape[0]} like {name}, got shape {src.shape}")
     elif src is not None:
@@ -841,11 +786,10 @@ def _check_feed_forward(x, params):
     if x.ndim < 1:
         raise ValueError(f"x must have shape (B, T, D), got {x.shape}")
     F = getattr(params.get("W_1"), "shape", (0, 0))[-1] if isinstance(params, dict) else 0
-    D = x.shape[-1]
-    _check_params(params, {"W_1": (D, F), "b_1": (F,), "W_2": (F, D), "b_2": (D,)}, x.dtype)
+    _check_params(params, _layer_shapes(x.shape[-1], F, cross=False)["ff"], x.dtype)
 
 
-def _check_layer(x, params, n_heads, norm_first, activation, memory=None, name="x"):
+def _check_layer(x, params, norm_first, memory=None, name="x"):
     check_float_array(name, x, "(B, T, D)")
     if x.ndim != 3:
         raise ValueError(f"{name} must have shape (B, T, D), got {x.shape}")
@@ -857,10 +801,7 @@ def _check_layer(x, params, n_heads, norm_first, activation, memory=None, name="
         if memory.ndim != 3 or memory.shape[0] != x.shape[0] or memory.shape[2] != x.shape[2]:
             raise ValueError(f"memory must have shape ({x.shape[0]}, S, {x.shape[2]}) to match {name} {x.shape}, "
                              f"got {memory.shape}")
-    check_flag("norm_first", norm_first)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    check_positive_int("n_heads", n_heads)
+    check_flag("norm_first", norm_first)       # multihead_forward checks n_heads, activation_forward the activation
 
 
 def _check_mask_tokens(tokens, rng, V, mask_id, p, keep_ids):
@@ -877,7 +818,6 @@ def _check_mask_tokens(tokens, rng, V, mask_id, p, keep_ids):
 
 # ----------------------------------------------------------------------------------------------------
 # Demo: an encoder-decoder learns to reverse sequences (figures/make_figures.py draws its two figures)
-
 
 def reversal_batch(rng, B, T, n_symbols):
     """src (B, T) random symbols 2 .. n_symbols + 1; decoder input (B, T) = BOS + reversed[:-1];
