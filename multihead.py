@@ -232,6 +232,8 @@ def _check_inputs(x_q, x_kv, params, n_heads, rope, rope_offset):
 
 
 if __name__ == "__main__":
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")   # small matrices: a second BLAS thread would only wait (spinning)
     from positional import alibi_bias
 
     rng = np.random.default_rng(0)

@@ -838,6 +838,8 @@ def reversal_batch(rng, B, L, n_symbols):
 
 
 if __name__ == "__main__":
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")   # small matrices: a second BLAS thread would only wait (spinning)
     import argparse
     import os
     import time

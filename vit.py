@@ -310,6 +310,8 @@ def same_different_images(n, rng, grid=4, P=4, noise=0.2, dtype=np.float32):
 
 
 if __name__ == "__main__":
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")   # small matrices: a second BLAS thread would only wait (spinning)
     import argparse
     import time
 

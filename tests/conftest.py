@@ -87,3 +87,12 @@ def pytest_runtest_protocol(item, nextitem):
 def xp(request):
     """The array module a test runs on: numpy, CuPy on a CPU, and cupy where a GPU is present."""
     return array_module(request.param)
+
+
+# One BLAS thread for the whole session: the tests' matrices are small, and on a machine with other work a
+# second OpenBLAS thread spins while it waits (the suite took 213 s with two threads under load, 111 s with one).
+@pytest.fixture(scope="session", autouse=True)
+def one_blas_thread():
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
