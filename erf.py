@@ -80,14 +80,22 @@ def erfc(x):
     xp = get_xp(x)
     A, B, C = _pieces(x)
     a = xp.abs(x)                                              # (...)
-    a_small = xp.minimum(a, 1)                                 # each piece sees only inputs it was fitted on
-    small = 1 - a_small * _horner(A, a_small * a_small)        # a < 1, from erf = a A(a^2)
     u = 1 / xp.maximum(a, 1)                                   # (...) 1/a in (0, 1]
     scaled = _horner(B, u - 0.625)                             # a e^(a^2) erfc(a), 1 <= a < 4
     if bool((a >= 4).any()):                                   # rare for activations: skip it when unused
         scaled = xp.where(a < 4, scaled, _horner(C, u - 0.125))    # a >= 4
-    tail = xp.exp(-a * a) * (u * scaled)                       # the tiny factor last: one rounding if subnormal
+    # From here on, steps update arrays in place and drop those no longer needed before making new ones:
+    # a new array of x's size can cost fresh memory pages from the OS, on a CPU half of erfc's time.
+    scaled *= u                                                # (...) scaled / a
+    tail = xp.exp(-a * a)                                      # (...)
+    tail *= scaled                                             # erfc(a) = exp(-a^2) / a * scaled, a >= 1; the
+    del u, scaled                                              # tiny factor last: one rounding if subnormal
+    a_small = xp.minimum(a, 1)                                 # each piece sees only inputs it was fitted on
+    small = _horner(A, a_small * a_small)                      # (...) A(a^2)
+    small *= a_small                                           # erf(a) = a A(a^2), a < 1
+    xp.subtract(1, small, out=small)                           # erfc(a) = 1 - erf(a)
     positive = xp.where(a < 1, small, tail)
+    del a, a_small, small, tail
     return xp.where(x < 0, 2 - positive, positive)
 
 
