@@ -366,6 +366,8 @@ def check_global_tokens(global_tokens, T, S):
 
 
 if __name__ == "__main__":
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")   # small matrices: a second BLAS thread would only wait (spinning)
     rng = np.random.default_rng(0)
     tokens = ["the", "cat", "sat", "down", "<pad>"]
     T, Dk = len(tokens), 4

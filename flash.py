@@ -912,6 +912,8 @@ def _flash_backward_cuda(dout, q, k, v, out, lse, band, scale):
 
 
 if __name__ == "__main__":
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")   # small matrices: a second BLAS thread would only wait (spinning)
     import argparse
 
     from attention import attention_forward

@@ -266,6 +266,8 @@ def _check_linear(x, W, b):
 
 
 if __name__ == "__main__":
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")   # small matrices: a second BLAS thread would only wait (spinning)
     from positional import alibi_bias
 
     rng = np.random.default_rng(0)

@@ -295,6 +295,8 @@ def _check_upstream(dout, shape, dtype, like=None):
 
 
 if __name__ == "__main__":
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")   # small matrices: a second BLAS thread would only wait (spinning)
     rng = np.random.default_rng(0)
     D = 8
     vocabulary = {word: rng.standard_normal(D) for word in ["the", "dog", "cat", "chased"]}

@@ -870,6 +870,8 @@ def reversal_cross_attention(params, config, src, targets):
 
 
 if __name__ == "__main__":
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")   # small matrices: a second BLAS thread would only wait (spinning)
     import argparse
     import time
 

@@ -441,6 +441,8 @@ def _check_attention_weights(weights):
 
 
 if __name__ == "__main__":
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")   # small matrices: a second BLAS thread would only wait (spinning)
     import argparse
     import time
 

@@ -74,4 +74,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")   # both methods alike, and unslowed by other work
     main()

@@ -248,6 +248,8 @@ def recurrence_vs_attention(lengths, D=64, repeats=7, seed=0):
 
 
 if __name__ == "__main__":
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")   # small matrices: a second BLAS thread would only wait (spinning)
     import argparse
 
     parser = argparse.ArgumentParser(description="Encoder-decoder RNN with and without attention; timing.")

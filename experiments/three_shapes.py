@@ -267,6 +267,8 @@ def train_and_measure(kind, data, steps, seed, measure):
 
 
 if __name__ == "__main__":
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")   # small matrices: a second BLAS thread would only wait (spinning)
     import argparse
 
     parser = argparse.ArgumentParser(description="BERT, GPT and an encoder-decoder trained on the same grammar.")

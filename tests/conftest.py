@@ -246,3 +246,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.line("project files imported: " + ", ".join(imported))
     terminalreporter.line("every property holds" if not failed and passed else
                           f"{len(by_property)} properties broken ({len(failed)} failed tests), {passed} tests passed")
+
+
+# One BLAS thread for the whole session: the tests' matrices are small, and on a machine with other work a
+# second OpenBLAS thread spins while it waits (the suite took 213 s with two threads under load, 111 s with one).
+@pytest.fixture(scope="session", autouse=True)
+def one_blas_thread():
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
