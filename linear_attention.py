@@ -288,7 +288,10 @@ if __name__ == "__main__":
     import time
     import tracemalloc
 
+    from threadpoolctl import threadpool_limits
+
     from attention import attention_backward, attention_forward
+    threadpool_limits(limits=1, user_api="blas")   # small matrices: a second BLAS thread would only wait (spinning)
 
     def forward_backward(forward, backward, q, k, v):
         """Seconds and peak bytes (tracemalloc sees NumPy's buffers) of one causal forward + backward."""

@@ -400,8 +400,10 @@ def embed_forward(ids, params, config, offset=0):
     ids int (B, T) at positions offset .. offset + T - 1. Returns x (B, T, D) and cache = {'embed', 'pos'}
     (training.embedding_forward's cache, learned_position_forward's or None).
     """
-    table = params["embed"]
-    T, D = ids.shape[1], table.shape[1]
+    config = check_config(config)
+    shapes = {key: shape for key, shape in _param_shapes(config).items() if key in ("embed", "pos")}
+    check_tree("params", {key: params.get(key) for key in shapes}, shapes)     # the tables used here
+    table, T, D = params["embed"], ids.shape[1], config["D"]                   # table (V, D)
     if offset + T > config["max_len"]:
         raise ValueError(f"positions must be < max_len = {config['max_len']}, got {T} tokens from position {offset}")
     x, embed_cache = embedding_forward(ids, table)                              # (B, T, D)
@@ -659,9 +661,8 @@ def check_config(config):
     unknown = set(config) - set(CONFIG_DEFAULTS) - {"V", "D"}
     if unknown:
         raise ValueError(f"config has unknown fields {sorted(unknown)}; known: {sorted(CONFIG_DEFAULTS)} + V, D")
-    missing = {"V", "D"} - set(config)
-    if missing:
-        raise ValueError(f"config must give {sorted(missing)} (vocabulary size, model width)")
+    if not {"V", "D"} <= set(config):
+        raise ValueError(f"config must give V and D (vocabulary size, model width), got {sorted(config)}")
     config = {**CONFIG_DEFAULTS, **config}
     if config["F"] is None:
         config["F"] = 4 * config["D"]

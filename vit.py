@@ -13,7 +13,8 @@ state is classified (Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words", a
 
 The model is a config dict, checked (and its defaults filled in) by check_config, as transformer.py's:
 image_shape (C, H, W), P, D, n_classes (required); n_heads (4), F (4 D), n_layers (2),
-positions ('learned' | 'sincos' | 'none'; 'learned'), pool ('cls' | 'mean'; 'cls').
+positions ('learned' | 'sinusoidal' | 'none'; 'learned'; 'sinusoidal' is MAE's fixed 2D table),
+pool ('cls' | 'mean'; 'cls').
     params = init_vit(config, rng, dtype);  logits, cache = vit_forward(images, params, config)
     dimages, grads = vit_backward(dlogits, cache)
 
@@ -30,7 +31,7 @@ util/pos_embed.py), with the class token's row zero. For the patch in grid row r
     (MAE's code names the first half "emb_h" but feeds it the column index, its issue 18; vit-pytorch's
     simple_vit, after "Better plain ViT baselines" (arXiv:2205.01580), has the same block order with
     w_i = base^(-i / (D/4 - 1)).)  Without positions a ViT is blind to where a patch is: permuting the
-    patches permutes the patch outputs and leaves the class token's output unchanged. With 'sincos' or
+    patches permutes the patch outputs and leaves the class token's output unchanged. With 'sinusoidal' or
     'none' nothing is tied to the grid's size, so such a model also takes images of another H x W
     (multiples of P); a learned table has one row per patch of config['image_shape'].
 
@@ -40,7 +41,7 @@ of Wbar_l sums to 1 (weights that are not probabilities are refused), so each ro
 2; dividing every row by its own sum (keepdims), not by the constant 2, also absorbs the rows' rounding.
 Row 0 of R without its first entry says how much of the class token's final state each patch feeds.
 
-Demo (`OPENBLAS_NUM_THREADS=1 python vit.py`, about 35 s of one core): a same/different task where the label is a
+Demo (`python vit.py`, about 35 s of one core): a same/different task where the label is a
 relation between two distant patches; it prints the learning curve, asserts a held-out accuracy far above
 chance and that rollout puts the class token's mass on the two patches. Its figure:
 `python figures/make_figures.py vit_rollout`.
@@ -62,7 +63,7 @@ from training import (adam_init, adam_step, check_cache, check_positive_int, che
 from transformer import (encoder_layer_backward, encoder_layer_forward, init_encoder_layer, init_layer_norm,
                          layer_norm_backward, layer_norm_forward)
 
-POSITIONS = ("learned", "sincos", "none")
+POSITIONS = ("learned", "sinusoidal", "none")     # spelled as in transformer.py
 POOLS = ("cls", "mean")
 
 
@@ -227,7 +228,7 @@ def vit_forward(images, params, config):
     x, cache["cls"] = class_token_forward(tokens, params["cls"])                  # (B, N+1, D)
     if config["positions"] == "learned":
         x, cache["pos"] = learned_position_forward(x, params["pos"])             # (B, N+1, D)
-    elif config["positions"] == "sincos":
+    elif config["positions"] == "sinusoidal":
         x = x + sincos_2d_positions(images.shape[2] // P, images.shape[3] // P, D, dtype=x.dtype, xp=xp)
     cache["layers"] = []
     for layer in params["layers"]:
@@ -374,8 +375,8 @@ def check_config(config):
         raise ValueError(f"config['image_shape'] must have H and W multiples of config['P'] = {P}, got {shape}")
     if D % config["n_heads"]:
         raise ValueError(f"config['D'] = {D} must be divisible by config['n_heads'] = {config['n_heads']}")
-    if config["positions"] == "sincos" and D % 4:
-        raise ValueError(f"config['D'] must be a multiple of 4 for positions 'sincos', got {D}")
+    if config["positions"] == "sinusoidal" and D % 4:
+        raise ValueError(f"config['D'] must be a multiple of 4 for positions 'sinusoidal', got {D}")
     return config
 
 

@@ -8,10 +8,10 @@ This script checks that the limit holds where it matters: it runs each demo with
 friends removed from the environment (so the demo alone decides), first as the machine is, then with
 `--busy` processes spinning beside it (`python -c "while True: pass"`, started here and stopped after the
 demo), and prints a table: wall seconds, and the CPU seconds the demo's own threads used (with one BLAS
-thread these stay near the idle wall time: a busy run is slower only because it shares the cores). Figures
-the demos save go to a temporary folder.
+thread these stay near the idle wall time: a busy run is slower only because it shares the cores). The
+demos run in a temporary folder.
 
-    python benchmarks/bench_demos_busy.py                            # the 7 demos, a few minutes
+    python benchmarks/bench_demos_busy.py                            # the 8 demos, a few minutes
     python benchmarks/bench_demos_busy.py --demos rnn.py transformer.py --root ../other-checkout
 
 The machine's load average (os.getloadavg) is printed before and after: on a shared machine the idle
@@ -26,7 +26,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMOS = ("attention.py", "positional.py", "multihead.py", "flash.py", "rnn.py", "transformer.py", "vit.py")
+DEMOS = ("attention.py", "positional.py", "multihead.py", "flash.py", "linear_attention.py", "rnn.py", "transformer.py", "vit.py")
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
 SPIN = "while True: pass"
 

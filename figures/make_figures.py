@@ -1,6 +1,6 @@
 """The README's figures, all made by one command, each by one small piece of code.
 
-    python figures/make_figures.py                     # every figure into figures/ (a minute on 2 cores)
+    python figures/make_figures.py                     # every figure into figures/ (several minutes on 2 cores)
     python figures/make_figures.py attention_masks     # only the named ones
     python figures/make_figures.py --list              # the names
 

@@ -692,3 +692,12 @@ def test_mask_tokens_refuses_a_bad_probability_mask_id_or_rng():
         tf.mask_tokens(tokens, None, V=10, mask_id=3)
     with pytest.raises(TypeError, match="tokens must be an integer array"):
         tf.mask_tokens(tokens.astype(np.float32), rng, V=10, mask_id=3)
+
+
+def test_embed_forward_checks_its_config_and_the_tables_it_reads():
+    config = {"V": 10, "D": 8}                                   # positions default to 'learned'
+    ids = np.zeros((1, 2), dtype=int)
+    with pytest.raises(ValueError, match=r"params\['pos'\] must be a float array of shape \(64, 8\), got NoneType"):
+        tf.embed_forward(ids, {"embed": np.zeros((10, 8))}, config)
+    with pytest.raises(ValueError, match=r"config has unknown fields \['depth'\]"):
+        tf.embed_forward(ids, {"embed": np.zeros((10, 8))}, {**config, "depth": 2})

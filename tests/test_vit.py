@@ -192,7 +192,7 @@ def test_sincos_table_follows_mae_layout_column_then_row_with_a_zero_class_row()
     assert sincos_2d_positions(2, 3, 8).dtype == np.float32
 
 
-@pytest.mark.parametrize("positions", ["learned", "sincos", "none"])
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "none"])
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_forward_is_the_composition_the_docstring_writes(positions, pool):
     # patches W_p + b_p, class token first, positions, pre-LN layers, final LayerNorm, pooled head
@@ -200,7 +200,7 @@ def test_forward_is_the_composition_the_docstring_writes(positions, pool):
     images = rng.standard_normal((2, 2, 4, 6))
     x = patchify(images, 2) @ params["patch"]["W"] + params["patch"]["b"]             # (B, N, D)
     x = np.concatenate([np.broadcast_to(params["cls"], (2, 1, 8)), x], axis=1)        # (B, N+1, D)
-    x = x + {"learned": params.get("pos"), "sincos": sincos_2d_positions(2, 3, 8, dtype=np.float64),
+    x = x + {"learned": params.get("pos"), "sinusoidal": sincos_2d_positions(2, 3, 8, dtype=np.float64),
              "none": 0}[positions]
     for layer in params["layers"]:
         x = encoder_layer_forward(x, layer, 2, norm_first=True)[0]
@@ -213,7 +213,7 @@ def test_forward_is_the_composition_the_docstring_writes(positions, pool):
     assert (cache["pos"] is None) == (positions != "learned")
 
 
-@pytest.mark.parametrize("positions", ["learned", "sincos", "none"])
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "none"])
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_small_model_gradients_match_finite_differences_entry_by_entry(positions, pool):
     # patch embedding, class token, positions, one layer, final LayerNorm and head: every entry nudged
@@ -226,7 +226,7 @@ def test_small_model_gradients_match_finite_differences_entry_by_entry(positions
     check_gradients(loss, [images, params], [dimages, grads])
 
 
-@pytest.mark.parametrize("positions", ["learned", "sincos", "none"])
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "none"])
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_whole_model_gradient_along_a_random_direction(xp, positions, pool):
     rng, params, config = make_model(8, positions=positions, pool=pool, xp=xp)
@@ -249,7 +249,7 @@ def test_init_draws_as_its_docstring_says():
     assert not params["patch"]["b"].any() and not params["head"]["b"].any()
     assert params["pos"].shape == (65, 64) and 0.018 < params["pos"].std() < 0.022    # 4160 draws of N(0, 0.02^2)
     assert all(p.dtype == np.float32 for p in tree_leaves(params))
-    assert "pos" not in init_vit({**config, "positions": "sincos"}, np.random.default_rng(0))
+    assert "pos" not in init_vit({**config, "positions": "sinusoidal"}, np.random.default_rng(0))
 
 
 def test_check_config_fills_defaults_and_leaves_its_argument_alone():
@@ -261,7 +261,7 @@ def test_check_config_fills_defaults_and_leaves_its_argument_alone():
     assert check_config(full) == full
 
 
-@pytest.mark.parametrize("positions", ["sincos", "none"])
+@pytest.mark.parametrize("positions", ["sinusoidal", "none"])
 def test_without_a_learned_table_other_image_sizes_work_and_with_one_they_are_refused(positions):
     rng, params, config = make_model(19, positions=positions)
     logits, _ = vit_forward(rng.standard_normal((2, 2, 8, 2)), params, config)       # 4 x 1 patches, not 2 x 3
@@ -275,7 +275,7 @@ def test_without_a_learned_table_other_image_sizes_work_and_with_one_they_are_re
 # Order: without positions a ViT cannot tell where a patch is
 
 
-@pytest.mark.parametrize("positions", ["learned", "sincos", "none"])
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "none"])
 def test_permuting_patches_permutes_patch_outputs_only_without_positions(xp, positions):
     rng, params, config = make_model(9, positions=positions, xp=xp)
     images = random_array(rng, (2, 2, 4, 6), xp=xp)
@@ -405,7 +405,7 @@ def test_the_schedule_never_takes_a_step_at_learning_rate_zero(monkeypatch):
 
 
 def test_float32_stays_float32(xp):
-    for positions in ("learned", "sincos"):
+    for positions in ("learned", "sinusoidal"):
         rng, params, config = make_model(12, positions=positions, dtype=np.float32, xp=xp)
         images = random_array(rng, (2, 2, 4, 6), dtype=np.float32, xp=xp)
         logits, cache = vit_forward(images, params, config)
@@ -456,11 +456,13 @@ BASE = {"image_shape": (2, 4, 6), "P": 2, "D": 8, "n_heads": 2, "F": 12, "n_laye
     ({"image_shape": (2, 0, 6)}, ValueError, r"config\['image_shape'\] H must be an integer >= 1, got 0"),
     ({"image_shape": (4, 6)}, ValueError, r"config\['image_shape'\] must be \(C, H, W\), got \(4, 6\)"),
     ({"image_shape": (2, 5, 6)}, ValueError, r"H and W multiples of config\['P'\] = 2, got \(2, 5, 6\)"),
-    ({"positions": None}, ValueError, r"config\['positions'\] must be one of \('learned', 'sincos', 'none'\), got None"),
+    ({"positions": None}, ValueError,
+     r"config\['positions'\] must be one of \('learned', 'sinusoidal', 'none'\), got None"),
     ({"positions": "rope"}, ValueError, r"config\['positions'\] must be one of .*got 'rope'"),
     ({"pool": "max"}, ValueError, r"config\['pool'\] must be one of \('cls', 'mean'\), got 'max'"),
     ({"n_heads": 3}, ValueError, r"config\['D'\] = 8 must be divisible by config\['n_heads'\] = 3"),
-    ({"D": 6, "positions": "sincos"}, ValueError, r"config\['D'\] must be a multiple of 4 for positions 'sincos'"),
+    ({"D": 6, "positions": "sinusoidal"}, ValueError,
+     r"config\['D'\] must be a multiple of 4 for positions 'sinusoidal'"),
 ])
 def test_bad_configs_are_refused_by_field(change, error, message):
     config = {**BASE, **change}
@@ -514,7 +516,7 @@ def test_a_params_tree_that_does_not_match_its_config_is_refused_by_path(where):
         vit_forward(rng.standard_normal((2, 2, 4, 6)), bad, config)
 
 
-@pytest.mark.parametrize("positions", ["sincos", "none"])
+@pytest.mark.parametrize("positions", ["sinusoidal", "none"])
 def test_a_learned_table_is_refused_when_positions_are_not_learned(positions):
     rng, params, config = make_model(22)                                   # built with a 'pos' table
     with pytest.raises(ValueError, match=r"params must have keys .*extra \['pos'\]"):
