@@ -8,12 +8,14 @@
   (its own asserts hold), and return the CompletedProcess for checking what it printed.
 - `with_examples(argument, values, **others)`: one hypothesis @example per value, to pin the edges a
   property test must always try (T < S, T > S, one token, ...) whatever hypothesis draws.
+- `imported_project_modules(tree)`: the project files (top-level *.py) an ast tree imports by name.
 - `spoiled(good)`: a hypothesis strategy giving a good NumPy array or a mistake made with it (another
   dtype, an axis added, dropped, resized or swapped, not an array at all), for "any input gives a clear
   error or a result whose backward works" tests.
 
 Test files import from here (and from gradcheck.py), never from each other.
 """
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,17 @@ import numpy as np
 from hypothesis import example, strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def imported_project_modules(tree):
+    """The names of the project files (the top-level *.py of ROOT) that an ast tree imports."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & {path.stem for path in ROOT.glob("*.py")}
 
 
 def to_numpy(x):

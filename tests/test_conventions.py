@@ -12,9 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, imported_project_modules
 
-PROJECT_MODULES = {path.stem for path in ROOT.glob("*.py")}      # the concept files at the top level
 COPIES = ["attention", "positional", "training", "erf"]                  # the files that import no project file
 
 
@@ -23,16 +22,6 @@ def python_files():
     for folder in (ROOT, ROOT / "experiments", ROOT / "benchmarks", ROOT / "figures", ROOT / "tests",
                    ROOT / "tests" / "cuda"):
         yield from sorted(folder.glob("*.py"))
-
-
-def imported_project_modules(tree):
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names & PROJECT_MODULES
 
 
 def get_xp_definitions(source, tree):

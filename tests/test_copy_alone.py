@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, imported_project_modules
 
 PROJECT = sorted(path.stem for path in ROOT.glob("*.py"))
 
@@ -115,14 +115,7 @@ def named_files(module):
 
 
 def direct_imports(module):
-    tree = ast.parse((ROOT / f"{module}.py").read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return (names & set(PROJECT)) - {module}
+    return imported_project_modules(ast.parse((ROOT / f"{module}.py").read_text())) - {module}
 
 
 def needed_files(module):
