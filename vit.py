@@ -130,18 +130,22 @@ def patch_embed_backward(dtokens, cache):
 def class_token_forward(tokens, cls):
     """x = [cls; tokens]: the same learnable (D,) vector put in front of every image's tokens.
 
-    tokens (B, N, D), cls (D,). Returns x (B, N+1, D) and an empty cache (backward needs nothing).
+    tokens (B, N, D), cls (D,). Returns x (B, N+1, D) and cache = {'shape', 'dtype'} of x (backward needs
+    no array, only what to check its upstream gradient against).
     """
     xp = get_xp(tokens, cls)
     if cls.shape != tokens.shape[-1:]:
         raise ValueError(f"cls must have shape ({tokens.shape[-1]},) to match tokens {tokens.shape}, got {cls.shape}")
-    B, _, D = tokens.shape
-    return xp.concatenate([xp.broadcast_to(cls, (B, 1, D)), tokens], axis=1), {}   # (B, N+1, D)
+    B, N, D = tokens.shape
+    x = xp.concatenate([xp.broadcast_to(cls, (B, 1, D)), tokens], axis=1)          # (B, N+1, D)
+    return x, {"shape": x.shape, "dtype": x.dtype}
 
 
-def class_token_backward(dx, cache):
-    """dtokens = dx[:, 1:]; dcls = sum over the batch of dx[:, 0] (one vector fed every image)."""
-    return dx[:, 1:].copy(), dx[:, 0].sum(axis=0)                  # (B, N, D), (D,)
+def class_token_backward(dout, cache):
+    """dtokens = dout[:, 1:]; dcls = sum over the batch of dout[:, 0] (one vector fed every image)."""
+    check_cache(cache, "class_token_forward", {"shape", "dtype"})
+    check_upstream("dout", dout, cache["shape"], cache["dtype"])
+    return dout[:, 1:].copy(), dout[:, 0].sum(axis=0)              # (B, N, D), (D,)
 
 
 def sincos_2d_positions(grid_h, grid_w, D, base=10000.0, dtype=np.float32, xp=np):

@@ -152,6 +152,10 @@ def test_class_token_is_first_the_same_for_every_image_and_gradients_match_finit
     dx = random_like(x, rng)
     dtokens, dcls = class_token_backward(dx, cache)
     check_gradients(lambda: float((class_token_forward(tokens, cls)[0] * dx).sum()), [tokens, cls], [dtokens, dcls])
+    with pytest.raises(ValueError, match=r"dout must have shape \(3, 5, 5\) \(the forward output's\), got \(3, 4, 5\)"):
+        class_token_backward(dx[:, 1:], cache)                                        # a gradient of the wrong shape
+    with pytest.raises(TypeError, match="cache must be the dict class_token_forward returned"):
+        class_token_backward(dx, {})
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
