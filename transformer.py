@@ -123,20 +123,20 @@ def layer_norm_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------------
 # Activations: ReLU, exact GELU (erf from erf.py), GELU's tanh approximation
 
-def activation_forward(x, kind="gelu"):
-    """out = act(x) for kind 'relu' (max(x, 0)), 'gelu' (x Phi(x), exact) or 'gelu_tanh' (GPT-2's).
+def activation_forward(x, activation="gelu"):
+    """out = act(x) for activation 'relu' (max(x, 0)), 'gelu' (x Phi(x), exact) or 'gelu_tanh' (GPT-2's).
 
     Phi(x) = erfc(-x / sqrt 2) / 2, the normal CDF, written with erfc so that far in the negative tail Phi
-    keeps its relative accuracy. Returns out and cache = {'x', 'kind', 'phi' (gelu) or None, 't' (gelu_tanh) or None}.
+    keeps its relative accuracy. Returns out, cache = {'x', 'activation', 'phi', 't'} (phi for gelu, t for tanh).
     """
     check_float_array("x", x, "(...)")
-    if kind not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     xp = get_xp(x)
-    cache = {"x": x, "kind": kind, "phi": None, "t": None}
-    if kind == "relu":
+    cache = {"x": x, "activation": activation, "phi": None, "t": None}
+    if activation == "relu":
         return xp.maximum(x, 0), cache
-    if kind == "gelu":
+    if activation == "gelu":
         cache["phi"] = 0.5 * erfc(-x / math.sqrt(2))             # Phi(x)
         return x * cache["phi"], cache
     cache["t"] = xp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))   # x * x * x: NumPy's x**3 is slow
@@ -148,13 +148,13 @@ def activation_backward(dout, cache):
     relu: 1 where x > 0 (0 at x = 0, as PyTorch);  gelu: Phi(x) + x phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi);
     gelu_tanh: (1 + t)/2 + x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2) / 2,  t the tanh of the forward.
     """
-    check_cache(cache, "activation_forward", {"x", "kind", "phi", "t"})
-    x, kind = cache["x"], cache["kind"]
+    check_cache(cache, "activation_forward", {"x", "activation", "phi", "t"})
+    x, activation = cache["x"], cache["activation"]
     check_upstream("dout", dout, x.shape, x.dtype)
     xp = get_xp(x)
-    if kind == "relu":
+    if activation == "relu":
         return dout * (x > 0)
-    if kind == "gelu":
+    if activation == "gelu":
         pdf = xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))   # phi(x), the normal density
         return dout * (cache["phi"] + x * pdf)
     t = cache["t"]
