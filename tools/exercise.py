@@ -33,12 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 MARKER = ".exercise.json"           # in DIR: what this tool wrote there, to tell a student's edits from its copies
-READING_ORDER = ("rnn", "attention", "positional", "multihead", "transformer", "vit", "flash",
-                 "linear_attention", "training")
+READING_ORDER = ("rnn", "training", "attention", "positional", "multihead", "transformer", "vit", "flash",
+                 "linear_attention")
 # Good exercises beyond the naming rule (public *_forward / *_backward); a name a file no longer has is left
 # out of the list (and tests/test_exercise.py says so, so the table is kept up to date).
 EXTRAS = {
-    "attention": ("softmax", "causal_mask"),
+    "attention": ("softmax", "causal_mask", "sliding_window_mask"),   # the mask's alignment lives in the last
     "training": ("adam_step",),                                     # the optimizer step
     "transformer": ("_cached_attention",),                          # generation's key/value-cached step
     "flash": ("_flash_forward_tiled", "_flash_backward_tiled"),     # the tile loops
@@ -297,8 +297,10 @@ def main(argv=None):
     if args.list == (args.target is not None):
         parser.error("give MODULE.FUNCTION or --list (one of them)")
     if args.list:
-        for module, function, test in exercises():
-            print(f"{module + '.' + function:<36} graded by {test.relative_to(ROOT)}")
+        listed = [(f"{module}.{function}", test) for module, function, test in exercises()]
+        width = max(len(name) for name, _ in listed)
+        for name, test in listed:
+            print(f"{name:<{width}}  graded by {test.relative_to(ROOT)}")
         return 0
     try:
         module, function = resolve(args.target)
